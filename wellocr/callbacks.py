@@ -1,0 +1,118 @@
+"""Trainer callbacks: what wellocr adds to the HF training loop to survive spot preemption.
+
+- `CheckpointCallback`: marks each checkpoint complete once written, applies retention, and makes sure the
+  last step is always checkpointed (so a finished run can be extended and `--resume-latest` can tell it is done).
+- `StopCallback`: turns a SIGTERM (RunPod gives 5 s before SIGKILL) or a stop request (budget cap) into a clean
+  stop at the next step boundary, with a save when it fits in the time left.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from transformers import TrainerCallback
+
+from wellocr.checkpoint import RetentionPolicy, mark_complete
+
+log = logging.getLogger("wellocr")
+
+SIGTERM_GRACE_S = 5.0  # RunPod's notice before SIGKILL
+
+
+class Preempted(Exception):
+    """SIGTERM arrived outside the training loop (loading, evaluating): nothing to save, exit 75."""
+
+
+@dataclass
+class StopState:
+    """Why training should stop early, shared by the signal handler and the callbacks."""
+
+    reason: str | None = None  # "preempted" | "budget" | None
+    signalled_at: float | None = None
+    in_training_loop: bool = False
+    message: str = ""
+    save_seconds: list[float] = field(default_factory=list)
+
+    def request(self, reason: str, message: str = "") -> None:
+        if self.reason is None:
+            self.reason, self.message = reason, message
+
+    def expected_save_seconds(self) -> float:
+        return max(self.save_seconds[-3:], default=2.0)
+
+
+def install_sigterm_handler(state: StopState) -> Callable[[], None]:
+    """Route SIGTERM into `state`; outside the training loop it raises `Preempted` right away."""
+
+    def handler(signum: int, frame: Any) -> None:
+        state.signalled_at = time.time()
+        state.request("preempted", "SIGTERM received (spot preemption or cancel)")
+        print("\nwellocr: SIGTERM received; stopping at the next step boundary", flush=True)
+        if not state.in_training_loop:
+            raise Preempted()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+class StopCallback(TrainerCallback):
+    def __init__(self, state: StopState, grace_seconds: float = SIGTERM_GRACE_S):
+        self.state = state
+        self.grace_seconds = grace_seconds
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.state.in_training_loop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.state.in_training_loop = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.state.reason is None:
+            return control
+        control.should_training_stop = True
+        control.should_evaluate = False
+        if self.state.reason == "preempted" and self.state.signalled_at is not None:
+            left = self.grace_seconds - (time.time() - self.state.signalled_at)
+            control.should_save = left > self.state.expected_save_seconds()
+            if not control.should_save:
+                print(f"wellocr: {left:.1f} s left before SIGKILL, not enough to save; "
+                      "resuming from the last checkpoint", flush=True)
+        else:
+            control.should_save = True
+        return control
+
+
+class CheckpointCallback(TrainerCallback):
+    """Completeness marker + retention after every save; always save the final step."""
+
+    def __init__(self, run_dir: Path, retention: RetentionPolicy, stop: StopState,
+                 protect: set[str] | None = None, marker_extra: Callable[[], dict] | None = None):
+        self.run_dir = run_dir
+        self.retention = retention
+        self.stop = stop
+        self.protect = set(protect or ())
+        self.marker_extra = marker_extra or dict
+        self._save_started: float | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = True
+        if control.should_save:
+            self._save_started = time.time()
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        path = self.run_dir / f"checkpoint-{state.global_step}"
+        if not path.is_dir():
+            return control
+        extra = {"best_eval_loss": state.best_metric, **self.marker_extra()}
+        mark_complete(path, state.global_step, extra)
+        if self._save_started is not None:
+            self.stop.save_seconds.append(time.time() - self._save_started)
+        self.retention.apply(self.run_dir, protect=self.protect)
+        return control

@@ -1,0 +1,240 @@
+"""Model backends: Unsloth (CUDA) and transformers + PEFT (CPU or CUDA), behind one loading function each way.
+
+- `unsloth`: `FastVisionModel` 4-bit loading and LoRA; its collator with an explicit image size.
+- `hf`: `AutoModelForImageTextToText` (bitsandbytes NF4 + double quantisation + bf16 compute on CUDA with
+  `load_in_4bit`; full precision on CPU) and PEFT LoRA on the same modules Unsloth targets.
+
+Unsloth patches transformers, TRL and PEFT when imported, so `import_backend` must run before any of them is
+imported in the process that trains; this module imports them only inside functions for that reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wellocr.config import Config, LoraConfig, ModelConfig
+from wellocr.errors import UserError
+
+log = logging.getLogger("wellocr")
+
+# Qwen3-VL module names: vision blocks and language layers (the mergers stay frozen, as with Unsloth).
+_VISION = r"model\.visual\.blocks\.\d+\."
+_LANGUAGE = r"model\.language_model\.layers\.\d+\."
+_VISION_ATTN, _VISION_MLP = r"attn\.(qkv|proj)", r"mlp\.(linear_fc1|linear_fc2)"
+_LANGUAGE_ATTN, _LANGUAGE_MLP = r"self_attn\.(q_proj|k_proj|v_proj|o_proj)", r"mlp\.(gate_proj|up_proj|down_proj)"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "unsloth" | "hf"
+    device: str  # "cuda" | "cpu"
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name} on {self.device} ({self.reason})"
+
+
+def select_backend(cfg: ModelConfig) -> Backend:
+    """Pick the backend without importing transformers (Unsloth must come first)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    unsloth_installed = importlib.util.find_spec("unsloth") is not None
+    device = "cuda" if cuda else "cpu"
+    if cfg.backend == "unsloth":
+        if not cuda:
+            raise UserError("model.backend: unsloth needs a CUDA GPU and none is visible; use backend: hf (or auto)")
+        if not unsloth_installed:
+            raise UserError("model.backend: unsloth is not installed; pip install 'wellocr[gpu]' or use backend: hf")
+        return Backend("unsloth", device, "requested in the config")
+    if cfg.backend == "hf":
+        return Backend("hf", device, "requested in the config")
+    if cuda and unsloth_installed:
+        return Backend("unsloth", device, "auto: CUDA GPU and unsloth installed")
+    if cuda:
+        return Backend("hf", device, "auto: unsloth not installed (pip install 'wellocr[gpu]')")
+    return Backend("hf", device, "auto: no CUDA GPU, and unsloth is GPU-only")
+
+
+def import_backend(backend: Backend) -> None:
+    """Import Unsloth before transformers/TRL/PEFT so its patches apply (else it warns and runs slower)."""
+    if backend.name == "unsloth":
+        import unsloth  # noqa: F401
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """"auto" → bf16 where the GPU supports it, else fp16 on CUDA, fp32 on CPU."""
+    import torch
+
+    if device != "cuda":
+        if precision in ("bf16", "fp16"):
+            log.warning("train.precision %s needs CUDA; using fp32 on CPU", precision)
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
+def lora_target_regex(lora: LoraConfig) -> str:
+    """PEFT `target_modules` regex that follows the finetune_* flags the way Unsloth's does."""
+    parts = []
+    if lora.finetune_vision_layers:
+        mods = [m for m, on in ((_VISION_ATTN, lora.finetune_attention_modules), (_VISION_MLP, lora.finetune_mlp_modules)) if on]
+        parts.append(_VISION + "(" + "|".join(mods) + ")")
+    if lora.finetune_language_layers:
+        mods = [m for m, on in ((_LANGUAGE_ATTN, lora.finetune_attention_modules), (_LANGUAGE_MLP, lora.finetune_mlp_modules)) if on]
+        parts.append(_LANGUAGE + "(" + "|".join(mods) + ")")
+    return r"^(.*\.)?(" + "|".join(parts) + r")$"
+
+
+def _torch_dtype(precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def _gradient_checkpointing(cfg: ModelConfig) -> Any:
+    return {"unsloth": "unsloth", "true": True, "false": False}[cfg.use_gradient_checkpointing]
+
+
+def load_for_training(cfg: Config, backend: Backend, precision: str) -> tuple[Any, Any]:
+    """Base model + fresh LoRA adapter (seeded) + processor with the OCR pixel budget."""
+    if backend.name == "unsloth":
+        return _unsloth_for_training(cfg)
+    model, processor = load_base_model(cfg, backend, precision)
+    return _add_lora(model, cfg, backend), processor
+
+
+def load_base_model(cfg: Config, backend: Backend, precision: str) -> tuple[Any, Any]:
+    """The frozen base model and processor (hf backend, or unsloth for inference), from a hub id or directory."""
+    from wellocr.processing import load_processor
+    from wellocr.retry import network_retry
+
+    if backend.name == "unsloth":
+        return _unsloth_base(cfg)
+    from transformers import AutoModelForImageTextToText
+
+    kwargs: dict[str, Any] = {"revision": cfg.model.model_revision, "dtype": _torch_dtype(precision)}
+    if backend.device == "cuda":
+        kwargs["device_map"] = {"": 0}
+        if cfg.model.load_in_4bit:
+            kwargs["quantization_config"] = _bnb_config(precision)
+    elif cfg.model.load_in_4bit:
+        log.info("model.load_in_4bit ignored on CPU (bitsandbytes 4-bit needs CUDA); loading full precision")
+    model = _from_pretrained(network_retry()(AutoModelForImageTextToText.from_pretrained), cfg.model.model_name, **kwargs)
+    processor = network_retry()(load_processor)(
+        cfg.model.model_name, cfg.model.model_revision, cfg.data.min_pixels, cfg.data.max_pixels
+    )
+    return model, processor
+
+
+def _from_pretrained(loader, name: str, **kwargs) -> Any:
+    try:
+        return loader(name, **kwargs)
+    except OSError as exc:
+        raise UserError(f"model.model_name: cannot load '{name}': {str(exc).splitlines()[0]}") from None
+
+
+def _bnb_config(precision: str):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=_torch_dtype(precision if precision != "fp32" else "bf16"),
+        # Unsloth keeps the vision tower in 16-bit; do the same so both backends train the same model.
+        llm_int8_skip_modules=["lm_head", "model.visual"],
+    )
+
+
+def _add_lora(model: Any, cfg: Config, backend: Backend) -> Any:
+    import transformers
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    checkpointing = bool(_gradient_checkpointing(cfg.model))
+    if backend.device == "cuda" and cfg.model.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    transformers.set_seed(cfg.train.seed)  # the adapter's initial weights follow the run's seed
+    lora = cfg.lora
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        bias="none",
+        target_modules=lora_target_regex(lora),
+    )
+    return get_peft_model(model, peft_config)
+
+
+def _unsloth_base(cfg: Config) -> tuple[Any, Any]:
+    from unsloth import FastVisionModel
+
+    from wellocr.processing import set_pixel_budget
+
+    model, processor = FastVisionModel.from_pretrained(
+        model_name=cfg.model.model_name,
+        revision=cfg.model.model_revision,
+        load_in_4bit=cfg.model.load_in_4bit,
+        use_gradient_checkpointing=_gradient_checkpointing(cfg.model),
+        max_seq_length=cfg.train.max_seq_length,
+    )
+    set_pixel_budget(processor, cfg.data.min_pixels, cfg.data.max_pixels)
+    return model, processor
+
+
+def _unsloth_for_training(cfg: Config) -> tuple[Any, Any]:
+    from unsloth import FastVisionModel
+
+    model, processor = _unsloth_base(cfg)
+    lora = cfg.lora
+    model = FastVisionModel.get_peft_model(
+        model,
+        finetune_vision_layers=lora.finetune_vision_layers,
+        finetune_language_layers=lora.finetune_language_layers,
+        finetune_attention_modules=lora.finetune_attention_modules,
+        finetune_mlp_modules=lora.finetune_mlp_modules,
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        bias="none",
+        random_state=cfg.train.seed,
+        use_rslora=False,
+        loftq_config=None,
+        use_gradient_checkpointing=_gradient_checkpointing(cfg.model),
+    )
+    FastVisionModel.for_training(model)
+    return model, processor
+
+
+def load_for_inference(cfg: Config, backend: Backend, precision: str, adapter_dir: Path | None) -> tuple[Any, Any]:
+    """Base model, plus the adapter in `adapter_dir` when given (None = the base model alone), in eval mode."""
+    model, processor = load_base_model(cfg, backend, precision)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    if backend.name == "unsloth":
+        from unsloth import FastVisionModel
+
+        FastVisionModel.for_inference(model)
+    model.eval()
+    return model, processor
+
+
+def trainable_parameters(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,288 @@
+"""The run directory `<output_dir>/<run_name>/`: its identity, lock, attempt records and per-attempt logs.
+
+```
+config.yaml          resolved config, no secrets
+run.json             run name, W&B run id, created-at, versions, hardware, attempts (+ adapted batch sizes)
+checkpoint-<step>/   complete only with wellocr_complete.json (wellocr.checkpoint)
+final/               adapter + processor, same marker
+cost.json            cost ledger (wellocr.cost)
+eval/<name>/         evaluation outputs (wellocr.evaluate)
+logs/attempt-<n>.log console output of each attempt
+```
+
+Every process start is an attempt; SkyPilot restarts the same command after a preemption, so everything here is
+safe to run any number of times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+from wellocr import __version__
+from wellocr.checkpoint import write_json_atomic
+from wellocr.config import Config, default_run_name
+from wellocr.errors import UserError
+from wellocr.redact import redact, redact_data
+
+log = logging.getLogger("wellocr")
+
+LOCK_NAME = ".lock"
+LOCK_HEARTBEAT_S = 15.0
+LOCK_STALE_S = 90.0
+TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth",
+                    "unsloth_zoo", "wandb", "jiwer", "skypilot")
+
+
+def resolve_run_name(cfg: Config, config_path: Path | None, resume: bool, env: dict | None = None) -> tuple[str, str]:
+    """The run name, stable across restarts: config > SKYPILOT_TASK_ID > the name generated for this config file.
+
+    A generated name is remembered per config file under `<output_dir>/.wellocr/`, so `--resume-latest`
+    without a name finds the same run again; a run started without `--resume-latest` gets a new name.
+    """
+    name, how = default_run_name(cfg, env)
+    if how != "generated":
+        return name, how
+    key = hashlib.sha1(str(Path(config_path).resolve() if config_path else "none").encode()).hexdigest()[:12]
+    pointer = Path(cfg.run.output_dir) / ".wellocr" / f"last-run-{key}"
+    if resume and pointer.is_file():
+        remembered = pointer.read_text().strip()
+        if remembered and (Path(cfg.run.output_dir) / remembered).is_dir():
+            return remembered, f"last run of {config_path}"
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.write_text(name + "\n")
+    return name, "generated"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"host": socket.gethostname(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_count=torch.cuda.device_count(), gpu_memory_gb=round(props.total_memory / 2**30, 1))
+    else:
+        info["gpu"] = None
+    return info
+
+
+class RunLock:
+    """One live writer per run directory, also across machines sharing a network volume.
+
+    The lock file holds owner and heartbeat; a background thread refreshes the heartbeat. A lock whose owner
+    process is gone (same host) or whose heartbeat is older than LOCK_STALE_S (another host: a preempted pod) is
+    taken over with a message; a live one makes the second writer wait that long, then fail.
+    """
+
+    def __init__(self, run_dir: Path, stale_after: float = LOCK_STALE_S, heartbeat: float = LOCK_HEARTBEAT_S):
+        self.path = run_dir / LOCK_NAME
+        self.stale_after = stale_after
+        self.heartbeat = heartbeat
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _stale_reason(self, holder: dict | None) -> str | None:
+        if holder is None:
+            return "unreadable lock file"
+        age = time.time() - float(holder.get("heartbeat", 0))
+        if holder.get("host") == self.owner["host"]:
+            if not _pid_alive(int(holder.get("pid", -1))):
+                return f"process {holder.get('pid')} on this host is gone"
+            return None
+        if age > self.stale_after:
+            return f"no heartbeat from {holder.get('host')} for {age:.0f} s"
+        return None
+
+    def acquire(self, wait: float | None = None) -> None:
+        deadline = time.time() + (self.stale_after + 5 if wait is None else wait)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read()
+                reason = self._stale_reason(holder)
+                if reason is not None:
+                    log.warning("taking over the stale lock of %s (%s)", self.path.parent, reason)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                if time.time() >= deadline:
+                    raise UserError(
+                        f"run directory {self.path.parent} is in use by pid {holder.get('pid')} on "
+                        f"{holder.get('host')}; wait for it to finish or pick another run.run_name"
+                    )
+                time.sleep(min(5.0, self.heartbeat))
+                continue
+            os.close(fd)
+            self._beat()
+            break
+        self._thread = threading.Thread(target=self._run, name="wellocr-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        write_json_atomic(self.path, {**self.owner, "heartbeat": time.time()})
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            try:
+                self._beat()
+            except OSError as exc:  # a flaky network volume must not kill training
+                log.warning("lock heartbeat failed: %s", exc)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        holder = self._read()
+        if holder and holder.get("pid") == self.owner["pid"] and holder.get("host") == self.owner["host"]:
+            self.path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Tee:
+    """Write console output to the terminal and to the attempt log (secrets masked in the log)."""
+
+    def __init__(self, stream: TextIO, log_file: TextIO):
+        self.stream, self.log_file = stream, log_file
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        try:
+            self.log_file.write(redact(text))
+            self.log_file.flush()
+        except (OSError, ValueError):
+            pass
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    config_file = property(lambda self: self.path / "config.yaml")
+    run_json = property(lambda self: self.path / "run.json")
+    final_dir = property(lambda self: self.path / "final")
+    cost_file = property(lambda self: self.path / "cost.json")
+    eval_dir = property(lambda self: self.path / "eval")
+    logs_dir = property(lambda self: self.path / "logs")
+    bad_rows_log = property(lambda self: self.path / "bad_rows.jsonl")
+
+    def exists(self) -> bool:
+        return self.run_json.is_file()
+
+    def read(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.run_json.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError as exc:
+            raise UserError(f"{self.run_json}: unreadable ({exc}); restore it or start a new run_name") from None
+
+    def update(self, **fields: Any) -> dict[str, Any]:
+        data = self.read()
+        data.update(fields)
+        write_json_atomic(self.run_json, redact_data(data))
+        return data
+
+    def create(self, run_name: str, how: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.exists():
+            self.update(run_name=run_name, run_name_from=how, created_at=time.time(), wandb_run_id=None,
+                        wellocr_version=__version__, git_commit=git_commit(), attempts=[])
+
+    def start_attempt(self, command: list[str]) -> int:
+        data = self.read()
+        attempts = data.get("attempts", [])
+        number = len(attempts) + 1
+        attempts.append({
+            "attempt": number, "started_at": time.time(), "command": command, "versions": package_versions(),
+            "hardware": hardware(), "exit_reason": "running", "exit_code": None,
+        })
+        self.update(attempts=attempts)
+        return number
+
+    def end_attempt(self, number: int, **fields: Any) -> None:
+        data = self.read()
+        for attempt in data.get("attempts", []):
+            if attempt["attempt"] == number:
+                attempt.update(ended_at=time.time(), **fields)
+        self.update(attempts=data.get("attempts", []))
+
+    @contextlib.contextmanager
+    def console_log(self, number: int) -> Iterator[Path]:
+        """Tee stdout/stderr into logs/attempt-<n>.log for the duration of the attempt."""
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        path = self.logs_dir / f"attempt-{number}.log"
+        old = sys.stdout, sys.stderr
+        with open(path, "a", buffering=1) as fh:
+            sys.stdout, sys.stderr = _Tee(old[0], fh), _Tee(old[1], fh)
+            handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
+            saved_streams = [h.stream for h in handlers]
+            for h in handlers:
+                h.setStream(sys.stderr if h.stream is old[1] else h.stream)
+            try:
+                yield path
+            finally:
+                for h, s in zip(handlers, saved_streams):
+                    h.setStream(s)
+                sys.stdout, sys.stderr = old

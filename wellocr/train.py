@@ -1,0 +1,443 @@
+"""`python -m wellocr.train` — QLoRA SFT of Qwen3-VL on well-log headers, built to survive spot preemption.
+
+    python -m wellocr.train [--config PATH] [--set section.key=value ...]
+                            [--resume-latest | --resume CHECKPOINT_DIR] [--preflight-only]
+
+The recipe: config → preflight → model → data → trainer → train → save → evaluate → report.
+`--resume-latest` is what SkyPilot re-runs after a preemption: it continues from the newest complete checkpoint
+of the run, starts fresh when there is none, and does nothing (exit 0) when the run is already done.
+
+Exit codes: 0 finished / early-stopped / budget cap / nothing to do · 2 user error · 75 SIGTERM (retryable) ·
+76 out of memory after adaptation (not retryable) · 1 anything else (traceback in logs/attempt-<n>.log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import resource
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wellocr.callbacks import Preempted, StopState, install_sigterm_handler
+from wellocr.checkpoint import (
+    MARKER, RetentionPolicy, checkpoint_step, incomplete_reason, latest_complete_checkpoint, mark_complete,
+    read_marker, remove_incomplete,
+)
+from wellocr.config import (
+    MUTABLE_ON_RESUME, Config, config_from_dict, find_config_path, load_config, parse_overrides, apply_values,
+    save_config, trajectory_differences, validate,
+)
+from wellocr.errors import UserError
+from wellocr.model import Backend, import_backend, load_for_training, resolve_precision, select_backend
+from wellocr.preflight import run_preflight
+from wellocr.rundir import RunDir, RunLock, resolve_run_name
+
+log = logging.getLogger("wellocr")
+
+EXIT_OK, EXIT_ERROR, EXIT_USER, EXIT_PREEMPTED, EXIT_OOM = 0, 1, 2, 75, 76
+MAX_OOM_ADAPTATIONS = 2
+
+
+class OutOfMemory(Exception):
+    """CUDA OOM even at the smallest micro-batch adaptation allows."""
+
+
+@dataclass
+class Outcome:
+    reason: str  # finished | early-stopped | budget | preempted | nothing-to-do | preflight-only | ...
+    code: int
+    step: int | None = None
+
+
+# ---------------------------------------------------------------- config and run directory
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m wellocr.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="experiment YAML (default: $WELLOCR_CONFIG)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.max_steps=20 (repeatable)")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume-latest", action="store_true",
+                        help="continue this run from its newest complete checkpoint (fresh start if none)")
+    resume.add_argument("--resume", metavar="CHECKPOINT_DIR", help="continue from this checkpoint")
+    parser.add_argument("--preflight-only", action="store_true", help="run the preflight checks and exit")
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, RunDir, str]:
+    """The run's config and directory. On resume the run's saved config.yaml is the config; requested values
+    may change only what does not alter the training trajectory (steps, intervals, budget, W&B, ...)."""
+    if args.resume:
+        checkpoint = Path(args.resume)
+        if incomplete_reason(checkpoint) is not None:
+            raise UserError(f"--resume {checkpoint}: not a complete checkpoint ({incomplete_reason(checkpoint)})")
+        run = RunDir(checkpoint.parent)
+        if not run.config_file.is_file():
+            raise UserError(f"--resume {checkpoint}: {run.config_file} is missing")
+        saved = config_from_dict(yaml.safe_load(run.config_file.read_text()), str(run.config_file))
+        requested = _requested_config(args, fallback=saved)
+        return _merge_resumed(saved, requested), run, "--resume"
+    config_path = find_config_path(args.config)
+    requested = load_config(config_path, args.set)
+    name, how = resolve_run_name(requested, config_path, resume=args.resume_latest)
+    run = RunDir(Path(requested.run.output_dir) / name)
+    if run.config_file.is_file():
+        if not args.resume_latest:
+            raise UserError(f"run directory {run.path} already exists; continue it with --resume-latest or set "
+                            "run.run_name to start a new run")
+        saved = config_from_dict(yaml.safe_load(run.config_file.read_text()), str(run.config_file))
+        return _merge_resumed(saved, requested), run, how
+    return requested, run, how
+
+
+def _requested_config(args: argparse.Namespace, fallback: Config) -> Config:
+    try:
+        path = find_config_path(args.config)
+    except UserError:
+        cfg = replace(fallback)
+        cfg.__dict__.update({k: replace(v) for k, v in fallback.__dict__.items()})
+        apply_values(cfg, parse_overrides(args.set), "--set", {})
+        validate(cfg, {}, "--set")
+        return cfg
+    return load_config(path, args.set)
+
+
+def _merge_resumed(saved: Config, requested: Config) -> Config:
+    changed = trajectory_differences(saved, requested)
+    if changed:
+        raise UserError(
+            f"resuming run changes {', '.join(changed)} (they would change the training trajectory); "
+            "keep the run's values (see its config.yaml) or start a new run with another run.run_name"
+        )
+    merged = saved
+    for key in MUTABLE_ON_RESUME:
+        section, name = key.split(".")
+        setattr(getattr(merged, section), name, getattr(getattr(requested, section), name))
+    validate(merged, {}, "config.yaml")
+    return merged
+
+
+def print_summary(cfg: Config, run: RunDir, backend: Backend) -> None:
+    t = cfg.train
+    effective = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    rows = [
+        ("run", f"{run.path.name}"), ("model", cfg.model.model_name),
+        ("steps", f"{t.max_steps} (eval every {t.eval_steps}, save every {t.save_steps})"),
+        ("batch", f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} accumulation = {effective}"),
+        ("lr", f"{t.learning_rate:g} ({t.lr_scheduler_type}, warmup {t.warmup_steps})"),
+        ("lora", f"r={cfg.lora.r} alpha={cfg.lora.lora_alpha}"), ("data", cfg.data.dataset_name),
+        ("output", str(run.path)), ("backend", str(backend)),
+    ]
+    print("wellocr training run", flush=True)
+    for key, value in rows:
+        print(f"  {key:<8} {value}", flush=True)
+
+
+def ensure_local_assets(cfg: Config) -> None:
+    """Build the offline tiny model / synthetic data the config asks for, when absent (before preflight)."""
+    if cfg.model.build_tiny_if_missing and not Path(cfg.model.model_name).exists():
+        from wellocr.tiny import build_tiny_model
+
+        print(f"building the tiny offline model at {cfg.model.model_name}", flush=True)
+        build_tiny_model(cfg.model.model_name, seed=0)
+    if cfg.data.build_synthetic_if_missing and not Path(cfg.data.dataset_name).exists():
+        from wellocr.synth import write_dataset
+
+        print(f"writing a synthetic data set at {cfg.data.dataset_name}", flush=True)
+        write_dataset(cfg.data.dataset_name, train=cfg.data.synthetic_train, eval=cfg.data.synthetic_eval,
+                      seed=cfg.train.seed, width=cfg.data.synthetic_width)
+
+
+def run_is_done(cfg: Config, run: RunDir) -> str | None:
+    """Why there is nothing left to do (final adapter complete and max_steps reached or early-stopped)."""
+    if incomplete_reason(run.final_dir) is not None:
+        return None
+    step = (read_marker(run.final_dir) or {}).get("step", 0)
+    if step >= cfg.train.max_steps:
+        return f"finished at step {step}"
+    if run.read().get("status") == "early-stopped":
+        return f"early-stopped at step {step}"
+    return None
+
+
+# ---------------------------------------------------------------- data and trainer
+
+
+def prepare_data(cfg: Config, processor: Any, run: RunDir) -> tuple[dict, int]:
+    from wellocr.data import enforce_max_length, load_splits, trainer_dataset
+
+    splits = load_splits(cfg.data)
+    max_length = 0
+    for name in list(splits):
+        splits[name], longest = enforce_max_length(splits[name], cfg.data, processor, cfg.train.max_seq_length)
+        max_length = max(max_length, longest)
+        skipped = len(splits[name].bad_rows)
+        print(f"data: {name} {len(splits[name])} rows" + (f" ({skipped} skipped)" if skipped else ""), flush=True)
+    datasets = {name: trainer_dataset(split, cfg.data, run.bad_rows_log) for name, split in splits.items()}
+    return {"splits": splits, "datasets": datasets}, max_length
+
+
+def sft_config(cfg: Config, run: RunDir, backend: Backend, precision: str, max_length: int,
+               micro_batch: int, accumulation: int):
+    from trl import SFTConfig
+
+    t = cfg.train
+    optim = t.optim
+    if backend.device != "cuda" and "8bit" in optim:
+        log.info("train.optim %s needs CUDA (bitsandbytes); using adamw_torch on CPU", optim)
+        optim = "adamw_torch"
+    extra = {"dataset_text_field": ""} if backend.name == "unsloth" else {}
+    return SFTConfig(
+        output_dir=str(run.path),
+        run_name=run.path.name,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=micro_batch,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=accumulation,
+        warmup_steps=t.warmup_steps,
+        optim=optim,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler_type,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=backend.device == "cpu",
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=None,  # wellocr.checkpoint.RetentionPolicy decides, after the completeness marker
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        load_best_model_at_end=False,
+        restore_callback_states_from_checkpoint=True,
+        gradient_checkpointing=False,  # enabled on the model by wellocr.model (Unsloth's or PEFT's way)
+        max_length=max_length,
+        completion_only_loss=True,
+        remove_unused_columns=False,  # the lazy transform needs the raw columns
+        dataset_kwargs={"skip_prepare_dataset": True},
+        dataloader_num_workers=cfg.data.dataloader_num_workers,
+        dataset_num_proc=cfg.data.dataset_num_proc,
+        report_to="none",
+        disable_tqdm=False,
+        **extra,
+    )
+
+
+def build_trainer(cfg: Config, run: RunDir, backend: Backend, precision: str, model: Any, processor: Any,
+                  data: dict, max_length: int, micro_batch: int, accumulation: int, callbacks: list) -> Any:
+    from transformers import EarlyStoppingCallback
+
+    from wellocr.sft import WellocrSFTTrainer
+
+    args = sft_config(cfg, run, backend, precision, max_length, micro_batch, accumulation)
+    collator = None
+    if backend.name == "unsloth":
+        from unsloth.trainer import UnslothVisionDataCollator
+
+        # resize="max" keeps our pixel-budget sizes; Unsloth's default shrinks scans to 512 px wide.
+        collator = UnslothVisionDataCollator(model, processor, resize="max", max_seq_length=max_length,
+                                             completion_only_loss=True)
+    if cfg.train.early_stopping_patience > 0:
+        callbacks = [*callbacks, EarlyStoppingCallback(cfg.train.early_stopping_patience,
+                                                       cfg.train.early_stopping_threshold)]
+    return WellocrSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data["datasets"]["train"],
+        eval_dataset=data["datasets"]["eval"],
+        processing_class=processor,
+        data_collator=collator,
+        callbacks=callbacks,
+    )
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
+
+
+def train_adapting_to_oom(cfg: Config, run: RunDir, make_trainer, resume_from: Path | None) -> tuple[Any, Any]:
+    """Train; on CUDA OOM halve the micro-batch and double accumulation (same effective batch), rebuild and
+    resume from the last complete checkpoint, at most MAX_OOM_ADAPTATIONS times; the sizes go into run.json."""
+    import torch
+
+    sizes = run.read().get("adapted_batch") or {
+        "per_device_train_batch_size": cfg.train.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+    }
+    for adaptation in range(MAX_OOM_ADAPTATIONS + 1):
+        trainer = make_trainer(sizes["per_device_train_batch_size"], sizes["gradient_accumulation_steps"])
+        try:
+            return trainer, trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except Exception as exc:  # noqa: BLE001 - only OOM is handled, everything else re-raised
+            if not is_cuda_oom(exc):
+                raise
+            micro = sizes["per_device_train_batch_size"]
+            del trainer
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if adaptation == MAX_OOM_ADAPTATIONS or micro == 1:
+                raise OutOfMemory(
+                    f"CUDA out of memory at micro-batch {micro} after {adaptation} adaptation(s); lower "
+                    "data.max_pixels or train.max_seq_length, or use a GPU with more memory"
+                ) from exc
+            sizes = {"per_device_train_batch_size": micro // 2,
+                     "gradient_accumulation_steps": sizes["gradient_accumulation_steps"] * 2}
+            run.update(adapted_batch=sizes)
+            print(f"wellocr: CUDA out of memory at micro-batch {micro}; retrying with "
+                  f"{sizes['per_device_train_batch_size']} x {sizes['gradient_accumulation_steps']} accumulation "
+                  "(same effective batch)", flush=True)
+            remove_incomplete(run.path)
+            resume_from = latest_complete_checkpoint(run.path)
+    raise AssertionError("unreachable")
+
+
+def save_final(trainer: Any, run: RunDir, step: int) -> Path:
+    """Adapter + processor into final/ (written aside, marked complete, then swapped in)."""
+    staging = run.path / "final.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    mark_complete(staging, step)
+    old = run.path / "final.old"
+    if run.final_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        run.final_dir.rename(old)
+    staging.rename(run.final_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return run.final_dir
+
+
+def peak_memory_gb(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_reserved() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState) -> Outcome:
+    backend = select_backend(cfg.model)
+    print_summary(cfg, run, backend)
+    ensure_local_assets(cfg)
+
+    run_preflight(cfg, run.path)
+    if args.preflight_only:
+        return Outcome("preflight-only", EXIT_OK)
+
+    import_backend(backend)  # Unsloth before transformers/TRL/PEFT
+    from wellocr.callbacks import CheckpointCallback, StopCallback
+
+    precision = resolve_precision(cfg.train.precision, backend.device)
+    removed = remove_incomplete(run.path)
+    resume_from = Path(args.resume) if args.resume else latest_complete_checkpoint(run.path)
+    if resume_from is not None:
+        print(f"resuming from {resume_from.name} (step {checkpoint_step(resume_from)})", flush=True)
+    elif removed or args.resume_latest:
+        print("no complete checkpoint: starting from step 0", flush=True)
+
+    started = time.time()
+    model, processor = load_for_training(cfg, backend, precision)
+    data, max_length = prepare_data(cfg, processor, run)
+    print(f"max sequence length {max_length} tokens (images at most {cfg.data.max_pixels // 1024} visual tokens)",
+          flush=True)
+
+    retention = RetentionPolicy(cfg.checkpoint.keep_best, cfg.checkpoint.keep_recent)
+    protect = {resume_from.name} if resume_from is not None else set()
+    callbacks = [CheckpointCallback(run.path, retention, stop, protect), StopCallback(stop)]
+
+    def make_trainer(micro_batch: int, accumulation: int) -> Any:
+        return build_trainer(cfg, run, backend, precision, model, processor, data, max_length,
+                             micro_batch, accumulation, callbacks)
+
+    trainer, result = train_adapting_to_oom(cfg, run, make_trainer, resume_from)
+    step = trainer.state.global_step
+    if stop.reason == "preempted":
+        return Outcome("preempted", EXIT_PREEMPTED, step)
+    if stop.reason == "budget":
+        print(f"wellocr: {stop.message}", flush=True)
+        return Outcome("budget", EXIT_OK, step)
+
+    final = save_final(trainer, run, step)
+    reason = "finished" if step >= cfg.train.max_steps else "early-stopped"
+    run.update(status=reason)
+    elapsed = time.time() - started
+    metrics = result.metrics if result is not None else {}
+    print(f"training time {metrics.get('train_runtime', elapsed):.0f} s, "
+          f"{metrics.get('train_steps_per_second', 0):.2f} steps/s, "
+          f"peak memory {peak_memory_gb(backend.device):.1f} GB", flush=True)
+    print(f"final adapter: {final}", flush=True)
+    return Outcome(reason, EXIT_OK, step)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    stop = StopState()
+    restore_handler = install_sigterm_handler(stop)
+    lock = None
+    try:
+        cfg, run, how = resolve_config(args)
+        run.create(run.path.name, how)
+        lock = RunLock(run.path)
+        lock.acquire()
+        save_config(cfg, run.config_file)
+        done = run_is_done(cfg, run)
+        if done and not args.preflight_only:
+            print(f"wellocr: run {run.path} is already done ({done}); nothing to do", flush=True)
+            return EXIT_OK
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        if lock is not None:
+            lock.release()
+        return EXIT_USER
+    except Preempted:
+        if lock is not None:
+            lock.release()
+        return EXIT_PREEMPTED
+
+    attempt = run.start_attempt(sys.argv if argv is None else ["python", "-m", "wellocr.train", *argv])
+    outcome = Outcome("crashed", EXIT_ERROR)
+    try:
+        with run.console_log(attempt):
+            try:
+                outcome = train(cfg, run, args, stop)
+            except UserError as exc:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+                outcome = Outcome("user-error", EXIT_USER)
+            except Preempted:
+                outcome = Outcome("preempted", EXIT_PREEMPTED)
+            except OutOfMemory as exc:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+                outcome = Outcome("out-of-memory", EXIT_OOM)
+            except Exception:  # noqa: BLE001 - the traceback goes to the attempt log, the code to SkyPilot
+                traceback.print_exc()
+                outcome = Outcome("crashed", EXIT_ERROR)
+            print(f"exit: {outcome.reason} (code {outcome.code})", flush=True)
+    finally:
+        run.end_attempt(attempt, exit_reason=outcome.reason, exit_code=outcome.code, step=outcome.step)
+        lock.release()
+        restore_handler()
+    return outcome.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
