@@ -116,6 +116,9 @@ class EvalConfig:
 class CheckpointConfig:
     keep_best: int = _f(2, "keep the N checkpoints with the lowest eval loss")
     keep_recent: int = _f(2, "keep the N most recent checkpoints")
+    remote: str | None = _f(None, "object-storage URL the trainer syncs checkpoints to (s3://bucket/prefix, gs://...); "
+                            "S3-compatible stores such as R2 via AWS_ENDPOINT_URL")
+    upload_timeout_s: float = _f(600.0, "at exit, wait at most this long for pending uploads")
 
 
 @dataclass
@@ -127,7 +130,11 @@ class RunConfig:
 @dataclass
 class CostConfig:
     gpu_type: str = _f("RTX4090", "GPU type for the cost ledger's rate table")
+    gpu_count: int = _f(1, "GPUs billed per pod")
     spot_instance: bool = _f(True, "billed at the spot rate")
+    hourly_rate: float | None = _f(None, "USD per GPU-hour; null = the rate table's estimate for gpu_type")
+    bill_from: str = _f("boot", "a segment is billed from the machine's boot (setup and downloads included) or "
+                        "from the process start", ("boot", "process"))
     budget_cap: float = _f(10.0, "USD over all attempts; at the cap the run saves and stops (exit 0)")
 
 
@@ -384,10 +391,16 @@ def validate(cfg: Config, origins: dict[str, str], default_source: str) -> None:
         "train.early_stopping_patience": t.early_stopping_patience, "eval.generation_samples":
         cfg.eval.generation_samples, "eval.worst_k": cfg.eval.worst_k, "checkpoint.keep_best": cfg.checkpoint.keep_best,
         "data.dataloader_num_workers": data.dataloader_num_workers, "cost.budget_cap": cfg.cost.budget_cap,
+        "cost.hourly_rate": cfg.cost.hourly_rate or 0.0, "checkpoint.upload_timeout_s": cfg.checkpoint.upload_timeout_s,
     }
     for key, value in non_negative.items():
         if value < 0:
             fail(key, f"must be >= 0, got {value}")
+    if cfg.cost.gpu_count < 1:
+        fail("cost.gpu_count", f"must be >= 1, got {cfg.cost.gpu_count}")
+    remote = cfg.checkpoint.remote
+    if remote is not None and not re.match(r"^(s3|gs|gcs|memory|file)://.+", remote):
+        fail("checkpoint.remote", f"must be an s3://, gs:// (or file://) URL, got {remote!r}")
     if cfg.checkpoint.keep_recent < 1:
         fail("checkpoint.keep_recent", "must be >= 1 (the latest checkpoint is what a preempted run resumes from)")
     if not 0 <= lora.lora_dropout < 1:
