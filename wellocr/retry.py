@@ -18,8 +18,8 @@ _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 def is_transient_network_error(exc: BaseException) -> bool:
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    if isinstance(exc, OfflineModeIsEnabled):
-        return False
+    if isinstance(exc, OfflineModeIsEnabled) or "OfflineModeIsEnabled" in str(exc):
+        return False  # datasets re-raises offline mode as a plain ConnectionError naming it
     if isinstance(exc, HfHubHTTPError):
         status = getattr(getattr(exc, "response", None), "status_code", None)
         return status in _RETRYABLE_STATUS

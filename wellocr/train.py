@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from wellocr.callbacks import Preempted, StopState, install_sigterm_handler
+from wellocr.preemption import Preempted, StopState, install_sigterm_handler
 from wellocr.checkpoint import (
     MARKER, RetentionPolicy, checkpoint_step, incomplete_reason, latest_complete_checkpoint, mark_complete,
     read_marker, remove_incomplete,

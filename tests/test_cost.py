@@ -1,0 +1,292 @@
+"""The cost ledger, the budget cap and `python -m wellocr.cost`."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import TrainerControl, TrainerState
+
+from wellocr import cost as C
+from wellocr.callbacks import StopCallback, StopState
+from wellocr.config import CostConfig
+from wellocr.errors import UserError
+
+T0 = 1_800_000_000.0  # an explicit "now" for tests that must not depend on the clock
+
+
+def cfg(**values) -> CostConfig:
+    return CostConfig(**{"gpu_type": "RTX4090", "budget_cap": 0.0, **values})
+
+
+def read(path):
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------- ledger
+
+
+def test_two_attempts_are_both_billed_and_the_first_is_kept(tmp_path):
+    path = tmp_path / "cost.json"
+    rate = cfg(hourly_rate=2.0)
+    first = C.CostLedger.open(path, rate, attempt=1, start_step=0, now=T0, start=T0, host="pod-a")
+    first.heartbeat(10, now=T0 + 3600)  # one hour: $2
+    kept = read(path)["segments"][0]
+    second = C.CostLedger.open(path, rate, attempt=2, start_step=10, now=T0 + 7200, start=T0 + 7000, host="pod-b")
+    second.heartbeat(20, now=T0 + 7000 + 1800)  # half an hour: $1
+
+    assert second.total_usd() == pytest.approx(3.0)
+    assert second.segment_usd() == pytest.approx(1.0)
+    assert second.gpu_hours() == pytest.approx(1.5)
+    data = read(path)
+    assert [s["attempt"] for s in data["segments"]] == [1, 2]
+    assert data["segments"][0] == kept
+
+
+def test_gpu_count_multiplies_the_cost(tmp_path):
+    ledger = C.CostLedger.open(tmp_path / "cost.json", cfg(hourly_rate=1.0, gpu_count=4), 1, 0, now=T0, start=T0)
+    ledger.heartbeat(1, now=T0 + 1800)
+    assert ledger.total_usd() == pytest.approx(2.0)
+
+
+def test_restart_on_the_same_host_does_not_bill_the_same_time_twice(tmp_path):
+    path = tmp_path / "cost.json"
+    boot = cfg(hourly_rate=1.0, bill_from="boot")
+    first = C.CostLedger.open(path, boot, attempt=1, start_step=0)
+    first.heartbeat(5, now=time.time(), force=True)
+    billed_until = first.segment["last_heartbeat"]
+    assert first.segment["start"] < billed_until  # billed from boot, so the overlap would be real
+
+    second = C.CostLedger.open(path, boot, attempt=2, start_step=5)
+
+    assert second.segment["start"] == billed_until
+    assert "previous segment" in second.segment["start_source"]
+    durations = [s["last_heartbeat"] - s["start"] for s in read(path)["segments"]]
+    assert second.total_usd() == pytest.approx(sum(durations) / 3600)
+
+
+def test_a_segment_from_another_host_does_not_move_the_start(tmp_path):
+    path = tmp_path / "cost.json"
+    boot = cfg(hourly_rate=1.0, bill_from="boot")
+    other = C.CostLedger.open(path, boot, attempt=1, start_step=0, host="another-pod")
+    other.heartbeat(5, now=time.time(), force=True)
+
+    mine = C.CostLedger.open(path, boot, attempt=2, start_step=5)
+
+    assert mine.segment["start"] == pytest.approx(C.boot_time()[0])
+    assert mine.segment["start"] < other.segment["last_heartbeat"]
+
+
+def test_boot_time_is_in_the_past_and_before_this_process(tmp_path):
+    boot, source = C.boot_time()
+    assert source == "boot"
+    assert 946_684_800 <= boot <= C.process_start_time()[0] <= time.time()  # after 2000-01-01
+
+
+def test_bill_from_process_starts_the_segment_at_this_process(tmp_path):
+    ledger = C.CostLedger.open(tmp_path / "cost.json", cfg(hourly_rate=1.0, bill_from="process"), 1, 0)
+    assert ledger.segment["start_source"] == "process"
+    assert ledger.segment["start"] == pytest.approx(C.process_start_time()[0])
+
+
+def test_configured_rate_wins_over_the_table():
+    assert C.resolve_rate(cfg(hourly_rate=1.23)) == (1.23, "config (cost.hourly_rate)")
+
+
+def test_table_rate_names_the_gpu_the_kind_and_its_source():
+    rate, spot_source = C.resolve_rate(cfg(gpu_type="rtx-4090", spot_instance=True))
+    _, on_demand_source = C.resolve_rate(cfg(gpu_type="RTX4090", spot_instance=False))
+    assert rate == C.RATE_TABLE["RTX4090"].spot
+    assert spot_source.startswith("table: RTX4090 spot estimate (SkyPilot RunPod catalog")
+    assert on_demand_source.startswith("table: RTX4090 on-demand estimate") and "2026" in on_demand_source
+
+
+def test_cpu_runs_cost_nothing():
+    assert C.resolve_rate(cfg(gpu_type="CPU"))[0] == 0.0
+
+
+def test_every_table_entry_has_a_source_and_sane_rates():
+    for entry in C.RATE_TABLE.values():
+        assert entry.spot_source and entry.on_demand_source
+        assert 0 <= entry.spot <= entry.on_demand < 20
+
+
+def test_unknown_gpu_without_rate_is_a_user_error_naming_the_fix(tmp_path):
+    with pytest.raises(UserError, match=r"cost\.gpu_type.*'TPU-v9'.*cost\.hourly_rate"):
+        C.CostLedger.open(tmp_path / "cost.json", cfg(gpu_type="TPU-v9"), 1, 0)
+    assert not (tmp_path / "cost.json").exists()
+
+
+def test_every_write_leaves_valid_json_and_no_temporary_file(tmp_path):
+    path = tmp_path / "cost.json"
+    ledger = C.CostLedger.open(path, cfg(hourly_rate=1.0), 1, 0, now=T0, start=T0)
+    for step in range(1, 4):
+        ledger.heartbeat(step, now=T0 + step, force=True)
+        assert read(path)["segments"][-1]["last_step"] == step
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cost.json"]
+
+
+def test_heartbeats_closer_than_the_write_interval_stay_in_memory(tmp_path):
+    path = tmp_path / "cost.json"
+    ledger = C.CostLedger.open(path, cfg(hourly_rate=1.0), 1, 0, now=T0, start=T0, write_interval_s=10)
+    ledger.heartbeat(1, now=T0 + 5)
+    assert read(path)["segments"][-1]["last_step"] == 0
+    ledger.heartbeat(2, now=T0 + 11)
+    assert read(path)["segments"][-1]["last_step"] == 2
+
+
+def test_corrupt_ledger_is_a_user_error_naming_the_file(tmp_path):
+    path = tmp_path / "cost.json"
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="cost.json"):
+        C.CostLedger.open(path, cfg(hourly_rate=1.0), 1, 0)
+
+
+# ---------------------------------------------------------------- budget and callback
+
+
+def dollar_per_second_ledger(tmp_path, **cost):
+    """A ledger at $1 per second (3600 $/GPU-hour), opened at T0."""
+    cost_cfg = cfg(hourly_rate=3600.0, **cost)
+    return C.CostLedger.open(tmp_path / "cost.json", cost_cfg, 1, 0, now=T0, start=T0), cost_cfg
+
+
+def log_at(callback, step, logs=None):
+    logs = {"loss": 1.0} if logs is None else logs
+    callback.on_log(None, TrainerState(global_step=step), TrainerControl(), logs=logs)
+    return logs
+
+
+def test_callback_adds_cost_keys_to_the_logs(tmp_path):
+    ledger, cost_cfg = dollar_per_second_ledger(tmp_path)
+    callback = C.CostCallback(ledger, StopState(), cost_cfg, max_steps=100, clock=lambda: T0 + 10)
+    logs = log_at(callback, 10)
+    assert logs["loss"] == 1.0
+    assert logs["cost/usd"] == pytest.approx(10.0)
+    assert logs["cost/usd_per_step"] == pytest.approx(1.0)
+    assert logs["cost/projected_usd"] == pytest.approx(100.0)
+    assert ledger.segment["last_step"] == 10
+
+
+def test_callback_warns_once_at_ninety_percent_of_the_cap(tmp_path, capsys):
+    ledger, cost_cfg = dollar_per_second_ledger(tmp_path, budget_cap=10.5)
+    now = [T0 + 9.5]
+    stop = StopState()
+    callback = C.CostCallback(ledger, stop, cost_cfg, max_steps=100, clock=lambda: now[0])
+    log_at(callback, 1)
+    now[0] = T0 + 10
+    log_at(callback, 2)
+    assert capsys.readouterr().out.count("of cost.budget_cap $10.50") == 1
+    assert stop.reason is None
+
+
+def test_callback_requests_a_saving_stop_at_the_cap(tmp_path):
+    ledger, cost_cfg = dollar_per_second_ledger(tmp_path, budget_cap=10.0)
+    stop = StopState()
+    callback = C.CostCallback(ledger, stop, cost_cfg, max_steps=100, clock=lambda: T0 + 10)
+    log_at(callback, 7)
+
+    assert stop.reason == "budget"
+    assert "budget cap $10.00 reached ($10.00 spent over 1 attempt)" in stop.message
+    assert "raise cost.budget_cap and run --resume-latest" in stop.message
+    control = StopCallback(stop).on_step_end(None, TrainerState(global_step=7), TrainerControl())
+    assert control.should_training_stop and control.should_save
+    assert read(tmp_path / "cost.json")["segments"][-1]["last_step"] == 7
+
+
+def test_no_cap_never_stops(tmp_path):
+    ledger, cost_cfg = dollar_per_second_ledger(tmp_path, budget_cap=0.0)
+    stop = StopState()
+    log_at(C.CostCallback(ledger, stop, cost_cfg, max_steps=100, clock=lambda: T0 + 1e6), 3)
+    assert stop.reason is None
+
+
+def test_train_end_writes_the_last_heartbeat(tmp_path):
+    ledger, cost_cfg = dollar_per_second_ledger(tmp_path)
+    callback = C.CostCallback(ledger, StopState(), cost_cfg, max_steps=100, clock=lambda: T0 + 1)
+    callback.on_train_end(None, TrainerState(global_step=9), TrainerControl())
+    assert read(tmp_path / "cost.json")["segments"][-1]["last_step"] == 9
+
+
+def test_budget_exhausted_at_process_start_counts_earlier_attempts(tmp_path):
+    path = tmp_path / "cost.json"
+    cost_cfg = cfg(hourly_rate=1.0, budget_cap=1.0)
+    first = C.CostLedger.open(path, cost_cfg, 1, 0, now=T0, start=T0, host="pod-a")
+    first.heartbeat(50, now=T0 + 3600, force=True)  # $1: the cap
+    relaunch = C.CostLedger.open(path, cost_cfg, 2, 50, now=T0 + 4000, start=T0 + 4000, host="pod-b")
+
+    message = C.budget_exhausted(relaunch, cost_cfg)
+    assert message is not None and "over 2 attempts" in message
+    assert C.budget_exhausted(relaunch, cfg(hourly_rate=1.0, budget_cap=5.0)) is None
+    assert C.budget_exhausted(relaunch, cfg(hourly_rate=1.0, budget_cap=0.0)) is None
+
+
+# ---------------------------------------------------------------- report
+
+
+@pytest.fixture
+def costed_run(trained_run_copy):
+    """The trained run with a preempted first attempt, two billed segments ($1.50) and base/final evaluations."""
+    run = trained_run_copy
+    rate = cfg(hourly_rate=1.0)
+    first = C.CostLedger.open(run / "cost.json", rate, 1, 0, now=T0, start=T0, host="pod-a")
+    first.heartbeat(4, now=T0 + 3600, force=True)
+    second = C.CostLedger.open(run / "cost.json", rate, 2, 4, now=T0 + 4000, start=T0 + 4000, host="pod-b")
+    second.heartbeat(8, now=T0 + 4000 + 1800, force=True)
+    info = json.loads((run / "run.json").read_text())
+    info["attempts"].insert(0, {"attempt": 0, "exit_reason": "preempted", "exit_code": 75})
+    (run / "run.json").write_text(json.dumps(info))
+    for name, cer in (("base", 0.50), ("final", 0.20)):
+        (run / "eval" / name).mkdir(parents=True)
+        (run / "eval" / name / "metrics.json").write_text(json.dumps({"cer": cer, "wer": cer * 2}))
+    return run
+
+
+def test_json_report_has_cost_efficiency_and_cer_value(costed_run, capsys):
+    assert C.main(["--run", str(costed_run), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["total_usd"] == pytest.approx(1.5)
+    assert report["gpu_hours"] == pytest.approx(1.5)
+    assert (report["attempts"], report["preemptions"], report["segments"]) == (2, 1, 2)
+    assert (report["steps_done"], report["max_steps"], report["effective_batch"]) == (8, 8, 2)
+    assert report["usd_per_step"] == pytest.approx(1.5 / 8)
+    assert report["usd_per_1000_samples"] == pytest.approx(1.5 / 16 * 1000)
+    assert report["projected_usd"] == pytest.approx(1.5)
+    assert report["cer_points_gained"] == pytest.approx(30.0)
+    assert report["usd_per_cer_point"] == pytest.approx(1.5 / 30)
+    assert report["rate_source"] == "config (cost.hourly_rate)"
+
+
+def test_text_report_names_the_rate_used(costed_run, capsys):
+    assert C.main(["--run", str(costed_run)]) == 0
+    out = capsys.readouterr().out
+    assert "$1.50 over 1.50 GPU-hours" in out
+    assert "1 preempted" in out
+    assert "$1.00/GPU-hour x 1 RTX4090 (config (cost.hourly_rate))" in out
+    assert "+30.00 points" in out
+
+
+def test_report_without_cost_ledger_exits_2_with_one_line(trained_run_copy):
+    result = subprocess.run([sys.executable, "-m", "wellocr.cost", "--run", str(trained_run_copy)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "cost.json" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_report_on_missing_run_dir_exits_2(tmp_path, capsys):
+    assert C.main(["--run", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.startswith("error: --run ")
+
+
+def test_docs_hold_the_current_rate_table():
+    docs = Path(__file__).resolve().parents[1] / "docs" / "COST.md"
+    assert C.rate_table_markdown() in docs.read_text()
+
+
+def test_cost_callback_is_a_trainer_callback():
+    from transformers import TrainerCallback
+
+    assert issubclass(C.CostCallback, TrainerCallback)

@@ -1,0 +1,476 @@
+"""The SkyPilot files in sky/: valid for SkyPilot 0.14 on RunPod, checked offline (no credentials, no network).
+
+Three layers, each a test that a broken task file fails:
+- SkyPilot's own checks: `sky.Task.from_yaml` (schema, typos), RunPod's feature check on every resources (what
+  `sky launch` refuses on RunPod, e.g. bucket mounts; the optimizer does not run it offline), and for volume files
+  `sky.volumes.Volume.from_yaml_config(...).validate()`.
+- `sky_problems`: what SkyPilot does not check offline (GPU, spot, job_recovery values, secrets, the config the
+  task trains with, where checkpoints survive a preemption).
+- The `run:` sections are executed with bash (as SkyPilot does: `bash -i <script>` in the workdir) with a stand-in
+  `python` that records the trainer's and the cost report's command lines: the tests see exactly the arguments
+  the trainer would get and the exit code SkyPilot would see.
+
+SkyPilot writes ~/.sky on import and reads ~/.sky/config.yaml and ./.sky.yaml: the `sky` fixture gives it a
+throwaway HOME and empty config files, so a developer's SkyPilot setup changes nothing here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wellocr.config import load_config
+from wellocr.errors import UserError
+from wellocr.train import EXIT_OOM, EXIT_PREEMPTED, parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+SKY_DIR = REPO / "sky"
+SKY_FILES = sorted(SKY_DIR.glob("*.yaml"))
+
+GPU = {"RTX4090": 1}
+RECOVERY_KEYS = {"strategy", "max_restarts_on_errors", "recover_on_exit_codes"}
+STRATEGIES = {"FAILOVER", "EAGER_NEXT_REGION"}
+TASK_ID = "sky-managed-2026-11-28-12-00-00-000000_wellocr-r16_7-0"  # what a managed job's pod sees
+EXAMPLE_REMOTE = "s3://wellocr-example-bucket/checkpoints"
+
+CREDENTIAL_PATTERNS = {
+    "an AWS access key id": r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",
+    "a Hugging Face token": r"\bhf_[A-Za-z0-9]{30,}\b",
+    "a RunPod API key": r"\brpa_[A-Za-z0-9]{20,}\b",
+    "a W&B API key": r"\b[0-9a-f]{40}\b",
+    "a private key": r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
+}
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
+KEY_LIKE = re.compile(r"^[A-Za-z0-9+/=_-]{32,}$")
+
+
+# ---------------------------------------------------------------- reading the files
+
+
+def raw(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def is_volume_file(path: Path) -> bool:
+    data = raw(path)
+    return "type" in data and "run" not in data
+
+
+TASK_FILES = [p for p in SKY_FILES if not is_volume_file(p)]
+VOLUME_FILES = [p for p in SKY_FILES if is_volume_file(p)]
+
+
+def header_commands(path: Path) -> list[str]:
+    """The commands in the file's opening comment, continuation lines (`\\`) joined."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return [c.strip() for c in " ".join(l[:-1] if l.endswith("\\") else l + "\n" for l in lines).splitlines()
+            if c.strip().startswith("sky ")]
+
+
+def is_managed(path: Path) -> bool:
+    """A managed spot job is a file whose header launches it with `sky jobs launch`."""
+    return any(c.startswith(f"sky jobs launch sky/{path.name}") for c in header_commands(path))
+
+
+MANAGED_FILES = [p for p in TASK_FILES if is_managed(p)]
+
+
+# ---------------------------------------------------------------- running a run: section
+
+
+STAND_IN_PYTHON = textwrap.dedent("""\
+    import json, os, signal, sys, time
+    args = sys.argv[1:]
+    if args[:1] == ["-m"] and args[1:2] and args[1] in ("wellocr.train", "wellocr.cost"):
+        call = {"module": args[1], "args": args[2:], "WELLOCR_CONFIG": os.environ.get("WELLOCR_CONFIG")}
+        with open(os.environ["STAND_IN_CALLS"], "a") as f:
+            f.write(json.dumps(call) + "\\n")
+        if args[1] == "wellocr.cost":
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))  # the trainer's contract: SIGTERM -> exit 75
+        if os.environ.get("STAND_IN_TRAIN_SECONDS"):
+            print("stand-in trainer: training", flush=True)
+            time.sleep(float(os.environ["STAND_IN_TRAIN_SECONDS"]))
+        sys.exit(int(os.environ.get("STAND_IN_TRAIN_EXIT", "0")))
+    os.execv(sys.executable, [sys.executable, *args])
+""")
+
+
+@dataclass
+class RunResult:
+    code: int
+    output: str
+    calls: list[dict] = field(default_factory=list)
+
+    def args_of(self, module: str) -> list[str]:
+        found = [c["args"] for c in self.calls if c["module"] == module]
+        assert found, f"the run section never calls python -m {module}:\n{self.output}"
+        return found[0]
+
+    def trainer_config_path(self) -> Path:
+        call = next(c for c in self.calls if c["module"] == "wellocr.train")
+        path = Path(parse_args(call["args"]).config or call["WELLOCR_CONFIG"] or "")
+        return path if path.is_absolute() else REPO / path
+
+    def trainer_config(self):
+        """The config the trainer would train with: its file plus the --set flags it was given."""
+        return load_config(self.trainer_config_path(), parse_args(self.args_of("wellocr.train")).set)
+
+
+def start_run_section(task, tmp_path: Path, env: dict | None = None, trainer_exit: int = 0,
+                      train_seconds: float | None = None) -> tuple[subprocess.Popen, Path]:
+    """Start the task's run: section the way SkyPilot does (`bash -i script` in the workdir, task envs exported),
+    with a stand-in `python` on PATH; returns the process and the file the stand-in records its calls in."""
+    work = tmp_path / f"run-{time.monotonic_ns()}"
+    (work / "bin").mkdir(parents=True)
+    (work / "home").mkdir()
+    (work / "stand_in.py").write_text(STAND_IN_PYTHON)
+    python = work / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{work / "stand_in.py"}" "$@"\n')
+    python.chmod(0o755)
+    script = work / "run.sh"
+    script.write_text(task.run)
+    calls = work / "calls.jsonl"
+    calls.touch()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("WELLOCR_", "SKYPILOT_"))}
+    full_env = {
+        **base, **task.envs,
+        "HOME": str(work / "home"), "PATH": f"{work / 'bin'}{os.pathsep}{base.get('PATH', '')}",
+        "SKYPILOT_TASK_ID": TASK_ID,
+        "SKYPILOT_CLUSTER_INFO": json.dumps({"cluster_name": "wellocr-test", "cloud": "RunPod"}),
+        "STAND_IN_CALLS": str(calls), "STAND_IN_TRAIN_EXIT": str(trainer_exit),
+        **({"STAND_IN_TRAIN_SECONDS": str(train_seconds)} if train_seconds else {}),
+        **(env or {}),
+    }
+    proc = subprocess.Popen(["bash", "-i", str(script)], cwd=REPO, env=full_env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, calls
+
+
+def run_section(task, tmp_path: Path, env: dict | None = None, trainer_exit: int = 0) -> RunResult:
+    proc, calls = start_run_section(task, tmp_path, env, trainer_exit)
+    output, _ = proc.communicate(timeout=120)
+    return RunResult(proc.returncode, output, [json.loads(line) for line in calls.read_text().splitlines()])
+
+
+# ---------------------------------------------------------------- what SkyPilot does not check offline
+
+
+def runpod_feature_check(task) -> None:
+    """RunPod's provisioner check, as `sky launch` runs it: raises sky.exceptions.NotSupportedError."""
+    import sky
+
+    for resources in task.resources:
+        features = task.get_required_cloud_features() | resources.get_required_cloud_features()
+        autostop = resources.autostop_config
+        if autostop is not None and autostop.enabled:
+            features.add(sky.clouds.CloudImplementationFeatures.AUTODOWN if autostop.down
+                         else sky.clouds.CloudImplementationFeatures.AUTOSTOP)
+        sky.RunPod.check_features_are_supported(resources, features)
+
+
+def credential_problems(where: str, text: str) -> list[str]:
+    return [f"{where} looks like {what}" for what, pattern in CREDENTIAL_PATTERNS.items() if re.search(pattern, text)]
+
+
+def sky_problems(path: Path, tmp_path: Path) -> list[str]:
+    """Everything wrong with a task file that SkyPilot would not notice before launching; [] when it is fine."""
+    import sky
+
+    problems: list[str] = []
+    task = sky.Task.from_yaml(str(path))
+    data = raw(path)
+    text = path.read_text()
+    managed = is_managed(path)
+    commands = header_commands(path)
+
+    if not text.startswith("#") or not any(re.match(rf"sky (jobs )?launch\b.*\bsky/{re.escape(path.name)}\b", c)
+                                           for c in commands):
+        problems.append(f"the file must open with a comment giving its launch command (sky/{path.name})")
+
+    for resources in task.resources:
+        if resources.accelerators != GPU:
+            problems.append(f"accelerators must be exactly {GPU}, got {resources.accelerators}")
+        if not sky.RunPod().is_same_cloud(resources.cloud):
+            problems.append(f"cloud must be RunPod (infra: runpod), got {resources.cloud}")
+        if managed and not resources.use_spot:
+            problems.append("a managed training job runs on spot pods: use_spot: true")
+        recovery = resources.job_recovery
+        if managed and not isinstance(recovery, dict):
+            problems.append("a managed training job needs job_recovery: {strategy, recover_on_exit_codes: [75]}")
+        if isinstance(recovery, dict):
+            if set(recovery) - RECOVERY_KEYS:
+                problems.append(f"job_recovery has unknown keys {sorted(set(recovery) - RECOVERY_KEYS)}")
+            if recovery.get("strategy") not in STRATEGIES:
+                problems.append(f"job_recovery.strategy must be one of {sorted(STRATEGIES)}, got "
+                                f"{recovery.get('strategy')!r}")
+            codes = recovery.get("recover_on_exit_codes") or []
+            codes = [codes] if isinstance(codes, int) else codes
+            if EXIT_PREEMPTED not in codes:
+                problems.append(f"job_recovery.recover_on_exit_codes must contain {EXIT_PREEMPTED} (SIGTERM)")
+            if EXIT_OOM in codes:
+                problems.append(f"job_recovery.recover_on_exit_codes must not contain {EXIT_OOM} (out of memory "
+                                "is not retryable: it would relaunch at spot prices forever)")
+
+    run_text = task.run if isinstance(task.run, str) else ""
+    if "python -m wellocr.train" not in run_text:
+        problems.append("run must call python -m wellocr.train")
+    if not re.search(r"pip install -e \"?'?\.\[[^\]]*gpu", task.setup or ""):
+        problems.append("setup must install the project with the gpu extra (pip install -e '.[gpu]')")
+
+    secrets = data.get("secrets") or {}
+    for name, value in (secrets.items() if isinstance(secrets, dict) else []):
+        if value is not None:
+            problems.append(f"secret {name} has a value in the file: declare it as `{name}: null`, pass --secret")
+        elif not any(re.search(rf"--secret {re.escape(name)}(\s|=|$)", c) for c in commands):
+            problems.append(f"secret {name} is not passed with --secret {name} in the header's launch command "
+                            "(SkyPilot 0.14 refuses to launch with an unresolved secret)")
+    for name, value in task.envs.items():
+        if SECRET_NAME.search(name) and value:
+            problems.append(f"env {name} has a value: credentials belong in secrets: with no value")
+        elif KEY_LIKE.match(value or ""):
+            problems.append(f"env {name} looks like a key")
+    problems += credential_problems(path.name, text)
+
+    result = run_section(task, tmp_path)
+    if not any(call["module"] == "wellocr.train" for call in result.calls):
+        return problems + [f"the run section never calls python -m wellocr.train; it printed:\n{result.output}"]
+    try:
+        trainer_args = parse_args(result.args_of("wellocr.train"))
+    except SystemExit:
+        return problems + [f"the trainer rejects its arguments {result.args_of('wellocr.train')}"]
+    if managed and not trainer_args.resume_latest:
+        problems.append("a managed job must run the trainer with --resume-latest (it is re-run after a preemption)")
+    config_path = result.trainer_config_path()
+    if not config_path.is_file():
+        return problems + [f"the config {config_path} does not exist"]
+    try:
+        cfg = result.trainer_config()
+    except UserError as exc:
+        return problems + [f"the trainer's config does not load: {exc}"]
+
+    if managed and task.volumes:
+        if not any(Path(cfg.run.output_dir).is_relative_to(mount) for mount in task.volumes):
+            problems.append(f"run.output_dir {cfg.run.output_dir} is not on the volume ({', '.join(task.volumes)})")
+        if any(r.zone is None for r in task.resources):
+            problems.append("a network volume lives in one data center: pin infra: runpod/<region>/<data center>")
+    elif managed:
+        if "WELLOCR_REMOTE" not in task.envs:
+            problems.append("declare the WELLOCR_REMOTE env knob (the object-storage URL checkpoints survive in)")
+        try:
+            remote = run_section(task, tmp_path, env={"WELLOCR_REMOTE": EXAMPLE_REMOTE}).trainer_config()
+        except UserError as exc:
+            return problems + [f"with WELLOCR_REMOTE set the config does not load: {exc}"]
+        if remote.checkpoint.remote != EXAMPLE_REMOTE:
+            problems.append("the run must pass --set checkpoint.remote=$WELLOCR_REMOTE when WELLOCR_REMOTE is set")
+        if not re.search(r"pip install -e \"?'?\.\[[^\]]*remote", task.setup or ""):
+            problems.append("setup must install the remote extra (s3fs) to sync checkpoints to object storage")
+    return problems
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def sky(tmp_path_factory):
+    """SkyPilot with a throwaway HOME and empty user/project config; usage collection off."""
+    home = tmp_path_factory.mktemp("sky-home")
+    empty = home / "empty-config.yaml"
+    empty.write_text("{}\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        mp.setenv("SKYPILOT_GLOBAL_CONFIG", str(empty))
+        mp.setenv("SKYPILOT_PROJECT_CONFIG", str(empty))
+        mp.setenv("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
+        import sky
+
+        sky.skypilot_config.reload_config()
+        yield sky
+
+
+def load_task(sky, path: Path):
+    return sky.Task.from_yaml(str(path))
+
+
+def write_task(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sky" / "job.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+# A managed job that passes every check; each negative test breaks one thing in it.
+GOOD_JOB = textwrap.dedent("""\
+    # sky jobs launch sky/job.yaml --secret WANDB_API_KEY
+    name: job
+    resources:
+      infra: runpod
+      accelerators: RTX4090:1
+      use_spot: true
+      job_recovery: {strategy: FAILOVER, max_restarts_on_errors: 0, recover_on_exit_codes: [75]}
+    envs:
+      WELLOCR_CONFIG: configs/train_r16.yaml
+      WELLOCR_REMOTE: ""
+    secrets:
+      WANDB_API_KEY: null
+    setup: pip install -e '.[gpu,remote]'
+    run: python -m wellocr.train --resume-latest ${WELLOCR_REMOTE:+--set checkpoint.remote=$WELLOCR_REMOTE}
+""")
+
+
+# ---------------------------------------------------------------- the shipped files
+
+
+def test_sky_dir_holds_the_smoke_test_both_managed_jobs_and_the_volume():
+    assert {p.name for p in TASK_FILES} >= {"quick_val.yaml", "train_r16.yaml", "train_r16_volume.yaml"}
+    assert {p.name for p in MANAGED_FILES} >= {"train_r16.yaml", "train_r16_volume.yaml"}
+    assert "quick_val.yaml" not in {p.name for p in MANAGED_FILES}
+    assert {p.name for p in VOLUME_FILES} == {"checkpoint_volume.yaml"}
+
+
+@pytest.mark.parametrize("path", TASK_FILES, ids=[p.name for p in TASK_FILES])
+def test_skypilot_parses_the_task(sky, path):
+    task = load_task(sky, path)
+    assert task.run and task.setup and task.resources
+
+
+@pytest.mark.parametrize("path", TASK_FILES, ids=[p.name for p in TASK_FILES])
+def test_runpod_supports_every_feature_the_task_needs(sky, path):
+    runpod_feature_check(load_task(sky, path))
+
+
+@pytest.mark.parametrize("path", TASK_FILES, ids=[p.name for p in TASK_FILES])
+def test_task_passes_the_checks_skypilot_cannot_do_offline(sky, path, tmp_path):
+    assert sky_problems(path, tmp_path) == []
+
+
+@pytest.mark.parametrize("path", VOLUME_FILES, ids=[p.name for p in VOLUME_FILES])
+def test_volume_passes_skypilot_volume_validation(sky, path):
+    volume = sky.volumes.Volume.from_yaml_config(raw(path))
+    volume.validate()
+    assert volume.type == "runpod-network-volume" and str(volume.cloud).lower() == "runpod"
+    assert volume.zone, "a RunPod network volume needs its data center: infra: runpod/<region>/<data center>"
+    assert int(volume.size) >= 10
+    assert any(c.startswith(f"sky volumes apply sky/{path.name}") for c in header_commands(path))
+
+
+def test_volume_task_mounts_the_shipped_volume_in_its_data_center(sky):
+    """SkyPilot pins a task to its volume's region and zone and fails on a mismatch, comparing them as written."""
+    volume = raw(SKY_DIR / "checkpoint_volume.yaml")
+    task = load_task(sky, SKY_DIR / "train_r16_volume.yaml")
+    assert list(task.volumes.values()) == [volume["name"]]
+    assert raw(SKY_DIR / "train_r16_volume.yaml")["resources"]["infra"] == volume["infra"]
+
+
+# ---------------------------------------------------------------- what the run: sections do
+
+
+@pytest.mark.parametrize("code", [0, 2, EXIT_PREEMPTED, EXIT_OOM])
+@pytest.mark.parametrize("path", MANAGED_FILES, ids=[p.name for p in MANAGED_FILES])
+def test_job_exit_code_is_the_trainers_although_the_cost_report_runs_after(sky, path, code, tmp_path):
+    result = run_section(load_task(sky, path), tmp_path, trainer_exit=code)
+    assert result.code == code, result.output
+    assert [c["module"] for c in result.calls] == ["wellocr.train", "wellocr.cost"]
+
+
+@pytest.mark.parametrize("path", TASK_FILES, ids=[p.name for p in TASK_FILES])
+def test_cost_report_reads_the_run_directory_the_trainer_writes(sky, path, tmp_path):
+    result = run_section(load_task(sky, path), tmp_path)
+    cfg = result.trainer_config()
+    assert result.args_of("wellocr.cost") == ["--run", f"{cfg.run.output_dir}/{cfg.run.run_name}"]
+
+
+@pytest.mark.parametrize("path", MANAGED_FILES, ids=[p.name for p in MANAGED_FILES])
+def test_every_recovery_of_a_job_continues_the_run_named_after_its_task_id(sky, path, tmp_path):
+    task = load_task(sky, path)
+    first, recovery = run_section(task, tmp_path), run_section(task, tmp_path)
+    assert first.trainer_config().run.run_name == TASK_ID
+    assert first.args_of("wellocr.train") == recovery.args_of("wellocr.train")
+    named = run_section(task, tmp_path, env={"WELLOCR_RUN_NAME": "r16-first"})
+    assert named.trainer_config().run.run_name == "r16-first"
+
+
+@pytest.mark.parametrize("path", MANAGED_FILES, ids=[p.name for p in MANAGED_FILES])
+def test_sigterm_to_the_job_shell_reaches_the_trainer_and_the_job_exits_75(sky, path, tmp_path):
+    proc, _ = start_run_section(load_task(sky, path), tmp_path, train_seconds=60)
+    try:
+        deadline = time.monotonic() + 60
+        while "stand-in trainer: training" not in (proc.stdout.readline() or ""):
+            assert time.monotonic() < deadline and proc.poll() is None, "the stand-in trainer never started"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == EXIT_PREEMPTED
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_object_storage_job_passes_the_remote_only_when_it_is_set(sky, tmp_path):
+    task = load_task(sky, SKY_DIR / "train_r16.yaml")
+    assert run_section(task, tmp_path).trainer_config().checkpoint.remote is None
+    with_remote = run_section(task, tmp_path, env={"WELLOCR_REMOTE": EXAMPLE_REMOTE})
+    assert with_remote.trainer_config().checkpoint.remote == EXAMPLE_REMOTE
+
+
+@pytest.mark.parametrize("path", TASK_FILES, ids=[p.name for p in TASK_FILES])
+def test_extra_args_and_another_config_reach_the_trainer(sky, path, tmp_path):
+    """What the local preemption drill relies on: WELLOCR_CONFIG and WELLOCR_EXTRA_ARGS select what runs."""
+    result = run_section(load_task(sky, path), tmp_path, env={
+        "WELLOCR_CONFIG": "configs/cpu_smoke.yaml", "WELLOCR_EXTRA_ARGS": "--set cost.budget_cap=3.5 --set seed=7"})
+    cfg = result.trainer_config()
+    assert (cfg.model.backend, cfg.cost.budget_cap, cfg.train.seed) == ("hf", 3.5, 7)
+
+
+# ---------------------------------------------------------------- the checks catch bad files
+
+
+def test_checks_accept_the_minimal_good_job(sky, tmp_path):
+    assert sky_problems(write_task(tmp_path, GOOD_JOB), tmp_path) == []
+
+
+def test_feature_check_rejects_a_bucket_mount_on_runpod(sky, tmp_path):
+    path = write_task(tmp_path, GOOD_JOB + "file_mounts:\n  /data:\n    source: s3://wellocr-example-bucket/data\n"
+                                           "    mode: MOUNT\n")
+    with pytest.raises(sky.exceptions.NotSupportedError, match="storage_mounting"):
+        runpod_feature_check(load_task(sky, path))
+
+
+def test_checks_reject_retrying_out_of_memory(sky, tmp_path):
+    path = write_task(tmp_path, GOOD_JOB.replace("recover_on_exit_codes: [75]", "recover_on_exit_codes: [75, 76]"))
+    problems = sky_problems(path, tmp_path)
+    assert len(problems) == 1 and "must not contain 76" in problems[0], problems
+
+
+def test_checks_reject_a_credential_in_the_file(sky, tmp_path):
+    path = write_task(tmp_path, GOOD_JOB.replace('WELLOCR_REMOTE: ""', 'WELLOCR_REMOTE: ""\n  HF_TOKEN: hf_'
+                                                   + "a1B2" * 9))
+    problems = sky_problems(path, tmp_path)
+    assert any("env HF_TOKEN has a value" in p for p in problems), problems
+    assert any("Hugging Face token" in p for p in problems), problems
+
+
+def test_checks_reject_a_secret_the_launch_command_does_not_pass(sky, tmp_path):
+    path = write_task(tmp_path, GOOD_JOB.replace("  WANDB_API_KEY: null", "  WANDB_API_KEY: null\n  HF_TOKEN: null"))
+    assert sky_problems(path, tmp_path) == [
+        "secret HF_TOKEN is not passed with --secret HF_TOKEN in the header's launch command "
+        "(SkyPilot 0.14 refuses to launch with an unresolved secret)"]
+
+
+def test_checks_reject_a_managed_job_that_would_lose_its_checkpoints(sky, tmp_path):
+    path = write_task(tmp_path, GOOD_JOB.replace(" ${WELLOCR_REMOTE:+--set checkpoint.remote=$WELLOCR_REMOTE}", ""))
+    assert sky_problems(path, tmp_path) == [
+        "the run must pass --set checkpoint.remote=$WELLOCR_REMOTE when WELLOCR_REMOTE is set"]

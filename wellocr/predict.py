@@ -1,0 +1,161 @@
+"""`python -m wellocr.predict` — transcribe header images with a run's adapter.
+
+    python -m wellocr.predict --run RUN_DIR IMAGE... [--checkpoint final|best|latest|PATH] [--json]
+                              [--batch-size B]
+
+IMAGE is a file or a folder (its *.png, *.jpg, *.jpeg, *.tif, *.tiff, *.webp, sorted by name). Images are scaled
+to the run's pixel budget and prompted exactly as in training, then decoded greedily in batches.
+
+The prompt: rows of a data set may carry their own instruction (the synthetic set does), and the model learnt
+to answer that one, so the instruction of the first row of the run's training split is used when the data set
+can be read (a local directory, or a hub data set in the local cache); otherwise `data.instruction`, with a note.
+
+Output: `== path ==` then the transcription, per image; with --json one JSON array of
+{"image": path, "text": transcription, "fields": {LABEL: value}} (fields: wellocr.metrics.parse_fields).
+An unreadable image is skipped with a warning; when none can be read the exit code is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from wellocr.config import Config
+from wellocr.errors import UserError
+from wellocr.evaluate import (
+    UserErrorParser, positive_int, generate_batch, load_model, load_run_config, prepare_backend, resolve_checkpoint,
+)
+from wellocr.metrics import parse_fields
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
+
+
+def find_images(arguments: list[str]) -> list[Path]:
+    """Files as given, folders expanded to their images (sorted); a missing path or no image is a UserError."""
+    found: list[Path] = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UserError(f"{argument}: no such file or folder; give image files or folders of images")
+    if not found:
+        raise UserError(f"no images found in {', '.join(arguments)} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return found
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def readable(paths: list[Path]) -> list[Path]:
+    """The paths whose image header parses (cheap: no pixel decode); the others are skipped with a warning."""
+    from PIL import Image
+
+    ok = []
+    for path in paths:
+        try:
+            with Image.open(path):
+                ok.append(path)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, never a crash
+            warn(f"skipping {path}: not a readable image ({type(exc).__name__}: {exc})")
+    return ok
+
+
+def load_image(path: Path, cfg: Config) -> Any:
+    """RGB image scaled to the run's pixel budget (as wellocr.data.decode_image does for data set rows)."""
+    from PIL import Image
+
+    from wellocr.data import fit_to_pixel_budget
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+    size = fit_to_pixel_budget(img.width, img.height, cfg.data.min_pixels, cfg.data.max_pixels)
+    return img if size == img.size else img.resize(size, Image.Resampling.BICUBIC)
+
+
+def training_instruction(cfg: Config) -> str:
+    """The first training row's instruction when the data set is readable, else data.instruction."""
+    from wellocr.data import load_raw_splits, row_instruction
+
+    try:
+        first = load_raw_splits(cfg.data)["train"].select_columns(["instruction"])[0]["instruction"]
+    except Exception as exc:  # noqa: BLE001 - any failure to read the data set falls back to the config
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"note: using data.instruction as the prompt (cannot read the training data: {reason})",
+              file=sys.stderr, flush=True)
+        return cfg.data.instruction
+    return row_instruction(first, cfg.data)
+
+
+def transcribe(model: Any, processor: Any, cfg: Config, paths: list[Path], instruction: str,
+               batch_size: int) -> list[tuple[Path, str]]:
+    """(path, transcription) for every image that decodes, in order; decoding failures are warned and skipped."""
+    results = []
+    for start in range(0, len(paths), batch_size):
+        images, batch_paths = [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                images.append(load_image(path, cfg))
+                batch_paths.append(path)
+            except Exception as exc:  # noqa: BLE001
+                warn(f"skipping {path}: cannot decode ({type(exc).__name__}: {exc})")
+        if images:
+            texts = generate_batch(model, processor, images, [instruction] * len(images), cfg.eval.max_new_tokens)
+            results.extend(zip(batch_paths, texts))
+    return results
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = UserErrorParser(prog="python -m wellocr.predict", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, type=Path, help="run directory (holds config.yaml)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    parser.add_argument("--checkpoint", default="final",
+                        help="final (default), best (lowest eval loss), latest, or a checkpoint directory")
+    parser.add_argument("--json", action="store_true", help="print one JSON array instead of text blocks")
+    parser.add_argument("--batch-size", type=positive_int, help="images per batch (default: eval.batch_size)")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> list[tuple[Path, str]]:
+    paths = find_images(args.images)
+    if not args.run.is_dir():
+        raise UserError(f"--run {args.run}: no such directory")
+    cfg = load_run_config(args.run)
+    adapter_dir, _ = resolve_checkpoint(args.run, args.checkpoint)
+    paths = readable(paths)
+    if not paths:
+        raise UserError("none of the images could be read (see the warnings above)")
+    backend = prepare_backend(cfg)
+    instruction = training_instruction(cfg)
+    model, processor = load_model(cfg, backend, adapter_dir)
+    results = transcribe(model, processor, cfg, paths, instruction, args.batch_size or cfg.eval.batch_size)
+    if not results:
+        raise UserError("none of the images could be decoded (see the warnings above)")
+    if args.json:
+        print(json.dumps([{"image": str(p), "text": t, "fields": parse_fields(t)} for p, t in results],
+                         indent=2, ensure_ascii=False))
+    else:
+        for path, text in results:
+            print(f"== {path} ==\n{text}\n")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        run(parse_args(argv))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

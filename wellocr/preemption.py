@@ -1,0 +1,47 @@
+"""Stop requests shared by the SIGTERM handler and the training callbacks (no transformers import here:
+train.py installs the handler before Unsloth, which must be imported before transformers)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+SIGTERM_GRACE_S = 5.0  # RunPod's notice before SIGKILL
+
+
+class Preempted(Exception):
+    """SIGTERM arrived outside the training loop (loading, evaluating): nothing to save, exit 75."""
+
+
+@dataclass
+class StopState:
+    """Why training should stop early, shared by the signal handler and the callbacks."""
+
+    reason: str | None = None  # "preempted" | "budget" | None
+    signalled_at: float | None = None
+    in_training_loop: bool = False
+    message: str = ""
+    save_seconds: list[float] = field(default_factory=list)
+
+    def request(self, reason: str, message: str = "") -> None:
+        if self.reason is None:
+            self.reason, self.message = reason, message
+
+    def expected_save_seconds(self) -> float:
+        return max(self.save_seconds[-3:], default=2.0)
+
+
+def install_sigterm_handler(state: StopState) -> Callable[[], None]:
+    """Route SIGTERM into `state`; outside the training loop it raises `Preempted` right away."""
+
+    def handler(signum: int, frame: Any) -> None:
+        state.signalled_at = time.time()
+        state.request("preempted", "SIGTERM received (spot preemption or cancel)")
+        print("\nwellocr: SIGTERM received; stopping at the next step boundary", flush=True)
+        if not state.in_training_loop:
+            raise Preempted()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
