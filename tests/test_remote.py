@@ -118,7 +118,8 @@ def test_upload_checkpoint_puts_every_file_then_the_marker(s3, run_dir, monkeypa
 
 
 def test_restore_into_empty_dir_gets_newest_checkpoint_and_run_files(s3, run_dir, tmp_path):
-    upload_all(store(f"s3://{s3.bucket}/prefix"), run_dir)
+    remote = store(f"s3://{s3.bucket}/prefix")
+    upload_all(remote, run_dir)
     target = tmp_path / "fresh-machine" / "exp"
 
     assert store(f"s3://{s3.bucket}/prefix").restore(target) == "checkpoint-8"
@@ -130,7 +131,7 @@ def test_restore_into_empty_dir_gets_newest_checkpoint_and_run_files(s3, run_dir
         assert (target / name).read_bytes() == (run_dir / name).read_bytes(), name
     assert not [p for p in target.iterdir() if "tmp" in p.name]
     # a second restore has nothing newer to fetch
-    assert store(f"s3://{s3.bucket}/prefix").restore(target) is None
+    assert remote.restore(target) is None
 
 
 def test_checkpoint_without_marker_is_ignored(s3, run_dir, tmp_path, capsys):
@@ -143,7 +144,7 @@ def test_checkpoint_without_marker_is_ignored(s3, run_dir, tmp_path, capsys):
 
     assert remote.latest_complete_checkpoint() == "checkpoint-4"
     target = tmp_path / "fresh" / "exp"
-    assert store(f"s3://{s3.bucket}/prefix").restore(target) == "checkpoint-4"
+    assert remote.restore(target) == "checkpoint-4"
     assert is_complete(target / "checkpoint-4") and not (target / "checkpoint-8").exists()
     out = capsys.readouterr().out
     assert "ignoring checkpoint-8" in out and "no completeness marker" in out
@@ -160,14 +161,15 @@ def test_restore_keeps_a_newer_complete_local_checkpoint(s3, run_dir, tmp_path):
     (local / "run.json").write_text('{"local": true}')
     os.utime(local / "run.json", (1, 1))  # older by the clock, still kept: the local run is ahead
 
-    assert store(f"s3://{s3.bucket}/prefix").restore(local) is None
+    assert remote.restore(local) is None
     assert not (local / "checkpoint-4").exists()
     assert json.loads((local / "run.json").read_text()) == {"local": True}
     assert (local / "config.yaml").exists() is False  # not stored remotely: nothing to fetch
 
 
 def test_restore_replaces_an_incomplete_local_checkpoint_and_older_run_json(s3, run_dir, tmp_path):
-    upload_all(store(f"s3://{s3.bucket}/prefix"), run_dir)
+    remote = store(f"s3://{s3.bucket}/prefix")
+    upload_all(remote, run_dir)
     local = tmp_path / "behind" / "exp"
     write_checkpoint(local / "checkpoint-4", 4)
     (local / "checkpoint-8").mkdir()
@@ -175,7 +177,7 @@ def test_restore_replaces_an_incomplete_local_checkpoint_and_older_run_json(s3, 
     (local / "run.json").write_text('{"stale": true}')
     os.utime(local / "run.json", (1, 1))
 
-    assert store(f"s3://{s3.bucket}/prefix").restore(local) == "checkpoint-8"
+    assert remote.restore(local) == "checkpoint-8"
     assert is_complete(local / "checkpoint-8")
     assert (local / "run.json").read_bytes() == (run_dir / "run.json").read_bytes()
 
@@ -216,7 +218,7 @@ def test_final_and_eval_are_uploaded_and_restored(s3, run_dir, tmp_path):
     assert "prefix/exp/eval/test/metrics.json" in keys(s3)
 
     target = tmp_path / "fresh" / "exp"
-    assert store(f"s3://{s3.bucket}/prefix").restore(target) is None  # no checkpoint uploaded here
+    assert remote.restore(target) is None  # no checkpoint uploaded here
     assert is_complete(target / "final")
     assert (target / "eval" / "test" / "metrics.json").read_text() == '{"cer": 0.1}'
 
@@ -312,7 +314,7 @@ def test_remote_final_newer_than_local_final_is_restored(s3, run_dir, tmp_path):
     assert remote.wait(30)
     local = tmp_path / "old" / "exp"
     write_checkpoint(local / "final", 8)
-    store(f"s3://{s3.bucket}/prefix").restore(local)
+    remote.restore(local)
     assert is_complete(local / "final") and json.loads((local / "final" / MARKER).read_text())["step"] == 16
 
 
@@ -365,7 +367,9 @@ def test_wait_times_out_and_names_what_did_not_finish(s3, run_dir, monkeypatch, 
 def test_restore_of_a_missing_bucket_is_a_user_error(s3, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         store(f"s3://{s3.bucket}-missing/prefix").restore(tmp_path / "exp")
-    assert store(f"s3://{s3.bucket}/prefix").restore(tmp_path / "exp") is None  # empty but existing: fine
+    remote = store(f"s3://{s3.bucket}/prefix")
+    assert remote.restore(tmp_path / "exp") is None  # empty but existing: fine
+    assert not remote.exists()
 
 
 def test_file_urls_round_trip(run_dir, tmp_path):
@@ -378,7 +382,8 @@ def test_file_urls_round_trip(run_dir, tmp_path):
     remote.delete_checkpoint("checkpoint-8")
     assert remote.close(10)
     assert not (tmp_path / "bucket" / "prefix" / "exp" / "checkpoint-8").exists()
-    assert store(url).latest_complete_checkpoint() == "checkpoint-4"
+    assert remote.latest_complete_checkpoint() == "checkpoint-4"
+    assert store(url).exists() and not RemoteStore(url, "other-run").exists()
 
 
 def test_from_config_and_missing_protocol_package(monkeypatch, tmp_path):

@@ -6,6 +6,8 @@ skipped, saying so, where it is missing.
 
 from __future__ import annotations
 
+import io
+import json
 import re
 import shutil
 import subprocess
@@ -15,7 +17,7 @@ import pytest
 from PIL import Image, ImageStat
 
 from wellocr import evaluate
-from wellocr.report import diff_html, render_report
+from wellocr.report import diff_html, find_base_metrics, render_report, training_curves_png
 
 CHROMIUM = Path("/usr/bin/chromium")
 needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium is not installed at "
@@ -115,3 +117,23 @@ def test_no_base_comparison_without_a_base_evaluation(tmp_path):
                "mean_loss": 1.0, "checkpoint": {"name": "final", "step": 8}, "split": "eval", "limit": None,
                "base_model": False}
     assert 'id="vs-base"' not in render_report(metrics, [], run_dir=tmp_path)
+
+
+def test_base_comparison_uses_only_a_base_evaluation_of_the_same_split(tmp_path):
+    for name, split in [("base-test", "test"), ("base", "eval")]:
+        (tmp_path / "eval" / name).mkdir(parents=True)
+        (tmp_path / "eval" / name / "metrics.json").write_text(
+            json.dumps({"base_model": True, "split": split, "limit": None, "samples": 4, "cer": 0.25}))
+    assert find_base_metrics(tmp_path, {"split": "test", "limit": None, "base_model": False})["split"] == "test"
+    assert find_base_metrics(tmp_path, {"split": "train", "limit": None, "base_model": False}) is None
+
+
+def test_training_curves_add_an_eval_cer_panel_when_cer_was_logged():
+    history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "eval_loss": 1.7}]
+    without_cer = Image.open(io.BytesIO(training_curves_png(history)))
+    with_cer = Image.open(io.BytesIO(training_curves_png(history + [{"step": 2, "eval/cer": 0.4}])))
+    assert with_cer.width == 2 * without_cer.width
+
+
+def test_no_training_curves_without_logged_losses():
+    assert training_curves_png([{"step": 1, "learning_rate": 1e-4}]) is None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from transformers import TrainerCallback
 
@@ -51,8 +51,10 @@ class CheckpointCallback(TrainerCallback):
     """Completeness marker + retention after every save; always save the final step."""
 
     def __init__(self, run_dir: Path, retention: RetentionPolicy, stop: StopState,
-                 protect: set[str] | None = None, marker_extra: Callable[[], dict] | None = None):
+                 protect: set[str] | None = None, marker_extra: Callable[[], dict] | None = None,
+                 remote: Any = None):
         self.run_dir = run_dir
+        self.remote = remote  # wellocr.remote.RemoteStore or None
         self.retention = retention
         self.stop = stop
         self.protect = set(protect or ())
@@ -74,5 +76,13 @@ class CheckpointCallback(TrainerCallback):
         mark_complete(path, state.global_step, extra)
         if self._save_started is not None:
             self.stop.save_seconds.append(time.time() - self._save_started)
-        self.retention.apply(self.run_dir, protect=self.protect)
+        deleted = self.retention.apply(self.run_dir, protect=self.protect)
+        if self.remote is not None:
+            self.remote.upload_checkpoint(path)  # in the background; its marker goes up last
+            for name in deleted:
+                self.remote.delete_checkpoint(name)
+            self.remote.apply_retention(self.retention, self.protect)  # also what earlier machines left
+            for name in ("run.json", "cost.json", "bad_rows.jsonl"):
+                if (self.run_dir / name).is_file():
+                    self.remote.upload_path(self.run_dir / name)
         return control

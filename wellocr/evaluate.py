@@ -57,9 +57,7 @@ from wellocr.config import Config, config_from_dict
 from wellocr.errors import UserError
 from wellocr.metrics import compute_cer, compute_wer, score
 
-log = logging.getLogger("wellocr")
 
-CHECKPOINT_WORDS = ("final", "best", "latest")
 BASE_NAME = "base"
 SORT_KEYS = ("loss", "cer")
 
@@ -86,6 +84,9 @@ def resolve_checkpoint(run_dir: Path, choice: str) -> tuple[Path, str]:
     run_dir = Path(run_dir)
     if choice == "final":
         path, name = run_dir / "final", "final"
+        if not path.is_dir():
+            raise UserError(f"--checkpoint final: {run_dir} has no final/ adapter (training not finished?); "
+                            "use --checkpoint latest or best")
     elif choice == "best":
         path, name = best_checkpoint(run_dir), "best"
         if path is None:
@@ -145,6 +146,7 @@ def inference_mode(model: Any) -> Iterator[None]:
     import torch
 
     was_training = model.training
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     unsloth = sys.modules.get("unsloth")
     if unsloth is not None:
         unsloth.FastVisionModel.for_inference(model)
@@ -155,7 +157,7 @@ def inference_mode(model: Any) -> Iterator[None]:
     finally:
         if was_training:
             if unsloth is not None:
-                unsloth.FastVisionModel.for_training(model)
+                unsloth.FastVisionModel.for_training(model, use_gradient_checkpointing=checkpointing)
             model.train()
 
 
@@ -228,14 +230,19 @@ def per_sample_losses(model: Any, processor: Any, examples: list[dict], batch_si
             batch = collator([dict(e) for e in examples[start:start + batch_size]]).to(_device(model))
             labels = batch.pop("labels")
             labelled = (labels != -100).nonzero()
+            if labelled.numel() == 0:  # nothing to score (empty answers)
+                losses.extend([math.nan] * labels.shape[0])
+                continue
             first = int(labelled[:, 1].min()) - 1  # the position predicting the first label
             keep = torch.arange(first, labels.shape[1] - 1, device=labels.device)
             logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
+            if logits.shape[1] == labels.shape[1]:  # a forward that ignores logits_to_keep
+                logits = logits[:, first:-1]
             targets = labels[:, first + 1:]
-            token_losses = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100,
-                                           reduction="none")
-            counts = (targets != -100).sum(dim=1)
-            losses.extend((token_losses.sum(dim=1) / counts.clamp(min=1)).tolist())
+            for row_logits, row_targets in zip(logits, targets):  # one row in float32 at a time
+                scored = row_targets != -100
+                row_loss = F.cross_entropy(row_logits[scored].float(), row_targets[scored]) if scored.any() else None
+                losses.append(math.nan if row_loss is None else row_loss.item())
     return losses
 
 

@@ -37,6 +37,8 @@ def install_sigterm_handler(state: StopState) -> Callable[[], None]:
     """Route SIGTERM into `state`; outside the training loop it raises `Preempted` right away."""
 
     def handler(signum: int, frame: Any) -> None:
+        if state.signalled_at is not None:
+            return  # a process-group SIGTERM can arrive twice (direct + forwarded by the shell): act once
         state.signalled_at = time.time()
         state.request("preempted", "SIGTERM received (spot preemption or cancel)")
         print("\nwellocr: SIGTERM received; stopping at the next step boundary", flush=True)

@@ -118,7 +118,9 @@ class RemoteStore:
         self.fs, root = open_filesystem(self.url)
         self.base = f"{root}/{run_name}"
         self.where = redact(f"{self.url}/{run_name}")
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.local = "file" in protocols  # a directory tree: parent directories must be made
+        self.buckets = not {"file", "local", "memory"} & set(protocols)  # s3/gs: the first path part is a bucket
         self.retries = max(1, retries)
         self.retry_wait, self.retry_wait_max = retry_wait, retry_wait_max
         self.failures: list[str] = []
@@ -267,6 +269,10 @@ class RemoteStore:
     def latest_complete_checkpoint(self) -> str | None:
         return self._latest_remote(self._listing(), quiet=True)[0]
 
+    def exists(self) -> bool:
+        """Whether anything of this run is stored remotely (a new run must not reuse the name)."""
+        return bool(self._listing())
+
     def restore(self, local_run_dir: Path) -> str | None:
         """Bring the local run directory up to date from the remote copy; the restored checkpoint's name or None.
 
@@ -314,6 +320,8 @@ class RemoteStore:
         elif remote_name is not None:
             print(f"remote: local {local_latest.name} is as new as remote {remote_name} or newer; keeping it",
                   flush=True)
+        else:
+            print(f"remote: no complete checkpoint at {self.where}", flush=True)
 
         final = local_run_dir / "final"
         local_final_step = (read_marker(final) or {}).get("step", -1) if is_complete(final) else None
@@ -337,7 +345,7 @@ class RemoteStore:
 
     def _check_root(self) -> None:
         """An empty listing: fine for a new run, but a wrong bucket should fail now, not after hours of training."""
-        if self.local:
+        if not self.buckets:
             return
         bucket = self.fs._strip_protocol(self.base).split("/", 1)[0]
         try:

@@ -17,6 +17,20 @@ def fused_loss_supported(device_type: str) -> bool:
 
 
 class WellocrSFTTrainer(SFTTrainer):
+    """`generation_eval(model, step) -> dict` (optional) adds generation-based metrics (eval/cer, eval/wer) to
+    every evaluation: the eval loss alone says little about transcription quality."""
+
+    generation_eval = None
+
+    def evaluate(self, *args, **kwargs):
+        metrics = super().evaluate(*args, **kwargs)
+        if self.generation_eval is not None:
+            extra = self.generation_eval(self.model, self.state.global_step)
+            if extra:
+                self.log(extra)
+                metrics.update(extra)
+        return metrics
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if fused_loss_supported(self.args.device.type):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,

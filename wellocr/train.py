@@ -39,6 +39,7 @@ from wellocr.config import (
 from wellocr.errors import UserError
 from wellocr.model import Backend, import_backend, load_for_training, resolve_precision, select_backend
 from wellocr.preflight import run_preflight
+from wellocr.remote import RemoteStore
 from wellocr.rundir import RunDir, RunLock, resolve_run_name
 
 log = logging.getLogger("wellocr")
@@ -74,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[Config, RunDir, str]:
+def resolve_config(args: argparse.Namespace) -> tuple[Config, RunDir, str, Any]:
     """The run's config and directory. On resume the run's saved config.yaml is the config; requested values
     may change only what does not alter the training trajectory (steps, intervals, budget, W&B, ...)."""
     if args.resume:
@@ -86,18 +87,27 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, RunDir, str]:
             raise UserError(f"--resume {checkpoint}: {run.config_file} is missing")
         saved = config_from_dict(yaml.safe_load(run.config_file.read_text()), str(run.config_file))
         requested = _requested_config(args, fallback=saved)
-        return _merge_resumed(saved, requested), run, "--resume"
+        cfg = _merge_resumed(saved, requested)
+        return cfg, run, "--resume", RemoteStore.from_config(cfg.checkpoint, run.path.name)
     config_path = find_config_path(args.config)
     requested = load_config(config_path, args.set)
     name, how = resolve_run_name(requested, config_path, resume=args.resume_latest)
     run = RunDir(Path(requested.run.output_dir) / name)
+    remote = RemoteStore.from_config(requested.checkpoint, name)
+    if remote is not None and args.resume_latest:
+        # A fresh machine has an empty disk: fetch the run (config, run.json with the W&B id, cost ledger,
+        # newest complete checkpoint) before deciding anything. Failing here beats restarting from step 0.
+        remote.restore(run.path)
+    elif remote is not None and not run.config_file.is_file() and remote.exists():
+        raise UserError(f"run {name} already exists at {requested.checkpoint.remote}; continue it with "
+                        "--resume-latest or set run.run_name to start a new run")
     if run.config_file.is_file():
         if not args.resume_latest:
             raise UserError(f"run directory {run.path} already exists; continue it with --resume-latest or set "
                             "run.run_name to start a new run")
         saved = config_from_dict(yaml.safe_load(run.config_file.read_text()), str(run.config_file))
-        return _merge_resumed(saved, requested), run, how
-    return requested, run, how
+        return _merge_resumed(saved, requested), run, how, remote
+    return requested, run, how, remote
 
 
 def _requested_config(args: argparse.Namespace, fallback: Config) -> Config:
@@ -334,7 +344,47 @@ def peak_memory_gb(device: str) -> float:
 # ---------------------------------------------------------------- the recipe
 
 
-def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState) -> Outcome:
+def generation_eval_hook(cfg: Config, processor: Any, data: dict, tracker: Any):
+    """At every evaluation: CER/WER of a fixed eval subset, and its worst samples as a W&B table."""
+    from wellocr.evaluate import fixed_eval_rows, generation_metrics, worst_samples
+
+    if cfg.eval.generation_samples <= 0:
+        return None
+    rows = fixed_eval_rows(data["splits"]["eval"], cfg.eval.generation_samples)
+
+    def evaluate(model: Any, step: int) -> dict:
+        result = generation_metrics(model, processor, cfg, rows, cfg.eval.batch_size)
+        columns = ["step", "index", "image", "prediction", "reference", "loss", "cer", "wer"]
+        for by in ("loss", "cer"):
+            worst = worst_samples(result["records"], cfg.eval.worst_k, by=by)
+            tracker.log_table(f"eval/worst_by_{by}", columns,
+                              [[step, r["index"], r["image"], r["prediction"], r["reference"], r["loss"], r["cer"],
+                                r["wer"]] for r in worst], step=step)
+        return {"eval/cer": result["eval/cer"], "eval/wer": result["eval/wer"]}
+
+    return evaluate
+
+
+def evaluate_final(cfg: Config, run: RunDir, model: Any, processor: Any, data: dict, tracker: Any) -> dict:
+    """Score the final adapter on the eval split (and test, when the data has one) into eval/final[-test]."""
+    from wellocr.evaluate import eval_dir_name, evaluate_model
+
+    results = {}
+    for split in ("eval", "test"):
+        if split not in data["splits"]:
+            continue
+        out = run.eval_dir / eval_dir_name("final", split)
+        metrics = evaluate_model(model, processor, cfg, data["splits"][split], out, "final", run_dir=run.path,
+                                 checkpoint_path=run.final_dir)
+        results[split] = metrics
+        print(f"final {split}: CER {metrics['cer']:.4f}  WER {metrics['wer']:.4f}  "
+              f"(normalised {metrics['cer_normalized']:.4f} / {metrics['wer_normalized']:.4f})  → {out}", flush=True)
+        tracker.log({f"final/{split}_cer": metrics["cer"], f"final/{split}_wer": metrics["wer"]})
+    return results
+
+
+def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, attempt: int,
+          remote: Any = None) -> Outcome:
     backend = select_backend(cfg.model)
     print_summary(cfg, run, backend)
     ensure_local_assets(cfg)
@@ -345,47 +395,81 @@ def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState) -
 
     import_backend(backend)  # Unsloth before transformers/TRL/PEFT
     from wellocr.callbacks import CheckpointCallback, StopCallback
+    from wellocr.cost import CostCallback, CostLedger, budget_exhausted
+    from wellocr.tracking import Tracker, TrackingCallback
 
     precision = resolve_precision(cfg.train.precision, backend.device)
     removed = remove_incomplete(run.path)
     resume_from = Path(args.resume) if args.resume else latest_complete_checkpoint(run.path)
+    start_step = checkpoint_step(resume_from) or 0 if resume_from is not None else 0
     if resume_from is not None:
-        print(f"resuming from {resume_from.name} (step {checkpoint_step(resume_from)})", flush=True)
+        print(f"resuming from {resume_from.name} (step {start_step})", flush=True)
     elif removed or args.resume_latest:
         print("no complete checkpoint: starting from step 0", flush=True)
 
-    started = time.time()
-    model, processor = load_for_training(cfg, backend, precision)
-    data, max_length = prepare_data(cfg, processor, run)
-    print(f"max sequence length {max_length} tokens (images at most {cfg.data.max_pixels // 1024} visual tokens)",
-          flush=True)
+    ledger = CostLedger.open(run.cost_file, cfg.cost, attempt, start_step=start_step)
+    over_budget = budget_exhausted(ledger, cfg.cost)
+    if over_budget:
+        print(f"wellocr: {over_budget}", flush=True)
+        return Outcome("budget", EXIT_OK, start_step)
+    tracker = Tracker(cfg, run)
+    preemptions = sum(a.get("exit_reason") == "preempted" for a in run.read().get("attempts", []))
+    tracker.start(preemptions)
+    step = start_step
+    try:
+        started = time.time()
+        model, processor = load_for_training(cfg, backend, precision)
+        data, max_length = prepare_data(cfg, processor, run)
+        print(f"max sequence length {max_length} tokens (images at most {cfg.data.max_pixels // 1024} visual "
+              "tokens)", flush=True)
 
-    retention = RetentionPolicy(cfg.checkpoint.keep_best, cfg.checkpoint.keep_recent)
-    protect = {resume_from.name} if resume_from is not None else set()
-    callbacks = [CheckpointCallback(run.path, retention, stop, protect), StopCallback(stop)]
+        retention = RetentionPolicy(cfg.checkpoint.keep_best, cfg.checkpoint.keep_recent)
+        protect = {resume_from.name} if resume_from is not None else set()
+        samples_per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
+        callbacks = [  # order matters: cost adds its keys to the logs the tracker then sends
+            CheckpointCallback(run.path, retention, stop, protect, marker_extra=lambda: {"cost_usd": ledger.total_usd()},
+                               remote=remote),
+            StopCallback(stop),
+            CostCallback(ledger, stop, cfg.cost, cfg.train.max_steps),
+            TrackingCallback(tracker, samples_per_step),
+        ]
+        generation_eval = generation_eval_hook(cfg, processor, data, tracker)
 
-    def make_trainer(micro_batch: int, accumulation: int) -> Any:
-        return build_trainer(cfg, run, backend, precision, model, processor, data, max_length,
-                             micro_batch, accumulation, callbacks)
+        def make_trainer(micro_batch: int, accumulation: int) -> Any:
+            trainer = build_trainer(cfg, run, backend, precision, model, processor, data, max_length,
+                                    micro_batch, accumulation, callbacks)
+            trainer.generation_eval = generation_eval
+            return trainer
 
-    trainer, result = train_adapting_to_oom(cfg, run, make_trainer, resume_from)
-    step = trainer.state.global_step
-    if stop.reason == "preempted":
-        return Outcome("preempted", EXIT_PREEMPTED, step)
-    if stop.reason == "budget":
-        print(f"wellocr: {stop.message}", flush=True)
-        return Outcome("budget", EXIT_OK, step)
+        trainer, result = train_adapting_to_oom(cfg, run, make_trainer, resume_from)
+        step = trainer.state.global_step
+        if stop.reason == "preempted":
+            return Outcome("preempted", EXIT_PREEMPTED, step)
+        if stop.reason == "budget":
+            print(f"wellocr: {stop.message}", flush=True)
+            run.update(status="budget")
+            return Outcome("budget", EXIT_OK, step)
 
-    final = save_final(trainer, run, step)
-    reason = "finished" if step >= cfg.train.max_steps else "early-stopped"
-    run.update(status=reason)
-    elapsed = time.time() - started
-    metrics = result.metrics if result is not None else {}
-    print(f"training time {metrics.get('train_runtime', elapsed):.0f} s, "
-          f"{metrics.get('train_steps_per_second', 0):.2f} steps/s, "
-          f"peak memory {peak_memory_gb(backend.device):.1f} GB", flush=True)
-    print(f"final adapter: {final}", flush=True)
-    return Outcome(reason, EXIT_OK, step)
+        final = save_final(trainer, run, step)
+        reason = "finished" if step >= cfg.train.max_steps else "early-stopped"
+        run.update(status=reason)
+        if remote is not None:
+            remote.upload_path(final)
+        elapsed = time.time() - started
+        metrics = result.metrics if result is not None else {}
+        print(f"training time {metrics.get('train_runtime', elapsed):.0f} s, "
+              f"{metrics.get('train_steps_per_second', 0):.2f} steps/s, "
+              f"peak memory {peak_memory_gb(backend.device):.1f} GB", flush=True)
+        print(f"final adapter: {final}", flush=True)
+        evaluate_final(cfg, run, trainer.model, processor, data, tracker)
+        if remote is not None:
+            remote.upload_path(run.eval_dir)
+        print(f"cost: ${ledger.total_usd():.4f} over {len(ledger.segments)} attempt(s) "
+              f"(python -m wellocr.cost --run {run.path})", flush=True)
+        return Outcome(reason, EXIT_OK, step)
+    finally:
+        ledger.heartbeat(step, force=True)
+        tracker.finish()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,10 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     stop = StopState()
     restore_handler = install_sigterm_handler(stop)
-    lock = None
+    lock = run = remote = None
     try:
-        cfg, run, how = resolve_config(args)
-        run.create(run.path.name, how)
+        cfg, run, how, remote = resolve_config(args)
+        try:
+            run.create(run.path.name, how)
+        except OSError as exc:
+            raise UserError(f"run.output_dir: cannot create {run.path}: {exc.strerror or exc}") from None
         lock = RunLock(run.path)
         lock.acquire()
         save_config(cfg, run.config_file)
@@ -404,22 +491,22 @@ def main(argv: list[str] | None = None) -> int:
         if done and not args.preflight_only:
             print(f"wellocr: run {run.path} is already done ({done}); nothing to do", flush=True)
             return EXIT_OK
+        attempt = run.start_attempt(sys.argv if argv is None else ["python", "-m", "wellocr.train", *argv])
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        if lock is not None:
-            lock.release()
-        return EXIT_USER
+        return _release(lock, restore_handler, EXIT_USER)
     except Preempted:
-        if lock is not None:
-            lock.release()
-        return EXIT_PREEMPTED
+        return _release(lock, restore_handler, EXIT_PREEMPTED)
+    except RuntimeError as exc:  # the remote store failed to restore: never silently restart from step 0
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return _release(lock, restore_handler, EXIT_ERROR)
 
-    attempt = run.start_attempt(sys.argv if argv is None else ["python", "-m", "wellocr.train", *argv])
     outcome = Outcome("crashed", EXIT_ERROR)
+    log_path = None
     try:
-        with run.console_log(attempt):
+        with run.console_log(attempt) as log_path:
             try:
-                outcome = train(cfg, run, args, stop)
+                outcome = train(cfg, run, args, stop, attempt, remote)
             except UserError as exc:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
                 outcome = Outcome("user-error", EXIT_USER)
@@ -432,11 +519,31 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 outcome = Outcome("crashed", EXIT_ERROR)
             print(f"exit: {outcome.reason} (code {outcome.code})", flush=True)
+    except Preempted:  # SIGTERM between the attempt log closing and here
+        outcome = Outcome("preempted", EXIT_PREEMPTED)
     finally:
         run.end_attempt(attempt, exit_reason=outcome.reason, exit_code=outcome.code, step=outcome.step)
-        lock.release()
-        restore_handler()
+        if remote is not None:
+            for path in (run.run_json, run.cost_file):
+                if path.is_file():
+                    remote.upload_path(path)
+            if log_path is not None:
+                remote.upload_path(log_path, f"logs/{log_path.name}")
+            # RunPod kills 5 s after SIGTERM; otherwise wait for the uploads (checkpoints, final, eval)
+            finished = remote.close(2.0 if outcome.reason == "preempted" else cfg.checkpoint.upload_timeout_s)
+            if not finished and outcome.code == EXIT_OK and outcome.reason in ("finished", "early-stopped"):
+                print("error: uploads to checkpoint.remote did not finish; exiting 75 so the job retries "
+                      "(the run is complete locally)", file=sys.stderr, flush=True)
+                outcome = Outcome("upload-incomplete", EXIT_PREEMPTED, outcome.step)
+        _release(lock, restore_handler, outcome.code)
     return outcome.code
+
+
+def _release(lock: Any, restore_handler: Any, code: int) -> int:
+    if lock is not None:
+        lock.release()
+    restore_handler()
+    return code
 
 
 if __name__ == "__main__":
