@@ -106,7 +106,7 @@ def _load_local(path: Path) -> Any:
 
 def _load_hub(name: str, revision: str | None) -> Any:
     import datasets
-    from datasets.exceptions import DatasetNotFoundError
+    from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
 
     @network_retry()
     def load() -> Any:
@@ -114,7 +114,7 @@ def _load_hub(name: str, revision: str | None) -> Any:
 
     try:
         return load()
-    except DatasetNotFoundError:
+    except (DatasetNotFoundError, DataFilesNotFoundError, FileNotFoundError):
         raise UserError(
             f"data.dataset_name: '{name}' is neither a local directory nor a reachable hub data set "
             "(check the name, HF_TOKEN for private sets, and network)"

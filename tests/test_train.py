@@ -1,0 +1,388 @@
+"""`python -m wellocr.train` end to end on CPU with the tiny model: the behaviours a spot job relies on."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import REPO, run_train
+from wellocr import train as T
+from wellocr.checkpoint import incomplete_reason, latest_complete_checkpoint, list_checkpoints
+from wellocr.errors import UserError
+from wellocr.rundir import RunDir, RunLock, resolve_run_name
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    state = json.loads((run_dir / "checkpoint-8" / "trainer_state.json").read_text())
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+
+def popen_train(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "wellocr.train", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+# ---------------------------------------------------------------- the smoke run and the run directory
+
+
+def test_smoke_run_writes_the_documented_run_directory(trained_run):
+    run = RunDir(trained_run)
+    assert run.config_file.is_file() and run.cost_file.is_file()
+    info = run.read()
+    assert info["run_name"] == "shared" and info["wellocr_version"]
+    [attempt] = info["attempts"]
+    assert (attempt["exit_reason"], attempt["exit_code"], attempt["step"]) == ("finished", 0, 8)
+    assert {"torch", "transformers", "trl", "peft"} <= set(attempt["versions"])
+    assert info["status"] == "finished"
+    assert incomplete_reason(run.final_dir) is None
+    assert (run.final_dir / "adapter_model.safetensors").is_file()
+    assert (run.final_dir / "tokenizer.json").is_file()  # the processor travels with the adapter
+    log = (run.logs_dir / "attempt-1.log").read_text()
+    assert "Preflight:" in log and "exit: finished (code 0)" in log
+    assert (run.eval_dir / "final" / "metrics.json").is_file()
+    assert (run.eval_dir / "final-test" / "metrics.json").is_file()  # the data has a test split
+    assert not (run.path / ".lock").exists()
+
+
+def test_final_adapter_loads_for_inference(trained_run):
+    from wellocr.config import config_from_dict
+    from wellocr.model import Backend, load_for_inference
+
+    cfg = config_from_dict(yaml.safe_load((trained_run / "config.yaml").read_text()), "config.yaml")
+    model, processor = load_for_inference(cfg, Backend("hf", "cpu", "test"), "fp32", trained_run / "final")
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+    assert processor.tokenizer.eos_token == "<|im_end|>"
+
+
+def test_resume_latest_on_a_finished_run_does_nothing(trained_run_copy, make_config):
+    cfg = make_config(**{"run.run_name": "shared", "run.output_dir": str(trained_run_copy.parent)})
+    before = (trained_run_copy / "run.json").read_text()
+    result = run_train("--config", str(cfg), "--resume-latest")
+    assert result.returncode == 0
+    assert "already done (finished at step 8); nothing to do" in result.stdout
+    assert (trained_run_copy / "run.json").read_text() == before
+
+
+def test_a_new_run_refuses_an_existing_run_directory(trained_run_copy, make_config):
+    cfg = make_config(**{"run.run_name": "shared", "run.output_dir": str(trained_run_copy.parent)})
+    result = run_train("--config", str(cfg))
+    assert result.returncode == 2
+    assert "already exists; continue it with --resume-latest" in result.stderr
+
+
+def test_resume_refuses_trajectory_changes_naming_the_keys(trained_run_copy, make_config):
+    cfg = make_config(**{"run.run_name": "shared", "run.output_dir": str(trained_run_copy.parent)})
+    result = run_train("--config", str(cfg), "--resume-latest", "--set", "lora.r=4", "--set", "learning_rate=1e-3")
+    assert result.returncode == 2
+    assert "resuming run changes lora.r, train.learning_rate" in result.stderr
+
+
+def test_resume_may_raise_max_steps_and_continues_from_the_last_checkpoint(trained_run_copy, make_config):
+    cfg = make_config(**{"run.run_name": "shared", "run.output_dir": str(trained_run_copy.parent)})
+    result = run_train("--config", str(cfg), "--resume-latest", "--set", "max_steps=10", "--set", "eval_steps=5",
+                       "--set", "save_steps=5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming from checkpoint-8 (step 8)" in result.stdout
+    assert json.loads((trained_run_copy / "final" / "wellocr_complete.json").read_text())["step"] == 10
+    saved = yaml.safe_load((trained_run_copy / "config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 10
+    assert [a["exit_reason"] for a in RunDir(trained_run_copy).read()["attempts"]] == ["finished", "finished"]
+
+
+# ---------------------------------------------------------------- preemption
+
+
+def test_resume_after_sigkills_reproduces_the_uninterrupted_run(trained_run, make_config, tmp_path):
+    """SIGKILL at the moment a checkpoint directory appears (mid-save), twice, then --resume-latest to the end:
+    the same per-step losses and final adapter as the uninterrupted shared run (same seed and data)."""
+    cfg = make_config(**{"run.run_name": "killed", "train.save_steps": 2})
+    run_dir = tmp_path / "runs" / "killed"
+    kills = 0
+    for target in ("checkpoint-2", "checkpoint-6"):
+        proc = popen_train("--config", str(cfg), "--resume-latest")
+        deadline = time.time() + 240
+        while not (run_dir / target).exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += proc.returncode == -signal.SIGKILL
+    assert kills == 2
+    for _ in range(3):
+        result = run_train("--config", str(cfg), "--resume-latest")
+        if "nothing to do" in result.stdout or result.returncode != 0:
+            break
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses_by_step(run_dir) == pytest.approx(losses_by_step(trained_run), rel=1e-5)
+    resumed = load_file(run_dir / "final" / "adapter_model.safetensors")
+    reference = load_file(trained_run / "final" / "adapter_model.safetensors")
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(resumed[name], reference[name], rtol=1e-5, atol=1e-6)
+    attempts = RunDir(run_dir).read()["attempts"]
+    assert attempts[0]["exit_reason"] == "running"  # SIGKILL leaves no chance to record an exit
+    assert attempts[-1]["exit_reason"] == "finished"
+
+
+def test_sigterm_stops_at_a_step_boundary_saves_and_exits_75(make_config, tmp_path):
+    cfg = make_config(**{"run.run_name": "term", "train.max_steps": 12, "train.save_steps": 12,
+                         "train.eval_steps": 12})
+    run_dir = tmp_path / "runs" / "term"
+    proc = popen_train("--config", str(cfg))
+    log = run_dir / "logs" / "attempt-1.log"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and log.read_text().count("'loss'") >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 75
+    saved = latest_complete_checkpoint(run_dir)
+    assert saved is not None and 3 <= int(saved.name.split("-")[1]) < 12
+    assert "SIGTERM received" in log.read_text()
+    assert RunDir(run_dir).read()["attempts"][0]["exit_reason"] == "preempted"
+
+    result = run_train("--config", str(cfg), "--resume-latest")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming from {saved.name}" in result.stdout
+
+
+def test_sigterm_during_loading_exits_75(make_config, tmp_path):
+    cfg = make_config(**{"run.run_name": "early"})
+    proc = subprocess.Popen([sys.executable, "-m", "wellocr.train", "--config", str(cfg)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("Preflight:"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 75
+    assert RunDir(tmp_path / "runs" / "early").read()["attempts"][0]["exit_reason"] == "preempted"
+
+
+# ---------------------------------------------------------------- out of memory (injected)
+
+
+def oom_when(monkeypatch, condition):
+    from wellocr.sft import WellocrSFTTrainer
+
+    real = WellocrSFTTrainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        if condition(self.args.per_device_train_batch_size):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(WellocrSFTTrainer, "training_step", training_step)
+
+
+def test_oom_halves_the_micro_batch_keeping_the_effective_batch(make_config, monkeypatch, capsys, tmp_path):
+    oom_when(monkeypatch, lambda micro: micro >= 2)
+    cfg = make_config(**{"run.run_name": "oom"})
+    assert T.main(["--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "CUDA out of memory at micro-batch 2; retrying with 1 x 2 accumulation (same effective batch)" in out
+    info = RunDir(tmp_path / "runs" / "oom").read()
+    assert info["adapted_batch"] == {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 2}
+    state = json.loads((tmp_path / "runs" / "oom" / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["train_batch_size"] == 1
+
+
+def test_oom_that_persists_exits_76(make_config, monkeypatch, capsys, tmp_path):
+    oom_when(monkeypatch, lambda micro: True)
+    cfg = make_config(**{"run.run_name": "oom76", "train.per_device_train_batch_size": 4})
+    assert T.main(["--config", str(cfg)]) == 76
+    assert "CUDA out of memory at micro-batch 1 after 2 adaptation(s)" in capsys.readouterr().err
+    info = RunDir(tmp_path / "runs" / "oom76").read()
+    assert info["adapted_batch"] == {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 4}
+    assert info["attempts"][-1]["exit_reason"] == "out-of-memory"
+
+
+# ---------------------------------------------------------------- preflight
+
+
+def test_preflight_only_checks_and_trains_nothing(make_config, capsys, tmp_path):
+    cfg = make_config(**{"run.run_name": "pre"})
+    assert T.main(["--config", str(cfg), "--preflight-only"]) == 0
+    out = capsys.readouterr().out
+    for line in ("ok    config valid", "ok    model reachable", "ok    data reachable", "ok    output dir writable",
+                 "note  no CUDA GPU: GPU memory check skipped"):
+        assert line in out
+    assert list_checkpoints(tmp_path / "runs" / "pre") == []
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.model_name=/nonexistent/model", "model.model_name: '/nonexistent/model' is neither a local directory"),
+        ("data.dataset_name=/nonexistent/data", "data.dataset_name: '/nonexistent/data' is neither a local directory"),
+    ],
+)
+def test_preflight_failures_are_one_line_errors(make_config, capsys, override, message):
+    cfg = make_config(**{"run.run_name": "bad"})
+    assert T.main(["--config", str(cfg), "--set", override, "--preflight-only"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unwritable_output_dir_is_a_one_line_error(make_config, capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    cfg = make_config(**{"run.output_dir": str(blocker / "runs"), "run.run_name": "x"})
+    assert T.main(["--config", str(cfg)]) == 2
+    assert "run.output_dir: cannot create" in capsys.readouterr().err
+
+
+def test_not_enough_disk_is_a_preflight_error(make_config, monkeypatch, tmp_path):
+    import shutil as shutil_module
+
+    from wellocr import preflight
+    from wellocr.config import load_config
+
+    cfg = load_config(make_config())
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage._replace(free=1024))
+    with pytest.raises(UserError, match=r"run.output_dir: .* has 0.0 GiB free, the checkpoints it keeps need"):
+        preflight.check_output_dir(cfg, tmp_path / "run", 10 * 2**20, preflight.PreflightReport())
+
+
+def test_wandb_without_credentials_goes_offline_with_a_note(make_config, monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    cfg = make_config(**{"run.run_name": "wb", "wandb.enabled": True})
+    assert T.main(["--config", str(cfg), "--preflight-only"]) == 0
+    assert "W&B offline: no credentials found" in capsys.readouterr().out
+    assert os.environ["WANDB_MODE"] == "offline"
+
+
+def test_preflight_and_entry_point_import_no_transformers(make_config):
+    """Unsloth must be imported before transformers/TRL/PEFT: nothing before the backend import may load them."""
+    cfg = make_config(**{"run.run_name": "imports"})
+    code = ("import sys; from wellocr import train; "
+            f"code = train.main(['--config', {str(cfg)!r}, '--preflight-only']); "
+            "print(sorted(m for m in ('transformers', 'trl', 'peft') if m in sys.modules), code)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.stdout.strip().splitlines()[-1] == "[] 0", result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- run identity and the lock
+
+
+def test_generated_run_name_is_reused_by_resume_latest(tmp_path):
+    from wellocr.config import Config
+
+    cfg = Config()
+    cfg.run.output_dir = str(tmp_path)
+    name, how = resolve_run_name(cfg, tmp_path / "exp.yaml", resume=False, env={})
+    assert how == "generated"
+    (tmp_path / name).mkdir()
+    assert resolve_run_name(cfg, tmp_path / "exp.yaml", resume=True, env={})[0] == name
+    assert resolve_run_name(cfg, tmp_path / "other.yaml", resume=True, env={})[1] == "generated"
+
+
+def test_second_live_writer_is_refused(tmp_path):
+    holder = RunLock(tmp_path)
+    holder.acquire()
+    try:
+        with pytest.raises(UserError, match=r"is in use by pid \d+"):
+            RunLock(tmp_path).acquire(wait=0)
+    finally:
+        holder.release()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_stale_locks_are_taken_over_with_a_message(tmp_path, caplog):
+    lock_file = tmp_path / ".lock"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock_file.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "heartbeat": time.time()}))
+    lock = RunLock(tmp_path)
+    lock.acquire(wait=0)
+    lock.release()
+    assert "process" in caplog.text and "is gone" in caplog.text
+    lock_file.write_text(json.dumps({"pid": 1, "host": "preempted-pod", "heartbeat": time.time() - 3600}))
+    lock = RunLock(tmp_path)
+    lock.acquire(wait=0)
+    lock.release()
+    assert "no heartbeat from preempted-pod" in caplog.text
+
+
+def test_a_live_lock_on_another_host_is_respected(tmp_path):
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "other-pod", "heartbeat": time.time()}))
+    with pytest.raises(UserError, match="in use by pid 1 on other-pod"):
+        RunLock(tmp_path).acquire(wait=0)
+
+
+# ---------------------------------------------------------------- the CPU loss and the learning check
+
+
+def test_cpu_loss_is_the_models_causal_lm_loss(tiny_model_dir, synth_data_dir, tmp_path):
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    from wellocr.config import Config
+    from wellocr.data import load_splits, trainer_dataset
+    from wellocr.model import Backend, load_for_training
+    from wellocr.sft import WellocrSFTTrainer, fused_loss_supported
+    from wellocr.train import sft_config
+
+    assert not fused_loss_supported("cpu") and fused_loss_supported("cuda")
+    cfg = Config()
+    cfg.model.model_name, cfg.data.dataset_name = str(tiny_model_dir), str(synth_data_dir)
+    cfg.data.min_pixels, cfg.data.max_pixels = 16384, 65536
+    backend = Backend("hf", "cpu", "test")
+    model, processor = load_for_training(cfg, backend, "fp32")
+    split = load_splits(cfg.data)["train"]
+    rows = trainer_dataset(split, cfg.data)
+    args = sft_config(cfg, RunDir(tmp_path), backend, "fp32", 2048, 2, 1)
+    trainer = WellocrSFTTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows,
+                                processing_class=processor)
+    batch = DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)([dict(rows[0]), dict(rows[1])])
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        expected = model(**batch).loss
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_four_samples_to_low_cer(tiny_model_dir, tmp_path):
+    """Proves chat template, answer-only labels, processor and generation agree: judged by CER, not loss."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import smoke_settings
+    from wellocr.config import config_from_dict
+    from wellocr.data import load_splits
+    from wellocr.evaluate import generation_metrics
+    from wellocr.model import Backend, load_for_inference
+    from wellocr.synth import encode_image, make_sample
+
+    rows = []
+    for i in range(4):
+        image, answer = make_sample(1, i, width=384)
+        rows.append({"image_base64": encode_image(image), "instruction": "Read the well name and field.",
+                     "answer": "\n".join(answer.splitlines()[1:3])})
+    data = tmp_path / "four"
+    (data / "data").mkdir(parents=True)
+    for split in ("train", "eval"):
+        pq.write_table(pa.Table.from_pylist(rows), data / "data" / f"{split}-00000-of-00001.parquet")
+    settings = smoke_settings(tiny_model_dir, data, tmp_path / "runs", **{
+        "run.run_name": "overfit", "train.max_steps": 200, "train.eval_steps": 200, "train.save_steps": 200,
+        "train.learning_rate": 2e-3, "train.warmup_steps": 0, "train.per_device_train_batch_size": 4,
+        "train.logging_steps": 50, "lora.r": 8, "lora.lora_alpha": 16, "data.min_pixels": 4096,
+        "data.max_pixels": 16384, "eval.generation_samples": 0})
+    config = tmp_path / "overfit.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    assert T.main(["--config", str(config)]) == 0
+    cfg = config_from_dict(settings, "overfit.yaml")
+    cfg.eval.max_new_tokens = 60
+    model, processor = load_for_inference(cfg, Backend("hf", "cpu", "test"), "fp32", tmp_path / "runs/overfit/final")
+    train_rows = load_splits(cfg.data)["train"].dataset.to_list()
+    result = generation_metrics(model, processor, cfg, train_rows, batch_size=4)
+    assert result["eval/cer"] <= 0.05, [r["prediction"] for r in result["records"]]
