@@ -96,3 +96,10 @@ def trained_run_copy(trained_run, tmp_path) -> Path:
     dest = tmp_path / "runs" / trained_run.name
     shutil.copytree(trained_run, dest)
     return dest
+
+
+def strip_results(run_dir: Path) -> Path:
+    """Remove what training writes after the adapter (cost ledger, evaluations), for tests that plant their own."""
+    (run_dir / "cost.json").unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "eval", ignore_errors=True)
+    return run_dir

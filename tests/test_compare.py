@@ -3,9 +3,12 @@
 import json
 import shutil
 
+from pathlib import Path
+
 import pytest
 import yaml
 
+from conftest import strip_results
 from wellocr import compare as C
 from wellocr.config import CostConfig
 from wellocr.cost import CostLedger
@@ -17,7 +20,7 @@ def write_metrics(run, name, **metrics):
 
 
 def copy_run(trained_run, dest, **config_changes):
-    shutil.copytree(trained_run, dest)
+    strip_results(Path(shutil.copytree(trained_run, dest)))
     config = yaml.safe_load((dest / "config.yaml").read_text())
     for key, value in config_changes.items():
         section, name = key.split(".")

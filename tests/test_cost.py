@@ -7,8 +7,10 @@ import time
 from pathlib import Path
 
 import pytest
+
 from transformers import TrainerControl, TrainerState
 
+from conftest import strip_results
 from wellocr import cost as C
 from wellocr.callbacks import StopCallback, StopState
 from wellocr.config import CostConfig
@@ -229,7 +231,7 @@ def test_budget_exhausted_at_process_start_counts_earlier_attempts(tmp_path):
 @pytest.fixture
 def costed_run(trained_run_copy):
     """The trained run with a preempted first attempt, two billed segments ($1.50) and base/final evaluations."""
-    run = trained_run_copy
+    run = strip_results(trained_run_copy)
     rate = cfg(hourly_rate=1.0)
     first = C.CostLedger.open(run / "cost.json", rate, 1, 0, now=T0, start=T0, host="pod-a")
     first.heartbeat(4, now=T0 + 3600, force=True)
@@ -269,6 +271,7 @@ def test_text_report_names_the_rate_used(costed_run, capsys):
 
 
 def test_report_without_cost_ledger_exits_2_with_one_line(trained_run_copy):
+    strip_results(trained_run_copy)
     result = subprocess.run([sys.executable, "-m", "wellocr.cost", "--run", str(trained_run_copy)],
                             capture_output=True, text=True)
     assert result.returncode == 2

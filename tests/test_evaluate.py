@@ -91,7 +91,7 @@ def test_report_compares_with_the_base_model_when_a_base_evaluation_exists(evalu
     run_dir, _ = evaluated_run
     base_cer = read_metrics(run_dir, "base")["cer"]
     report = (run_dir / "eval/final/report.html").read_text()
-    assert 'id="vs-base"' in report and f"{base_cer:.4f}" in report
+    assert 'class="vs-base"' in report and f"{base_cer:.4f}" in report
 
 
 def test_base_model_evaluation_is_named_base(evaluated_run):

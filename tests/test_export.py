@@ -10,6 +10,7 @@ from huggingface_hub import HfApi
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
+from conftest import strip_results
 from wellocr import export as E
 from wellocr.cost import CostLedger
 from wellocr.config import CostConfig
@@ -29,7 +30,7 @@ def front_matter(card: str) -> dict:
 @pytest.fixture
 def evaluated_run(trained_run_copy):
     """The trained run with a final evaluation and a cost ledger."""
-    run = trained_run_copy
+    run = strip_results(trained_run_copy)
     (run / "eval" / "final").mkdir(parents=True)
     (run / "eval" / "final" / "metrics.json").write_text(json.dumps(
         {"cer": 0.123, "wer": 0.456, "fields": {"exact_match": 0.789}, "samples": 6, "split": "eval"}))

@@ -116,7 +116,7 @@ def test_no_base_comparison_without_a_base_evaluation(tmp_path):
     metrics = {"cer": 0.5, "wer": 0.5, "cer_normalized": 0.5, "wer_normalized": 0.5, "fields": None, "samples": 1,
                "mean_loss": 1.0, "checkpoint": {"name": "final", "step": 8}, "split": "eval", "limit": None,
                "base_model": False}
-    assert 'id="vs-base"' not in render_report(metrics, [], run_dir=tmp_path)
+    assert 'class="vs-base"' not in render_report(metrics, [], run_dir=tmp_path)
 
 
 def test_base_comparison_uses_only_a_base_evaluation_of_the_same_split(tmp_path):

@@ -387,8 +387,9 @@ def evaluate_model(model: Any, processor: Any, cfg: Config, split: Any, out_dir:
         raise UserError(f"split '{split.name}' has no usable rows to evaluate")
     records, generation = score_rows(model, processor, cfg, rows, batch_size)
     base_model = checkpoint_label == BASE_NAME
-    if checkpoint_path is None and run_dir is not None and not base_model and (Path(run_dir) / checkpoint_label).is_dir():
-        checkpoint_path = Path(run_dir) / checkpoint_label
+    named = Path(run_dir) / checkpoint_label if run_dir is not None else None
+    if checkpoint_path is None and named is not None and not base_model and named.is_dir():
+        checkpoint_path = named
     metrics = {
         **score([r["reference"] for r in records], [r["prediction"] for r in records]),
         "mean_loss": sum(r["loss"] for r in records) / len(records),

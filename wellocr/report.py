@@ -1,10 +1,11 @@
 """`report.html`: one evaluation as a single self-contained page a person opens in a browser.
 
 Everything is inline (CSS, the training-curve PNG and the sample images as data URIs), so the file can be
-copied off a pod or attached to a message and still render. Sections: header (run, checkpoint, split, date),
-headline metrics, fine-tuned vs base (when a base-model evaluation of the same split sits in `<run>/eval/`),
-per-field scores, training curves (from the newest `trainer_state.json`), and the worst samples with the image
-and reference vs prediction, differences marked (<del> in the reference, <ins> in the prediction).
+copied off a pod or attached to a message and still render. Sections: header (run, checkpoint, split, date);
+headline metrics, with the base model's column and the change beside them when a base-model evaluation of the
+same split sits in `<run>/eval/base*/`; training curves (from the newest `trainer_state.json`); the worst
+samples, each with its image and reference vs prediction, differences marked (<del> in the reference, <ins> in
+the prediction); and per-field scores.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ pre { white-space: pre-wrap; word-break: break-word; margin: 0; padding: 8px; ba
       border: 1px solid #e6e9ef; border-radius: 4px; font: 13px/1.4 ui-monospace, Menlo, Consolas, monospace; }
 del { background: #fbd3d0; color: #8c1d18; text-decoration: line-through; }
 ins { background: #ccefd6; color: #0d5a25; text-decoration: none; }
-.legend { color: #5a6375; font-size: 13px; } .empty { color: #8a93a5; font-style: italic; }
+.legend { color: #5a6375; font-size: 13px; max-width: 640px; } .empty { color: #8a93a5; font-style: italic; }
 """
 
 
@@ -118,7 +119,7 @@ def training_curves_png(log_history: list[dict]) -> bytes | None:
     from matplotlib.figure import Figure
 
     panels = 2 if cer[0] else 1
-    fig = Figure(figsize=(5.2 * panels, 3.2), dpi=100, layout="constrained")
+    fig = Figure(figsize=(4.6 * panels, 3.2), dpi=100, layout="constrained")
     axes = fig.subplots(1, panels, squeeze=False)[0]
     if train[0]:
         axes[0].plot(*train, label="train loss", color="#1f6feb", linewidth=1.2)
@@ -162,7 +163,7 @@ def diff_html(reference: str, prediction: str) -> tuple[str, str]:
         if op == "equal":
             ref_out.append(html.escape(ref_part))
             hyp_out.append(html.escape(hyp_part))
-        elif op == "replace" and difflib.SequenceMatcher(None, ref_part, hyp_part).ratio() >= SIMILAR_ENOUGH_FOR_CHAR_DIFF:
+        elif op == "replace" and _similar(ref_part, hyp_part):
             ref_html, hyp_html = _char_diff(ref_part, hyp_part)
             ref_out.append(ref_html)
             hyp_out.append(hyp_html)
@@ -170,6 +171,10 @@ def diff_html(reference: str, prediction: str) -> tuple[str, str]:
             ref_out.append(_mark("del", ref_part))
             hyp_out.append(_mark("ins", hyp_part))
     return "".join(ref_out), "".join(hyp_out)
+
+
+def _similar(a: str, b: str) -> bool:
+    return difflib.SequenceMatcher(None, a, b).ratio() >= SIMILAR_ENOUGH_FOR_CHAR_DIFF
 
 
 def _char_diff(reference: str, prediction: str) -> tuple[str, str]:
@@ -206,36 +211,40 @@ def _header(metrics: dict[str, Any], run_dir: Path | None) -> str:
     return f"<h1>Evaluation of {html.escape(run)}</h1>\n<div class=\"meta\">{meta}</div>"
 
 
-def _headline(metrics: dict[str, Any]) -> str:
-    rows = [(label, _fmt(_metric(metrics, key))) for key, label, _ in HEADLINE]
-    gen = metrics.get("generation") or {}
-    if gen:
-        rows.append(("Generation", f"{gen['samples_per_second']:.2f} samples/s · "
-                                   f"{gen['new_tokens_per_second']:.1f} tokens/s (batch {gen['batch_size']})"))
-        rows.append(("Hit max_new_tokens", f"{gen['hit_max_new_tokens']} of {metrics['samples']}"))
-    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
-    return f"<h2>Metrics</h2>\n<table id=\"metrics\"><tr><th>metric</th><th>value</th></tr>{body}</table>"
+def _change(mine: float | None, theirs: float | None, lower_is_better: bool) -> str:
+    if mine is None or theirs is None:
+        return "<td>–</td>"
+    delta = mine - theirs
+    css = "" if not delta else "better" if (delta < 0) == lower_is_better else "worse"
+    return f'<td class="{css}">{delta:+.4f}</td>'
 
 
-def _versus_base(metrics: dict[str, Any], base: dict[str, Any]) -> str:
-    def cell(key: str, lower_is_better: bool) -> str:
-        mine, theirs = _metric(metrics, key), _metric(base, key)
-        if mine is None or theirs is None:
-            return "<td>–</td>"
-        delta = mine - theirs
-        better = delta < 0 if lower_is_better else delta > 0
-        css = "better" if better else "worse" if delta else ""
-        return f"<td class=\"{css}\">{delta:+.4f}</td>"
-
+def _metrics_table(metrics: dict[str, Any], base: dict[str, Any] | None) -> str:
+    """Headline metrics; with a base-model evaluation, its column and the change side by side."""
     name = html.escape(metrics["checkpoint"]["name"])
-    head = (f"<tr><th>metric</th><th>fine-tuned ({name}, {metrics['samples']} samples)</th>"
-            f"<th>base ({base['samples']} samples)</th><th>change</th></tr>")
-    body = "".join(
-        f"<tr><td>{html.escape(label)}</td><td>{_fmt(_metric(metrics, key))}</td>"
-        f"<td>{_fmt(_metric(base, key))}</td>{cell(key, lower)}</tr>"
-        for key, label, lower in HEADLINE
-    )
-    return f"<h2>Fine-tuned vs base</h2>\n<table id=\"vs-base\">{head}{body}</table>"
+    if base is None:
+        head = "<tr><th>metric</th><th>value</th></tr>"
+        rows = [f"<tr><td>{html.escape(label)}</td><td>{_fmt(_metric(metrics, key))}</td></tr>"
+                for key, label, _ in HEADLINE]
+        table = f'<table id="metrics">{head}{"".join(rows)}</table>'
+    else:
+        head = (f"<tr><th>metric</th><th>fine-tuned<br>{name}, n={metrics['samples']}</th>"
+                f"<th>base<br>n={base['samples']}</th><th>change</th></tr>")
+        rows = []
+        for key, label, lower in HEADLINE:
+            mine, theirs = _metric(metrics, key), _metric(base, key)
+            rows.append(f"<tr><td>{html.escape(label)}</td><td>{_fmt(mine)}</td><td>{_fmt(theirs)}</td>"
+                        f"{_change(mine, theirs, lower)}</tr>")
+        table = f'<table id="metrics" class="vs-base">{head}{"".join(rows)}</table>'
+    gen = metrics.get("generation") or {}
+    note = ""
+    if gen:
+        note = (f'<p class="legend">Generation: {gen["samples_per_second"]:.2f} samples/s, '
+                f'{gen["new_tokens_per_second"]:.0f} new tokens/s (batch {gen["batch_size"]}); '
+                f'{gen["hit_max_new_tokens"]} of {metrics["samples"]} stopped at max_new_tokens '
+                f'{gen["max_new_tokens"]}.</p>')
+    title = "Metrics: fine-tuned vs base" if base is not None else "Metrics"
+    return f"<h2>{title}</h2>\n{table}\n{note}"
 
 
 def _per_field(metrics: dict[str, Any]) -> str:
@@ -290,11 +299,11 @@ def render_report(metrics: dict[str, Any], worst: list[dict], run_dir: Path | No
     """The page as a string. `worst` are per-sample records (index, prediction, reference, cer, wer, loss and
     optionally a PIL `image`), shown in the order given."""
     base = find_base_metrics(run_dir, metrics, eval_dir) if run_dir is not None else None
-    title = html.escape(f"wellocr · {metrics.get('run') or ''} · {metrics['checkpoint']['name']} · {metrics['split']}")
-    top = [_headline(metrics), _versus_base(metrics, base) if base else "", _curves(run_dir)]
-    sections = [_header(metrics, run_dir), "<div class=\"top\">" + "\n".join(f"<section>{s}</section>" for s in top if s)
-                + "</div>", _worst(worst), _per_field(metrics)]
-    body = "\n".join(s for s in sections if s)
+    title = html.escape(" · ".join(["wellocr", metrics.get("run") or "", metrics["checkpoint"]["name"],
+                                    metrics["split"]]))
+    top = (f'<div class="top"><section>{_metrics_table(metrics, base)}</section>'
+           f"<section>{_curves(run_dir)}</section></div>")
+    body = "\n".join(s for s in [_header(metrics, run_dir), top, _worst(worst), _per_field(metrics)] if s)
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{title}</title>"
             f"<style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
