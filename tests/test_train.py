@@ -386,3 +386,47 @@ def test_tiny_model_overfits_four_samples_to_low_cer(tiny_model_dir, tmp_path):
     train_rows = load_splits(cfg.data)["train"].dataset.to_list()
     result = generation_metrics(model, processor, cfg, train_rows, batch_size=4)
     assert result["eval/cer"] <= 0.05, [r["prediction"] for r in result["records"]]
+
+
+def test_resume_from_an_explicit_checkpoint(trained_run_copy):
+    import shutil
+
+    shutil.rmtree(trained_run_copy / "final")
+    shutil.rmtree(trained_run_copy / "checkpoint-8")
+    result = run_train("--resume", str(trained_run_copy / "checkpoint-4"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming from checkpoint-4 (step 4)" in result.stdout
+    assert incomplete_reason(trained_run_copy / "final") is None
+
+
+def test_resume_from_an_incomplete_checkpoint_is_refused(trained_run_copy):
+    (trained_run_copy / "checkpoint-4" / "wellocr_complete.json").unlink()
+    result = run_train("--resume", str(trained_run_copy / "checkpoint-4"))
+    assert result.returncode == 2
+    assert "not a complete checkpoint (no completeness marker" in result.stderr
+
+
+def test_wandb_failure_falls_back_to_offline_and_never_raises(tmp_path, monkeypatch):
+    import wandb
+
+    from wellocr.config import Config
+    from wellocr.tracking import Tracker
+
+    calls = []
+    real_init = wandb.init
+
+    def flaky_init(**kwargs):
+        calls.append(kwargs.get("mode"))
+        if kwargs.get("mode") != "offline":
+            raise ConnectionError("api.wandb.ai unreachable (injected)")
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", flaky_init)
+    run = RunDir(tmp_path / "run")
+    run.create("run", "test")
+    tracker = Tracker(Config(), run)
+    tracker.start(preemptions=0)
+    assert calls == [None, "offline"] and tracker.active
+    tracker.log({"train/loss": 1.0}, step=1)
+    tracker.finish()
+    assert run.read()["wandb_run_id"]

@@ -458,8 +458,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="final (default), best (lowest eval loss), latest, or a checkpoint directory")
     parser.add_argument("--split", default="eval", help="data split to evaluate (default: eval)")
     parser.add_argument("--limit", type=positive_int, help="evaluate only the first N rows")
-    parser.add_argument("--base-model", action="store_true", help="evaluate the base model without the adapter")
-    parser.add_argument("--batch-size", type=positive_int, help="samples per batch (default: eval.batch_size)")
+    parser.add_argument("--base-model", action="store_true",
+                        help="evaluate the base model without any adapter (--checkpoint is then ignored)")
+    parser.add_argument("--batch-size", type=positive_int,
+                        help="samples per generate() and loss batch (default: the run's eval.batch_size)")
     return parser.parse_args(argv)
 
 
