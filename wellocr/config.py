@@ -86,7 +86,9 @@ class DataConfig:
 class TrainConfig:
     max_steps: int = _f(500, "optimizer steps to train")
     learning_rate: float = _f(2e-4, "peak learning rate")
-    per_device_train_batch_size: int = _f(2, "micro-batch size")
+    per_device_train_batch_size: int | str = _f(2, "micro-batch size, or auto: the largest that fits the GPU "
+                                                "(2 on CPU), with accumulation keeping effective_batch_size")
+    effective_batch_size: int = _f(8, "samples per optimizer step when per_device_train_batch_size is auto")
     per_device_eval_batch_size: int = _f(2, "eval batch size")
     gradient_accumulation_steps: int = _f(4, "micro-batches per optimizer step")
     warmup_steps: int = _f(5, "linear warm-up steps")
@@ -218,6 +220,10 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     args = typing.get_args(hint)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if set(args) == {int, str}:  # an int or the literal "auto"
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return _coerce(value, int, key, source)
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in {"", "none", "null"}):
         if optional:
             return None
@@ -366,7 +372,8 @@ def validate(cfg: Config, origins: dict[str, str], default_source: str) -> None:
 
     t, lora, data = cfg.train, cfg.lora, cfg.data
     positive = {
-        "train.max_steps": t.max_steps, "train.per_device_train_batch_size": t.per_device_train_batch_size,
+        "train.max_steps": t.max_steps, "train.effective_batch_size": t.effective_batch_size,
+        "train.per_device_train_batch_size": 1 if t.per_device_train_batch_size == "auto" else t.per_device_train_batch_size,
         "train.per_device_eval_batch_size": t.per_device_eval_batch_size,
         "train.gradient_accumulation_steps": t.gradient_accumulation_steps, "train.logging_steps": t.logging_steps,
         "train.eval_steps": t.eval_steps, "train.save_steps": t.save_steps, "train.max_seq_length": t.max_seq_length,
@@ -461,6 +468,8 @@ def default_run_name(cfg: Config, env: dict[str, str] | None = None, now: float 
 
 
 def _type_name(hint: Any) -> str:
+    if set(typing.get_args(hint)) == {int, str}:
+        return "int or auto"
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if args else hint
     name = getattr(base, "__name__", str(base))
