@@ -430,3 +430,18 @@ def test_wandb_failure_falls_back_to_offline_and_never_raises(tmp_path, monkeypa
     tracker.log({"train/loss": 1.0}, step=1)
     tracker.finish()
     assert run.read()["wandb_run_id"]
+
+
+def test_early_stopping_ends_the_run_and_resume_latest_then_does_nothing(make_config, tmp_path):
+    cfg = make_config(**{"run.run_name": "early-stop", "train.max_steps": 12, "train.eval_steps": 2,
+                         "train.save_steps": 2, "train.early_stopping_patience": 1,
+                         "train.early_stopping_threshold": 100.0, "eval.generation_samples": 0})
+    result = run_train("--config", str(cfg))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "exit: early-stopped (code 0)" in result.stdout
+    run = RunDir(tmp_path / "runs" / "early-stop")
+    assert run.read()["status"] == "early-stopped"
+    step = json.loads((run.final_dir / "wellocr_complete.json").read_text())["step"]
+    assert step == 4  # evals at 2 and 4; no improvement of 100 at 4 exhausts patience 1
+    again = run_train("--config", str(cfg), "--resume-latest")
+    assert again.returncode == 0 and "early-stopped at step 4); nothing to do" in again.stdout

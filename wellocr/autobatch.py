@@ -1,0 +1,150 @@
+"""`train.per_device_train_batch_size: auto` — the largest micro-batch that fits, at a fixed effective batch.
+
+The effective batch (samples per optimizer step, `train.effective_batch_size`, default 8 = 2 x 4) is what the
+training trajectory depends on, so it never changes: the micro-batch is the largest divisor of it that fits the
+memory budget, and gradient accumulation makes up the rest (8 → 8x1, 4x2, 2x4 or 1x8).
+
+Fitting is measured, not estimated: one real forward + backward of a worst-case batch (the longest sample of the
+data set, by tokens, then by image area, repeated micro times: every row as long as the longest, so no later
+batch of any image size can need more) at each candidate, largest first, catching CUDA out-of-memory. The probe
+skips the optimizer step (it would change the weights before training starts); the LoRA optimizer state it
+leaves out is small (8 bytes x ~24 M parameters with adamw_torch, 2 with adamw_8bit) and falls in the headroom.
+
+- budget: explicit GB (e.g. the 24 of a 4090 while probing on a bigger GPU), enforced with
+  `torch.cuda.set_per_process_memory_fraction`; by default the GPU's own memory minus `HEADROOM` (10%).
+- CPU: `auto` means 2 (no probing), or the largest divisor of the effective batch below 2.
+
+Imports no transformers at module level (Unsloth must be imported before transformers in a training process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import logging
+from typing import Any, Callable, Iterator
+
+import torch
+
+log = logging.getLogger("wellocr")
+
+GIB = 2**30
+HEADROOM = 0.10  # fraction of the GPU kept free when no budget is given (fragmentation, optimizer state)
+CPU_MICRO_BATCH = 2
+
+
+class AutoBatchError(RuntimeError):
+    """Not even micro-batch 1 fits the budget."""
+
+
+def micro_batch_candidates(effective_batch: int) -> list[int]:
+    """Divisors of the effective batch, largest first: the micro-batches that keep it exact."""
+    if effective_batch < 1:
+        raise ValueError(f"effective batch must be >= 1, got {effective_batch}")
+    return [d for d in range(effective_batch, 0, -1) if effective_batch % d == 0]
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def memory_cap(budget_gb: float | None, device: int = 0) -> Iterator[float | None]:
+    """Limit this process's CUDA allocations to budget_gb for the block (no-op without CUDA or budget).
+
+    Yields the fraction set. The previous fraction is restored afterwards (1.0 where torch cannot report it).
+    """
+    if budget_gb is None or not torch.cuda.is_available():
+        yield None
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, budget_gb * GIB / total)
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    previous = getter(device) if getter is not None else 1.0
+    free_memory()
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    try:
+        yield fraction
+    finally:
+        torch.cuda.set_per_process_memory_fraction(previous, device)
+
+
+def default_budget_gb(device: int = 0) -> float:
+    """The GPU's memory minus HEADROOM, in GiB."""
+    return torch.cuda.get_device_properties(device).total_memory / GIB * (1 - HEADROOM)
+
+
+def choose_micro_batch(probe: Callable[[int], None], effective_batch: int = 8, device: str = "cuda",
+                       budget_gb: float | None = None) -> tuple[int, int]:
+    """(micro-batch, gradient accumulation) with micro x accumulation == effective_batch.
+
+    `probe(micro)` runs one worst-case forward + backward at that micro-batch and raises (CUDA) out-of-memory
+    when it does not fit; any other exception propagates. Candidates are tried largest first, memory is freed
+    between them, and the first that fits wins. On CPU nothing is probed (see the module docstring).
+    """
+    candidates = micro_batch_candidates(effective_batch)
+    if device != "cuda":
+        micro = max(d for d in candidates if d <= CPU_MICRO_BATCH)
+        return micro, effective_batch // micro
+    if budget_gb is None and torch.cuda.is_available():
+        budget_gb = default_budget_gb()
+    with memory_cap(budget_gb):
+        for micro in candidates:
+            free_memory()
+            fits = True
+            try:
+                probe(micro)
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory means "too big"; others re-raised
+                if not is_oom(exc):
+                    raise
+                fits = False  # leave the except block first: its traceback holds the failed step's tensors
+            free_memory()
+            budget = f"{budget_gb:.1f} GB" if budget_gb is not None else "the GPU"
+            log.info("auto batch: micro-batch %d %s in %s", micro, "fits" if fits else "does not fit", budget)
+            if fits:
+                return micro, effective_batch // micro
+    raise AutoBatchError(f"not even micro-batch 1 fits in {budget_gb:.1f} GB; lower data.max_pixels or "
+                         "train.max_seq_length")
+
+
+# ---------------------------------------------------------------- probing through the project's trainer
+
+
+def worst_case_index(lengths: list[int], image_sizes: list[tuple[int, int]]) -> int:
+    """The row with the most tokens, ties broken by the larger image."""
+    if not lengths:
+        raise ValueError("no rows to probe with")
+    return max(range(len(lengths)), key=lambda i: (lengths[i], image_sizes[i][0] * image_sizes[i][1]))
+
+
+def worst_case_row(split: Any, data_cfg: Any, processor: Any, dataset: Any) -> dict:
+    """The formatted (trainer-ready) row of `dataset` that is longest in `split` (a wellocr.data.Split)."""
+    from wellocr.data import sample_lengths
+
+    index = worst_case_index(sample_lengths(split, data_cfg, processor), split.image_sizes)
+    return dataset[index]
+
+
+def trainer_probe(trainer: Any, row: dict) -> Callable[[int], None]:
+    """probe(micro): the trainer's own collator and training_step (forward + backward) on `row` x micro.
+
+    Gradients are dropped afterwards, so probing leaves the model as it was.
+    """
+
+    def probe(micro: int) -> None:
+        batch = trainer.data_collator([copy.deepcopy(row) for _ in range(micro)])  # collators edit rows in place
+        try:
+            trainer.training_step(trainer.model, batch, None)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        finally:
+            trainer.model.zero_grad(set_to_none=True)
+
+    return probe

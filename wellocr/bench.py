@@ -1,0 +1,848 @@
+"""`python -m wellocr.bench` — training speed of both backends on a random-weight Qwen3-VL, through the project's code.
+
+GPU run (one H200, offline; ~8 min wall including the model build; the env is /work/shared/gpu/README.md step 3):
+
+    python3 -m wellocr.bench --backend hf,unsloth --batch 2,8 --steps 8 --warmup 2 --repeats 2 --gen-tokens 32 \
+        --image 1024x768 --budget-s 500 --out $OUT/bench.json --logs $OUT 2>&1 | tee $OUT/bench.log
+
+CPU (what tests/test_bench.py runs): `python -m wellocr.bench --tiny`; data pipeline alone: `--data-only`.
+
+What it does, offline: builds a random-weight model of the real Qwen3-VL-2B architecture (`wellocr.tiny`, built
+ON the GPU in bf16 in a subprocess, so the init is not the 100 s CPU init) and synthetic 27-field headers at the
+--image width (`wellocr.synth`; --image WxH also caps the pixel budget at W*H). Then one worker process per
+backend (Unsloth patches transformers/TRL/PEFT at import) loads it with `wellocr.model.load_for_training`
+(4-bit like the real run), prepares data with `wellocr.train.prepare_data` and trains with
+`wellocr.train.build_trainer` (WellocrSFTTrainer, the project's config: LoRA r16, adamw_8bit, bf16, gradient
+checkpointing, `data.dataloader_num_workers` 2). Per micro-batch (accumulation 1), `--repeats` fresh trainers
+each run --warmup + --steps optimizer steps. A second worker process per backend resumes from the checkpoint.
+
+Numbers (JSON at --out: `configs` has one object per backend x batch; `backends` the per-backend parts):
+- load_s (model load + LoRA), first_step_s (train() call to the end of step 1: dataloader start, compile),
+  step_s (per repeat the median over the timed steps; median, min, max over repeats), samples_per_s, tokens_per_s
+  (attention-mask tokens fed to the language model, visual tokens included), visual tokens = patches / 4.
+- Model FLOPs per step, counted from the model's parameters (4-bit weights at their unpacked size; LoRA left out):
+  2 x linear_fwd + 3 x attn_fwd, i.e. forward + activation gradients (the frozen base gets no weight gradients),
+  where linear_fwd = 2 x (vision tower params x patches + merger params x visual tokens + (language layers +
+  lm_head, tied embeddings counted once) x LM tokens), and attn_fwd = 4 x width x depth x sum(patches_img^2)
+  (vision, full attention per image) + 2 x width x layers x sum(len_seq^2) (language, causal).
+  MFU = model FLOPs / step time / 790e12 (the H200's measured bf16 rate). HFU adds the gradient-checkpointing
+  recompute, one more forward of the checkpointed layers: 2 x (vision + language params) x their tokens + attn_fwd
+  (not lm_head, mergers or embeddings). Both null on CPU (tflops_per_s is still reported).
+- peak allocated / reserved GB per configuration (reset in between; null on CPU).
+- checkpoint: the Trainer's own `_save_checkpoint` (adapter + optimizer + scheduler + RNG + state), seconds, MB.
+- resume: a new process from its launch (the orchestrator's timestamp, before the interpreter starts) to the end of
+  the first optimizer step of `trainer.train(resume_from_checkpoint=...)`; Unsloth's and inductor's compile
+  caches live next to the checkpoint (UNSLOTH_COMPILE_LOCATION, TORCHINDUCTOR_CACHE_DIR), so it finds them warm.
+- profile (approximate: every boundary is a torch.cuda.synchronize, which itself costs time): forward of the
+  vision tower and of the language model (module hooks), loss_and_rest (rest of compute_loss: embeddings, lm_head,
+  cross-entropy), backward (all of it, recompute included), optimizer (on_pre_optimizer_step → on_optimizer_step),
+  data_wait (time in Trainer.get_batch_samples), other; vision_est / language_est scale the two forwards by the
+  step's (forward + backward) / forward ratio.
+- data_pipeline (CPU, no model): row fetch (parquet + base64 + image decode + resize) and TRL's vision collator
+  with the 2B processor, samples/s in one process = one DataLoader worker; fraction of each GPU step it equals.
+- generation: `wellocr.evaluate.generate_with_counts`, batch 8 vs a batch-1 loop over the same samples.
+- autobatch: `wellocr.autobatch.choose_micro_batch` under --autobatch-gb (set_per_process_memory_fraction), and
+  samples/s of the seed 2 x 4 vs the chosen micro x accumulation at the same effective batch, under that cap.
+
+Time budget (--budget-s): each backend gets a share of what is left (Unsloth twice hf's), its worker stops
+optional phases (profile, autobatch, generation) that would not fit before its share minus the resume reserve,
+and every process is killed at the end of its share. Results are written after every phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+PEAK_FLOPS = 790e12  # H200 dense bf16, measured on the lent machine
+GB = 2**30
+SHARE = {"unsloth": 2.0, "hf": 1.0}  # relative time each backend needs (Unsloth compiles ~85 s)
+RESUME_RESERVE_S = {"unsloth": 90.0, "hf": 45.0}
+PHASES = ("checkpoint", "resume", "profile", "autobatch", "generate")
+DEFAULTS = {  # GPU run / --tiny (CPU)
+    False: dict(backend="unsloth,hf", batch="2,8", steps=20, warmup=2, repeats=3, image="1024x768", gen_samples=8,
+                gen_tokens=64),
+    True: dict(backend="hf", batch="2", steps=2, warmup=1, repeats=2, image="320x240", gen_samples=2, gen_tokens=8),
+}
+
+
+# ---------------------------------------------------------------- FLOPs and statistics (pure)
+
+
+def summary(values: list[float]) -> dict[str, float] | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _numel(param: Any) -> int:
+    """Parameters of a tensor; bitsandbytes 4-bit weights count at their unpacked shape."""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return math.prod(quant_state.shape)
+    return param.numel()
+
+
+def param_groups(model: Any) -> dict[str, int]:
+    """Frozen-base parameters by what they multiply: vision tower (x patches), mergers (x visual tokens), language
+    layers and lm_head (x LM tokens); embeddings (lookups, no FLOPs) and LoRA reported apart."""
+    counts = dict.fromkeys(("vision", "merger", "language", "lm_head", "embedding", "lora"), 0)
+    for name, param in model.named_parameters():
+        dotted = f".{name}"
+        n = _numel(param)
+        if "lora_" in name:
+            counts["lora"] += n
+        elif ".visual." in dotted:
+            counts["merger" if "merger" in name else "embedding" if "pos_embed" in name else "vision"] += n
+        elif ".language_model." in dotted:
+            counts["embedding" if "embed_tokens" in name else "language"] += n
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    counts["lm_head"] = _numel(base.get_output_embeddings().weight)  # a tied head once, as a matmul
+    return counts
+
+
+def arch_dims(model: Any) -> dict[str, int]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text, vision = base.config.text_config, base.config.vision_config
+    return {"text_layers": text.num_hidden_layers, "text_width": text.num_attention_heads * text.head_dim,
+            "vision_depth": vision.depth, "vision_width": vision.hidden_size,
+            "merge": vision.spatial_merge_size ** 2}
+
+
+def step_flops(lm_lengths: list[int], image_patches: list[int], params: dict, dims: dict,
+               recompute: bool) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) of one optimizer step over these sequences and images (module docstring)."""
+    patches, tokens = sum(image_patches), sum(lm_lengths)
+    vision = params["vision"] * patches
+    language = params["language"] * tokens
+    linear_fwd = 2 * (vision + params["merger"] * patches / dims["merge"] + language + params["lm_head"] * tokens)
+    attn_fwd = (4 * dims["vision_width"] * dims["vision_depth"] * sum(n * n for n in image_patches)
+                + 2 * dims["text_width"] * dims["text_layers"] * sum(s * s for s in lm_lengths))
+    model = 2 * linear_fwd + 3 * attn_fwd
+    recomputed = 2 * (vision + language) + attn_fwd if recompute else 0.0
+    return float(model), float(model + recomputed)
+
+
+# ---------------------------------------------------------------- instrumentation of the project's trainer
+
+
+class Recorder:
+    """Per optimizer step: seconds (step end to step end), data wait, the shapes fed; with profile, the split."""
+
+    def __init__(self, device: str, profile: bool = False):
+        import torch
+
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        self.profile = profile
+        self.steps: list[dict] = []
+        self.current = self._new()
+        self.last = 0.0
+        self.started: dict[str, float] = {}
+
+    @staticmethod
+    def _new() -> dict:
+        return {"lm_lengths": [], "image_patches": [], "samples": 0, "parts": defaultdict(float)}
+
+    def start(self) -> None:
+        self.sync()
+        self.last = time.perf_counter()
+
+    def batch(self, inputs: dict) -> None:
+        mask = inputs.get("attention_mask")
+        lengths = mask.sum(-1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * len(inputs["input_ids"])
+        self.current["lm_lengths"] += [int(n) for n in lengths]
+        self.current["samples"] += len(lengths)
+        grid = inputs.get("image_grid_thw")
+        if grid is not None:
+            self.current["image_patches"] += [int(n) for n in grid.prod(-1).tolist()]
+
+    def begin(self, part: str) -> None:
+        if self.profile:
+            self.sync()
+            self.started[part] = time.perf_counter()
+
+    def end(self, part: str) -> None:
+        if self.profile and part in self.started:
+            self.sync()
+            self.current["parts"][part] += time.perf_counter() - self.started.pop(part)
+
+    def step_end(self) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.current.update(seconds=now - self.last, wall_end=time.time())
+        self.last = now
+        self.steps.append(self.current)
+        self.current = self._new()
+
+
+def instrument(trainer: Any, rec: Recorder) -> list:
+    """Wrap the trainer instance's own methods (training_step, compute_loss, get_batch_samples) and, with
+    rec.profile, hook the vision tower and the language model. Returns hook handles to remove."""
+    step, loss, fetch = trainer.training_step, trainer.compute_loss, trainer.get_batch_samples
+
+    def training_step(model, inputs, *args, **kwargs):
+        rec.batch(inputs)
+        rec.begin("fwd_bwd")
+        out = step(model, inputs, *args, **kwargs)
+        rec.end("fwd_bwd")
+        return out
+
+    def compute_loss(*args, **kwargs):
+        rec.begin("forward")
+        out = loss(*args, **kwargs)
+        rec.end("forward")
+        return out
+
+    def get_batch_samples(*args, **kwargs):
+        started = time.perf_counter()
+        out = fetch(*args, **kwargs)
+        rec.current["parts"]["data_wait"] += time.perf_counter() - started
+        return out
+
+    trainer.training_step, trainer.compute_loss, trainer.get_batch_samples = training_step, compute_loss, get_batch_samples
+    handles = []
+    if rec.profile:
+        modules = dict(trainer.model.named_modules())
+        for part, suffix in (("vision_fwd", "visual"), ("language_fwd", "language_model")):
+            name = min((n for n in modules if n.endswith(suffix)), key=len)
+            handles.append(modules[name].register_forward_pre_hook(lambda *_, p=part: rec.begin(p)))
+            handles.append(modules[name].register_forward_hook(lambda *_, p=part: rec.end(p)))
+    return handles
+
+
+def timing_callback(rec: Recorder) -> Any:
+    from transformers import TrainerCallback
+
+    class Timing(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            rec.begin("optimizer")
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            rec.end("optimizer")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            rec.step_end()
+            control.should_evaluate = control.should_save = False  # neither belongs in a timed run
+            return control
+
+    return Timing()
+
+
+# ---------------------------------------------------------------- one backend, in its own process
+
+
+class Worker:
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.t0 = args, time.time()
+        self.result: dict[str, Any] = {"backend": args.worker, "errors": {}, "skipped": [], "configs": []}
+
+    # -- bookkeeping
+
+    def save(self) -> None:
+        path = Path(self.args.result)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.result, indent=1, default=str))
+        os.replace(tmp, path)
+
+    def time_left(self) -> float:
+        return self.args.deadline - time.time() if self.args.deadline else math.inf
+
+    @contextlib.contextmanager
+    def phase(self, name: str, needs_s: float = 0.0):
+        """Run a phase unless skipped or short of time; an exception is recorded and the worker moves on."""
+        if name in self.args.skip or self.time_left() < needs_s:
+            reason = "--skip" if name in self.args.skip else f"{self.time_left():.0f} s left < {needs_s:.0f} s"
+            self.result["skipped"].append(f"{name} ({reason})")
+            print(f"bench: skipping {name}: {reason}", flush=True)
+            yield False
+            return
+        started = time.time()
+        print(f"bench: {self.args.worker}: {name}", flush=True)
+        try:
+            yield True
+        except Exception as exc:  # noqa: BLE001 - one broken phase must not lose the others
+            traceback.print_exc()
+            self.result["errors"][name] = f"{type(exc).__name__}: {exc}"[:2000]
+        print(f"bench: {name} took {time.time() - started:.1f} s", flush=True)
+        self.save()
+
+    # -- setup
+
+    def setup(self) -> None:
+        from wellocr.model import Backend, import_backend
+
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.backend = Backend(self.args.worker, device, "wellocr.bench")
+        import_backend(self.backend)  # Unsloth before transformers/TRL/PEFT
+        from wellocr.model import load_for_training, resolve_precision
+        from wellocr.rundir import RunDir
+        from wellocr.train import prepare_data
+
+        self.result["import_s"] = time.time() - self.args.launched_at
+        self.cfg = bench_config(self.args, self.args.worker)
+        self.precision = resolve_precision(self.cfg.train.precision, device)
+        kind = "resume" if self.args.resume_from else "run"
+        self.run = RunDir(Path(self.args.work) / f"{self.args.worker}-{kind}")
+        started = time.perf_counter()
+        self.model, self.processor = load_for_training(self.cfg, self.backend, self.precision)
+        self.result["load_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        self.data, self.max_length = prepare_data(self.cfg, self.processor, self.run)
+        self.result.update(data_s=time.perf_counter() - started, max_length=self.max_length, device=device,
+                           precision=self.precision, params=param_groups(self.model))
+        self.dims = arch_dims(self.model)
+        self.recompute = self.cfg.model.use_gradient_checkpointing != "false"
+        self.save()
+
+    def trainer(self, micro: int, accumulation: int, steps: int, rec: Recorder) -> tuple[Any, list]:
+        from wellocr.train import build_trainer
+
+        t = self.cfg.train
+        t.max_steps = t.eval_steps = t.save_steps = steps
+        trainer = build_trainer(self.cfg, self.run, self.backend, self.precision, self.model, self.processor,
+                                self.data, self.max_length, micro, accumulation, [timing_callback(rec)])
+        return trainer, instrument(trainer, rec)
+
+    def train(self, micro: int, accumulation: int, steps: int, profile: bool = False, resume: str | None = None):
+        """One fresh trainer for `steps` optimizer steps; returns (trainer, recorder, seconds to first step end)."""
+        rec = Recorder(self.backend.device, profile)
+        trainer, handles = self.trainer(micro, accumulation, steps, rec)
+        rec.start()
+        trainer.train(resume_from_checkpoint=resume)
+        for handle in handles:
+            handle.remove()
+        return trainer, rec, rec.steps[0]["wall_end"] - (rec.steps[0]["wall_end"] - sum(
+            s["seconds"] for s in rec.steps[:1]))
+
+    def step_stats(self, steps: list[dict]) -> dict[str, Any]:
+        """Throughput over timed steps: medians per step, sums for rates."""
+        seconds = sum(s["seconds"] for s in steps)
+        flops = [step_flops(s["lm_lengths"], s["image_patches"], self.result["params"], self.dims, self.recompute)
+                 for s in steps]
+        cuda = self.backend.device == "cuda"
+        return {
+            "step_s": statistics.median(s["seconds"] for s in steps),
+            "samples_per_s": sum(s["samples"] for s in steps) / seconds,
+            "tokens_per_s": sum(sum(s["lm_lengths"]) for s in steps) / seconds,
+            "tflops_per_s": sum(f[0] for f in flops) / seconds / 1e12,
+            "mfu": sum(f[0] for f in flops) / seconds / PEAK_FLOPS if cuda else None,
+            "hfu": sum(f[1] for f in flops) / seconds / PEAK_FLOPS if cuda else None,
+            "data_wait_s": statistics.median(s["parts"]["data_wait"] for s in steps),
+            "lm_tokens_per_step": statistics.median(sum(s["lm_lengths"]) for s in steps),
+            "patches_per_step": statistics.median(sum(s["image_patches"]) for s in steps),
+            "model_tflop_per_step": statistics.median(f[0] for f in flops) / 1e12,
+        }
+
+    # -- phases
+
+    def measure(self, micro: int, accumulation: int = 1, repeats: int | None = None, steps: int | None = None,
+                warmup: int | None = None) -> dict[str, Any]:
+        import torch
+
+        repeats = repeats or self.args.repeats
+        steps, warmup = steps or self.args.steps, warmup if warmup is not None else self.args.warmup
+        cuda = self.backend.device == "cuda"
+        if cuda:
+            free_gpu()
+            torch.cuda.reset_peak_memory_stats()
+        out: dict[str, Any] = {"batch": micro * accumulation, "micro_batch": micro,
+                               "gradient_accumulation_steps": accumulation, "repeats": []}
+        for r in range(repeats):
+            if r and self.time_left() < 1.5 * (out["repeats"][-1]["seconds"]):
+                self.result["skipped"].append(f"batch {micro}x{accumulation} repeat {r + 1} (deadline)")
+                break
+            started = time.perf_counter()
+            self.last_trainer, rec, _ = self.train(micro, accumulation, warmup + steps)
+            stats = self.step_stats(rec.steps[warmup:])
+            stats.update(first_step_s=rec.steps[0]["seconds"], seconds=time.perf_counter() - started)
+            out["repeats"].append(stats)
+            print(f"bench: {self.args.worker} {micro}x{accumulation} repeat {r + 1}: {stats['step_s']:.3f} s/step, "
+                  f"{stats['samples_per_s']:.2f} samples/s", flush=True)
+        reps = out["repeats"]
+        out["first_step_s"] = reps[0]["first_step_s"]
+        for key in ("step_s", "samples_per_s", "tokens_per_s", "tflops_per_s", "mfu", "hfu", "data_wait_s"):
+            out[key] = summary([r[key] for r in reps])
+        for key in ("lm_tokens_per_step", "patches_per_step", "model_tflop_per_step"):
+            out[key] = reps[0][key]
+        out["visual_tokens_per_step"] = out["patches_per_step"] / self.dims["merge"]
+        out["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / GB if cuda else None
+        out["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / GB if cuda else None
+        return out
+
+    def checkpoint(self) -> None:
+        from wellocr.checkpoint import mark_complete
+
+        trainer = self.last_trainer
+        rec = Recorder(self.backend.device)
+        rec.start()
+        started = time.perf_counter()
+        trainer._save_checkpoint(trainer.model, trial=None)  # what save_steps runs: adapter, optimizer, RNG, state
+        seconds = time.perf_counter() - started
+        path = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+        mark_complete(path, trainer.state.global_step)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        self.result["checkpoint"] = {"path": str(path), "step": trainer.state.global_step, "seconds": seconds,
+                                     "mb": size / 2**20, "micro_batch": trainer.args.per_device_train_batch_size}
+
+    def profile(self, micro: int) -> None:
+        _, rec, _ = self.train(micro, 1, 1 + 3, profile=True)
+        steps = rec.steps[1:]
+        part = {k: statistics.median(s["parts"][k] for s in steps)
+                for k in ("vision_fwd", "language_fwd", "forward", "fwd_bwd", "optimizer", "data_wait")}
+        total = statistics.median(s["seconds"] for s in steps)
+        ratio = part["fwd_bwd"] / part["forward"] if part["forward"] else 0.0
+        self.result["profile"] = {
+            "micro_batch": micro, "step_s": total, "vision_fwd_s": part["vision_fwd"],
+            "language_fwd_s": part["language_fwd"],
+            "loss_and_rest_fwd_s": part["forward"] - part["vision_fwd"] - part["language_fwd"],
+            "backward_s": part["fwd_bwd"] - part["forward"], "optimizer_s": part["optimizer"],
+            "data_wait_s": part["data_wait"],
+            "other_s": total - part["fwd_bwd"] - part["optimizer"] - part["data_wait"],
+            "vision_est_s": part["vision_fwd"] * ratio, "language_est_s": part["language_fwd"] * ratio,
+            "note": "approximate: synchronised boundaries; *_est scale forward by (forward+backward)/forward",
+        }
+
+    def autobatch(self) -> None:
+        from wellocr.autobatch import choose_micro_batch, memory_cap, trainer_probe, worst_case_row
+
+        effective, budget = self.args.effective_batch, self.args.autobatch_gb
+        row = worst_case_row(self.data["splits"]["train"], self.cfg.data, self.processor,
+                             self.data["datasets"]["train"])
+        probe_trainer, _ = self.trainer(1, 1, 1, Recorder(self.backend.device))
+        started = time.perf_counter()
+        micro, accumulation = choose_micro_batch(trainer_probe(probe_trainer, row), effective,
+                                                 self.backend.device, budget)
+        del probe_trainer
+        out = {"effective_batch": effective, "budget_gb": budget, "micro_batch": micro,
+               "gradient_accumulation_steps": accumulation, "probe_s": time.perf_counter() - started}
+        self.result["autobatch"] = out
+        seed = (min(2, effective), effective // min(2, effective))
+        steps = max(2, self.args.steps // 2)
+        with memory_cap(budget if self.backend.device == "cuda" else None):
+            for label, (m, a) in (("seed", seed), ("auto", (micro, accumulation))):
+                if label == "auto" and (m, a) == seed:
+                    out["auto"] = out["seed"]
+                    break
+                measured = self.measure(m, a, repeats=1, steps=steps, warmup=1)
+                out[label] = {k: measured[k] for k in ("micro_batch", "gradient_accumulation_steps", "step_s",
+                                                        "samples_per_s", "peak_reserved_gb")}
+                self.save()
+        out["speedup"] = out["auto"]["samples_per_s"]["median"] / out["seed"]["samples_per_s"]["median"]
+
+    def generation(self) -> None:
+        from wellocr.evaluate import fixed_eval_rows, generate_with_counts, row_inputs
+
+        rows = fixed_eval_rows(self.data["splits"]["eval"], self.args.gen_samples)
+        images, instructions, _ = row_inputs(rows, self.cfg)
+        tokens = self.cfg.eval.max_new_tokens
+        rec = Recorder(self.backend.device)
+        generate_with_counts(self.model, self.processor, images[:1], instructions[:1], 4)  # warm-up
+        out = {"samples": len(rows), "max_new_tokens": tokens}
+        for label, size in (("loop", 1), ("batched", self.args.effective_batch)):
+            rec.start()
+            started, new = time.perf_counter(), 0
+            for i in range(0, len(rows), size):
+                new += sum(generate_with_counts(self.model, self.processor, images[i:i + size],
+                                                instructions[i:i + size], tokens)[1])
+            rec.sync()
+            seconds = time.perf_counter() - started
+            out[label] = {"batch_size": size, "seconds": seconds, "samples_per_s": len(rows) / seconds,
+                          "new_tokens": new}
+        out["speedup"] = out["batched"]["samples_per_s"] / out["loop"]["samples_per_s"]
+        self.result["generation"] = out
+
+    def resume(self) -> None:
+        """In this new process: train(resume_from_checkpoint) to the end of its first optimizer step."""
+        checkpoint = Path(self.args.resume_from)
+        step = int(checkpoint.name.rsplit("-", 1)[1])
+        started = time.perf_counter()
+        rec = Recorder(self.backend.device)
+        trainer, handles = self.trainer(self.args.batches[0], 1, step + 1, rec)
+        trainer_s = time.perf_counter() - started
+        rec.start()
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+        first = rec.steps[0]
+        self.result["resume"] = {
+            "checkpoint": str(checkpoint), "resumed_at_step": step, "ended_at_step": trainer.state.global_step,
+            "resume_to_first_step_s": first["wall_end"] - self.args.launched_at,
+            "import_s": self.result["import_s"], "load_s": self.result["load_s"], "data_s": self.result["data_s"],
+            "trainer_s": trainer_s, "train_to_first_step_s": first["seconds"],
+        }
+
+    def run_all(self) -> None:
+        self.setup()
+        if self.args.resume_from:
+            with self.phase("resume"):
+                self.resume()
+            return
+        for micro in self.args.batches:
+            with self.phase(f"batch {micro}"):
+                self.result["configs"].append({**self.measure(micro), "load_s": self.result["load_s"]})
+        step_s = max((c["step_s"]["median"] for c in self.result["configs"]), default=1.0)
+        if getattr(self, "last_trainer", None) is not None:
+            with self.phase("checkpoint", needs_s=10):
+                self.checkpoint()
+        with self.phase("profile", needs_s=20 + 6 * step_s):
+            self.profile(self.args.batches[0])
+        with self.phase("autobatch", needs_s=30 + 6 * step_s * 2):
+            self.autobatch()
+        with self.phase("generate", needs_s=20 + self.args.gen_samples * self.args.gen_tokens * 0.05):
+            self.generation()
+
+
+def free_gpu() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def bench_config(args: argparse.Namespace, backend: str) -> Any:
+    """The project's default config (as a real run gets it), pointed at the bench's model and data."""
+    from wellocr.config import Config, validate
+
+    cfg = Config()
+    width, height = args.image_size
+    cfg.model.model_name, cfg.model.backend = str(args.model), backend
+    cfg.data.dataset_name = str(args.data)
+    cfg.data.max_pixels = width * height
+    cfg.data.min_pixels = min(cfg.data.min_pixels, width * height // 4)
+    cfg.data.dataset_num_proc = 1
+    if args.tiny:
+        cfg.data.dataloader_num_workers = 0  # on 2 CPU cores worker processes cost more than they save
+    cfg.eval.max_new_tokens = args.gen_tokens
+    cfg.wandb.enabled = False
+    t = cfg.train
+    t.max_steps = t.eval_steps = t.save_steps = args.warmup + args.steps
+    validate(cfg, {}, "wellocr.bench")
+    return cfg
+
+
+# ---------------------------------------------------------------- assets and the data pipeline (orchestrator)
+
+
+def build_model(args: argparse.Namespace) -> None:
+    """`--worker build`: the random-weight model, initialised on the GPU when there is one (seconds, not minutes)."""
+    import torch
+
+    from wellocr.tiny import build_tiny_model
+
+    started = time.time()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        build_tiny_model(args.model, seed=0, arch=args.arch)
+    print(f"bench: built {args.arch} on {device} in {time.time() - started:.1f} s at {args.model}", flush=True)
+
+
+def data_pipeline(args: argparse.Namespace, samples: int = 16) -> dict[str, Any]:
+    """CPU cost of one batch: row fetch (parquet + base64 + decode + resize), then TRL's collator with the 2B
+    processor (chat template, tokenizer, image normalisation and patches). One process = one DataLoader worker."""
+    from wellocr.data import load_splits, trainer_dataset
+    from wellocr.evaluate import loss_collator
+    from wellocr.processing import ImageOnlyQwen3VLProcessor, load_processor
+    from wellocr.tiny import image_processor_for, qwen3_vl_chat_template, train_tokenizer
+
+    arch = "qwen3-vl-2b"
+    cfg = bench_config(args, "hf")
+    directory = Path(args.work) / f"processor-{arch}"
+    if not (directory / "tokenizer_config.json").is_file():
+        tokenizer, template = train_tokenizer(), qwen3_vl_chat_template()
+        tokenizer.chat_template = template
+        ImageOnlyQwen3VLProcessor(image_processor=image_processor_for(arch), tokenizer=tokenizer,
+                                  chat_template=template).save_pretrained(directory)
+    processor = load_processor(directory, None, cfg.data.min_pixels, cfg.data.max_pixels)
+    split = load_splits(cfg.data)["train"]
+    dataset, collator = trainer_dataset(split, cfg.data), loss_collator(processor)
+    batch = max(args.batches)
+    samples = min(samples, len(dataset))
+    collator([dataset[0]])  # warm-up (template compilation, first decode)
+    started = time.perf_counter()
+    rows = [dataset[i] for i in range(samples)]
+    fetched = time.perf_counter()
+    tokens = 0
+    for i in range(0, samples, batch):
+        tokens += int(collator(rows[i:i + batch])["attention_mask"].sum())
+    done = time.perf_counter()
+    return {"processor": type(processor).__name__, "image_processor": type(processor.image_processor).__name__,
+            "samples": samples, "batch_size": batch, "fetch_ms_per_sample": (fetched - started) / samples * 1e3,
+            "collate_ms_per_sample": (done - fetched) / samples * 1e3,
+            "samples_per_s_per_worker": samples / (done - started), "mean_tokens": tokens / samples,
+            "dataloader_num_workers": cfg.data.dataloader_num_workers}
+
+
+def ensure_data(args: argparse.Namespace) -> None:
+    from wellocr.synth import write_dataset
+
+    if not (Path(args.data) / "README.md").is_file():
+        rows = max(args.batches) * (args.warmup + args.steps)  # the largest batch never crosses an epoch
+        write_dataset(args.data, train=rows, eval=max(args.gen_samples, 1), seed=0, width=args.image_size[0])
+
+
+def spawn(args: argparse.Namespace, extra: list[str], log: Path, timeout: float | None,
+          env: dict | None = None) -> int | None:
+    """`python -m wellocr.bench EXTRA` in a new process group, output to log; killed (with its DataLoader
+    workers) at timeout. Returns the exit code (None when killed)."""
+    command = [sys.executable, "-m", "wellocr.bench", *common_args(args), "--launched-at", repr(time.time()), *extra]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
+
+
+def common_args(args: argparse.Namespace) -> list[str]:
+    width, height = args.image_size
+    out = ["--batch", ",".join(map(str, args.batches)), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--repeats", str(args.repeats), "--image", f"{width}x{height}", "--work", str(args.work),
+           "--model", str(args.model), "--data", str(args.data), "--gen-samples", str(args.gen_samples),
+           "--gen-tokens", str(args.gen_tokens), "--autobatch-gb", str(args.autobatch_gb),
+           "--effective-batch", str(args.effective_batch), "--skip", ",".join(args.skip)]
+    return out + (["--tiny"] if args.tiny else [])
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    started = time.time()
+    deadline = started + args.budget_s if args.budget_s else None
+    cuda = torch.cuda.is_available()
+    work, logs = Path(args.work), Path(args.logs)
+    work.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"meta": {"command": sys.argv, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+                                       "torch": torch.__version__, "arch": args.arch, "image": args.image,
+                                       "peak_flops": PEAK_FLOPS, "started": started},
+                              "configs": [], "backends": {}, "data_pipeline": None}
+    build = None
+    if not (Path(args.model) / "wellocr_build.json").is_file():
+        command = [sys.executable, "-m", "wellocr.bench", "--worker", "build", *common_args(args), "--launched-at", "0"]
+        build = subprocess.Popen(command, stdout=open(logs / "build.log", "w"), stderr=subprocess.STDOUT)
+    ensure_data(args)
+    try:
+        report["data_pipeline"] = data_pipeline(args)
+    except Exception as exc:  # noqa: BLE001 - the GPU part must still run
+        traceback.print_exc()
+        report["data_pipeline"] = {"error": f"{type(exc).__name__}: {exc}"}
+    if build is not None and build.wait() != 0:
+        raise SystemExit(f"bench: model build failed, see {logs / 'build.log'}")
+    report["meta"]["setup_s"] = time.time() - started
+    write_json(Path(args.out), report)
+    backends = [b for b in args.backends if b != "unsloth" or cuda]
+    report["meta"]["skipped_backends"] = [b for b in args.backends if b not in backends]
+    for i, backend in enumerate(backends):
+        share_end = None
+        if deadline is not None:
+            weights = [SHARE[b] for b in backends[i:]]
+            share_end = time.time() + (deadline - time.time()) * weights[0] / sum(weights)
+        cache = work / backend / "compile-cache"
+        env = {"UNSLOTH_COMPILE_LOCATION": str(cache / "unsloth"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
+        result_file = work / f"{backend}-result.json"
+        result_file.unlink(missing_ok=True)
+        worker_deadline = share_end - RESUME_RESERVE_S[backend] if share_end else 0.0
+        code = spawn(args, ["--worker", backend, "--result", str(result_file), "--deadline", repr(worker_deadline)],
+                     logs / f"{backend}.log", share_end - time.time() if share_end else None, env)
+        result = json.loads(result_file.read_text()) if result_file.is_file() else {"errors": {}}
+        result["exit_code"] = code
+        checkpoint = (result.get("checkpoint") or {}).get("path")
+        if checkpoint and "resume" not in args.skip:
+            resume_file = work / f"{backend}-resume.json"
+            resume_file.unlink(missing_ok=True)
+            micro = str(result["checkpoint"]["micro_batch"])
+            code = spawn(args, ["--worker", backend, "--result", str(resume_file), "--resume-from", checkpoint,
+                                "--batch", micro], logs / f"{backend}-resume.log",
+                         max(share_end - time.time(), 30) if share_end else None, env)
+            resumed = json.loads(resume_file.read_text()) if resume_file.is_file() else {}
+            result["resume"] = resumed.get("resume") or {"error": resumed.get("errors") or f"exit {code}"}
+        for config in result.pop("configs", []):
+            report["configs"].append({"backend": backend, **config})
+        report["backends"][backend] = result
+        write_json(Path(args.out), report)
+    add_data_fraction(report)
+    report["meta"]["wall_s"] = time.time() - started
+    write_json(Path(args.out), report)
+    return report
+
+
+def add_data_fraction(report: dict) -> None:
+    """How much of each GPU step one DataLoader worker needs to prepare that step's batch."""
+    rate = (report.get("data_pipeline") or {}).get("samples_per_s_per_worker")
+    for config in report["configs"]:
+        step = (config.get("step_s") or {}).get("median")
+        config["data_s_per_step_1worker"] = config["batch"] / rate if rate else None
+        config["data_fraction_of_step_1worker"] = config["batch"] / rate / step if rate and step else None
+
+
+# ---------------------------------------------------------------- table
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return f"{value['median']:.{digits}f} [{value['min']:.{digits}f}-{value['max']:.{digits}f}]"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def print_table(report: dict) -> None:
+    print(f"\nwellocr.bench on {report['meta']['device']} ({report['meta']['arch']}, {report['meta']['image']} "
+          "images); medians [min-max over repeats]")
+    header = ("backend", "batch", "load s", "first s", "s/step", "samples/s", "tokens/s", "MFU", "HFU",
+              "alloc GB", "resv GB", "data/step")
+    rows = [header]
+    for c in report["configs"]:
+        pct = lambda v: None if v is None else {k: 100 * v[k] for k in v}  # noqa: E731
+        rows.append((c["backend"], str(c["batch"]), _fmt(c.get("load_s"), 1), _fmt(c.get("first_step_s"), 1),
+                     _fmt(c.get("step_s"), 3), _fmt(c.get("samples_per_s")), _fmt(c.get("tokens_per_s"), 0),
+                     _fmt(pct(c.get("mfu")), 1) + ("%" if c.get("mfu") else ""),
+                     _fmt(pct(c.get("hfu")), 1) + ("%" if c.get("hfu") else ""),
+                     _fmt(c.get("peak_allocated_gb"), 1), _fmt(c.get("peak_reserved_gb"), 1),
+                     _fmt(c.get("data_fraction_of_step_1worker"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    for name, b in report["backends"].items():
+        print(f"\n[{name}] exit {b.get('exit_code')}, import {_fmt(b.get('import_s'), 1)} s, "
+              f"load {_fmt(b.get('load_s'), 1)} s, params {b.get('params')}")
+        if b.get("checkpoint"):
+            ck = b["checkpoint"]
+            print(f"  checkpoint: {ck['seconds']:.2f} s, {ck['mb']:.1f} MB (step {ck['step']})")
+        r = b.get("resume") or {}
+        if "resume_to_first_step_s" in r:
+            print(f"  resume to first step (new process): {r['resume_to_first_step_s']:.1f} s (import "
+                  f"{r['import_s']:.1f}, load {r['load_s']:.1f}, train() to step end {r['train_to_first_step_s']:.1f})")
+        elif r:
+            print(f"  resume: {r}")
+        if b.get("profile"):
+            p = b["profile"]
+            parts = ("vision_fwd_s", "language_fwd_s", "loss_and_rest_fwd_s", "backward_s", "optimizer_s",
+                     "data_wait_s", "other_s")
+            print(f"  profile (batch {p['micro_batch']}, {p['step_s']:.3f} s, approximate): "
+                  + ", ".join(f"{k[:-2]} {p[k]:.3f}" for k in parts))
+        if b.get("generation"):
+            g = b["generation"]
+            print(f"  generation ({g['samples']} samples, {g['max_new_tokens']} new tokens): loop "
+                  f"{g['loop']['samples_per_s']:.2f}/s, batched {g['batched']['samples_per_s']:.2f}/s "
+                  f"(x{g['speedup']:.2f})")
+        if b.get("autobatch"):
+            a = b["autobatch"]
+            seed, auto = a.get("seed") or {}, a.get("auto") or {}
+            print(f"  autobatch ({a['budget_gb']} GB, effective {a['effective_batch']}): chose "
+                  f"{a['micro_batch']}x{a['gradient_accumulation_steps']} in {a['probe_s']:.1f} s; samples/s seed "
+                  f"{_fmt(seed.get('samples_per_s'))} vs auto {_fmt(auto.get('samples_per_s'))}")
+        for key in ("skipped", "errors"):
+            if b.get(key):
+                print(f"  {key}: {b[key]}")
+    d = report.get("data_pipeline")
+    if d:
+        print(f"\n[data pipeline, CPU, 1 worker] {d}")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m wellocr.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--backend", help="comma list: unsloth,hf (GPU default both; --tiny: hf)")
+    p.add_argument("--batch", help="comma list of micro-batch sizes, accumulation 1 (default 2,8)")
+    p.add_argument("--steps", type=int, help="timed optimizer steps per repeat (default 20)")
+    p.add_argument("--warmup", type=int, help="untimed steps before them (default 2)")
+    p.add_argument("--repeats", type=int, help="fresh trainers per configuration (default 3)")
+    p.add_argument("--image", help="WxH: synthetic image width, pixel budget W*H (default 1024x768)")
+    p.add_argument("--out", default="bench.json", help="JSON results (default bench.json)")
+    p.add_argument("--logs", help="folder for the per-process logs (default: beside --out)")
+    p.add_argument("--tiny", action="store_true", help="the tiny architecture, on CPU: a smoke test of the bench")
+    p.add_argument("--data-only", action="store_true", help="only the CPU data pipeline (no model)")
+    p.add_argument("--work", default="/tmp/wellocr-bench", help="model, data, runs and compile caches")
+    p.add_argument("--model", help="model directory (default: built under --work)")
+    p.add_argument("--data", help="data set directory (default: written under --work)")
+    p.add_argument("--budget-s", type=float, help="wall-clock budget for the whole bench (GPU: fit the lease)")
+    p.add_argument("--gen-samples", type=int, help="samples for the generation comparison (default 8)")
+    p.add_argument("--gen-tokens", type=int, help="max_new_tokens there (default 64)")
+    p.add_argument("--autobatch-gb", type=float, default=24.0, help="memory cap for the auto micro-batch part")
+    p.add_argument("--effective-batch", type=int, default=8, help="effective batch for autobatch and generation")
+    p.add_argument("--skip", default="", help=f"comma list of phases to leave out: {','.join(PHASES)}")
+    p.add_argument("--worker", choices=("build", "hf", "unsloth"), help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--launched-at", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--resume-from", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for key, value in DEFAULTS[args.tiny].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    args.batches = [int(b) for b in args.batch.split(",")]
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    width, _, height = args.image.lower().partition("x")
+    args.image_size = (int(width), int(height))
+    args.arch = "tiny" if args.tiny else "qwen3-vl-2b"
+    work = Path(args.work)
+    args.model = args.model or str(work / ("tiny-qwen3-vl" if args.tiny else "qwen3-vl-2b-random"))
+    args.data = args.data or str(work / f"headers-{args.image_size[0]}")
+    args.logs = args.logs or str(Path(args.out).absolute().parent)
+    bad = [b for b in args.backends if b not in SHARE] + [s for s in args.skip if s not in PHASES]
+    if bad or min(args.batches) < 1 or args.steps < 1 or args.warmup < 1 or args.repeats < 1:
+        p.error(f"bad value(s): {bad or 'batch, steps, warmup (>= 1: the first step includes compilation) and '
+                'repeats must be >= 1'}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    if args.worker == "build":
+        build_model(args)
+        return 0
+    if args.worker:
+        if not args.launched_at:
+            args.launched_at = time.time()
+        worker = Worker(args)
+        try:
+            worker.run_all()
+        finally:
+            worker.result["wall_s"] = time.time() - args.launched_at
+            worker.save()
+        return 0
+    if args.data_only:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        ensure_data(args)
+        result = data_pipeline(args)
+        write_json(Path(args.out), {"data_pipeline": result})
+        print(json.dumps(result, indent=1))
+        return 0
+    report = orchestrate(args)
+    print_table(report)
+    print(f"\nwrote {args.out}; logs in {args.logs}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
