@@ -50,8 +50,8 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def free_memory() -> None:
-    gc.collect()
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -106,12 +106,11 @@ def choose_micro_batch(probe: Callable[[int], None], effective_batch: int = 8, d
                     raise
                 fits = False  # leave the except block first: its traceback holds the failed step's tensors
             free_memory()
-            budget = f"{budget_gb:.1f} GB" if budget_gb is not None else "the GPU"
-            log.info("auto batch: micro-batch %d %s in %s", micro, "fits" if fits else "does not fit", budget)
+            log.info("auto batch: micro-batch %d %s", micro, "fits" if fits else "does not fit")
             if fits:
                 return micro, effective_batch // micro
-    raise AutoBatchError(f"not even micro-batch 1 fits in {budget_gb:.1f} GB; lower data.max_pixels or "
-                         "train.max_seq_length")
+    budget = f"{budget_gb:.1f} GB" if budget_gb is not None else "GPU memory"
+    raise AutoBatchError(f"not even micro-batch 1 fits in {budget}; lower data.max_pixels or train.max_seq_length")
 
 
 # ---------------------------------------------------------------- probing through the project's trainer
@@ -140,6 +139,8 @@ def trainer_probe(trainer: Any, row: dict) -> Callable[[int], None]:
 
     def probe(micro: int) -> None:
         batch = trainer.data_collator([copy.deepcopy(row) for _ in range(micro)])  # collators edit rows in place
+        if getattr(trainer, "current_gradient_accumulation_steps", None) is None:
+            trainer.current_gradient_accumulation_steps = 1  # set by the training loop; training_step reads it
         try:
             trainer.training_step(trainer.model, batch, None)
             if torch.cuda.is_available():

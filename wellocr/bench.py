@@ -1,9 +1,10 @@
-"""`python -m wellocr.bench` — training speed of both backends on a random-weight Qwen3-VL, through the project's code.
+"""`python -m wellocr.bench` — training speed of both backends on a random-weight Qwen3-VL, through the project code.
 
-GPU run (one H200, offline; ~8 min wall including the model build; the env is /work/shared/gpu/README.md step 3):
+GPU run (one H200, offline, after the wheel install and the env of /work/shared/gpu/README.md steps 2-3; about
+8 min wall including the model build, hard-stopped by --budget-s; Unsloth's autobatch part is the first to go):
 
     python3 -m wellocr.bench --backend hf,unsloth --batch 2,8 --steps 8 --warmup 2 --repeats 2 --gen-tokens 32 \
-        --image 1024x768 --budget-s 500 --out $OUT/bench.json --logs $OUT 2>&1 | tee $OUT/bench.log
+        --skip autobatch:hf --image 1024x768 --budget-s 500 --out $OUT/bench.json --logs $OUT 2>&1 | tee $OUT/bench.log
 
 CPU (what tests/test_bench.py runs): `python -m wellocr.bench --tiny`; data pipeline alone: `--data-only`.
 
@@ -52,7 +53,6 @@ and every process is killed at the end of its share. Results are written after e
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -70,6 +70,7 @@ PEAK_FLOPS = 790e12  # H200 dense bf16, measured on the lent machine
 GB = 2**30
 SHARE = {"unsloth": 2.0, "hf": 1.0}  # relative time each backend needs (Unsloth compiles ~85 s)
 RESUME_RESERVE_S = {"unsloth": 90.0, "hf": 45.0}
+GEN_BATCH = 8
 PHASES = ("checkpoint", "resume", "profile", "autobatch", "generate")
 DEFAULTS = {  # GPU run / --tiny (CPU)
     False: dict(backend="unsloth,hf", batch="2,8", steps=20, warmup=2, repeats=3, image="1024x768", gen_samples=8,
@@ -162,7 +163,8 @@ class Recorder:
 
     def batch(self, inputs: dict) -> None:
         mask = inputs.get("attention_mask")
-        lengths = mask.sum(-1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * len(inputs["input_ids"])
+        ids = inputs["input_ids"]
+        lengths = mask.sum(-1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
         self.current["lm_lengths"] += [int(n) for n in lengths]
         self.current["samples"] += len(lengths)
         grid = inputs.get("image_grid_thw")
@@ -210,9 +212,11 @@ def instrument(trainer: Any, rec: Recorder) -> list:
         started = time.perf_counter()
         out = fetch(*args, **kwargs)
         rec.current["parts"]["data_wait"] += time.perf_counter() - started
+        rec.current["fetches"] = rec.current.get("fetches", 0) + 1
         return out
 
-    trainer.training_step, trainer.compute_loss, trainer.get_batch_samples = training_step, compute_loss, get_batch_samples
+    trainer.training_step, trainer.compute_loss = training_step, compute_loss
+    trainer.get_batch_samples = get_batch_samples
     handles = []
     if rec.profile:
         modules = dict(trainer.model.named_modules())
@@ -246,7 +250,7 @@ def timing_callback(rec: Recorder) -> Any:
 
 class Worker:
     def __init__(self, args: argparse.Namespace):
-        self.args, self.t0 = args, time.time()
+        self.args = args
         self.result: dict[str, Any] = {"backend": args.worker, "errors": {}, "skipped": [], "configs": []}
 
     # -- bookkeeping
@@ -260,19 +264,20 @@ class Worker:
     def time_left(self) -> float:
         return self.args.deadline - time.time() if self.args.deadline else math.inf
 
-    @contextlib.contextmanager
-    def phase(self, name: str, needs_s: float = 0.0):
-        """Run a phase unless skipped or short of time; an exception is recorded and the worker moves on."""
-        if name in self.args.skip or self.time_left() < needs_s:
-            reason = "--skip" if name in self.args.skip else f"{self.time_left():.0f} s left < {needs_s:.0f} s"
+    def attempt(self, name: str, fn, *args, needs_s: float = 0.0) -> None:
+        """Run one phase unless skipped or short of time; an exception is recorded and the worker moves on."""
+        skipped = name.split()[0] in self.args.skip or f"{name.split()[0]}:{self.args.worker}" in self.args.skip
+        reason = "--skip" if skipped else None
+        if reason is None and self.time_left() < needs_s:
+            reason = f"{self.time_left():.0f} s left < {needs_s:.0f} s needed"
+        if reason is not None:
             self.result["skipped"].append(f"{name} ({reason})")
             print(f"bench: skipping {name}: {reason}", flush=True)
-            yield False
             return
         started = time.time()
         print(f"bench: {self.args.worker}: {name}", flush=True)
         try:
-            yield True
+            fn(*args)
         except Exception as exc:  # noqa: BLE001 - one broken phase must not lose the others
             traceback.print_exc()
             self.result["errors"][name] = f"{type(exc).__name__}: {exc}"[:2000]
@@ -287,8 +292,13 @@ class Worker:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(1)  # on shared CPU cores 2 OpenMP threads can be 50x slower than 1
         self.backend = Backend(self.args.worker, device, "wellocr.bench")
         import_backend(self.backend)  # Unsloth before transformers/TRL/PEFT
+        import peft  # noqa: F401 - imported here so import_s counts them
+        import trl  # noqa: F401
+
         from wellocr.model import load_for_training, resolve_precision
         from wellocr.rundir import RunDir
         from wellocr.train import prepare_data
@@ -309,25 +319,26 @@ class Worker:
         self.recompute = self.cfg.model.use_gradient_checkpointing != "false"
         self.save()
 
-    def trainer(self, micro: int, accumulation: int, steps: int, rec: Recorder) -> tuple[Any, list]:
+    def trainer(self, micro: int, accumulation: int, steps: int, rec: Recorder | None = None) -> tuple[Any, list]:
+        """A trainer from the project's build_trainer (instrumented when given a recorder) and its hook handles."""
         from wellocr.train import build_trainer
 
         t = self.cfg.train
         t.max_steps = t.eval_steps = t.save_steps = steps
+        callbacks = [timing_callback(rec)] if rec is not None else []
         trainer = build_trainer(self.cfg, self.run, self.backend, self.precision, self.model, self.processor,
-                                self.data, self.max_length, micro, accumulation, [timing_callback(rec)])
-        return trainer, instrument(trainer, rec)
+                                self.data, self.max_length, micro, accumulation, callbacks)
+        return trainer, instrument(trainer, rec) if rec is not None else []
 
-    def train(self, micro: int, accumulation: int, steps: int, profile: bool = False, resume: str | None = None):
-        """One fresh trainer for `steps` optimizer steps; returns (trainer, recorder, seconds to first step end)."""
+    def train(self, micro: int, accumulation: int, steps: int, profile: bool = False) -> tuple[Any, Recorder]:
+        """A fresh trainer for `steps` optimizer steps; rec.steps[0]["seconds"] runs from the train() call."""
         rec = Recorder(self.backend.device, profile)
         trainer, handles = self.trainer(micro, accumulation, steps, rec)
         rec.start()
-        trainer.train(resume_from_checkpoint=resume)
+        trainer.train()
         for handle in handles:
             handle.remove()
-        return trainer, rec, rec.steps[0]["wall_end"] - (rec.steps[0]["wall_end"] - sum(
-            s["seconds"] for s in rec.steps[:1]))
+        return trainer, rec
 
     def step_stats(self, steps: list[dict]) -> dict[str, Any]:
         """Throughput over timed steps: medians per step, sums for rates."""
@@ -342,7 +353,8 @@ class Worker:
             "tflops_per_s": sum(f[0] for f in flops) / seconds / 1e12,
             "mfu": sum(f[0] for f in flops) / seconds / PEAK_FLOPS if cuda else None,
             "hfu": sum(f[1] for f in flops) / seconds / PEAK_FLOPS if cuda else None,
-            "data_wait_s": statistics.median(s["parts"]["data_wait"] for s in steps),
+            "data_wait_s": statistics.median(s["parts"]["data_wait"] for s in steps)
+            if all(s.get("fetches") for s in steps) else None,  # None: the loop never called get_batch_samples
             "lm_tokens_per_step": statistics.median(sum(s["lm_lengths"]) for s in steps),
             "patches_per_step": statistics.median(sum(s["image_patches"]) for s in steps),
             "model_tflop_per_step": statistics.median(f[0] for f in flops) / 1e12,
@@ -354,11 +366,13 @@ class Worker:
                 warmup: int | None = None) -> dict[str, Any]:
         import torch
 
+        from wellocr.autobatch import free_memory
+
         repeats = repeats or self.args.repeats
         steps, warmup = steps or self.args.steps, warmup if warmup is not None else self.args.warmup
         cuda = self.backend.device == "cuda"
         if cuda:
-            free_gpu()
+            free_memory()
             torch.cuda.reset_peak_memory_stats()
         out: dict[str, Any] = {"batch": micro * accumulation, "micro_batch": micro,
                                "gradient_accumulation_steps": accumulation, "repeats": []}
@@ -367,7 +381,7 @@ class Worker:
                 self.result["skipped"].append(f"batch {micro}x{accumulation} repeat {r + 1} (deadline)")
                 break
             started = time.perf_counter()
-            self.last_trainer, rec, _ = self.train(micro, accumulation, warmup + steps)
+            self.last_trainer, rec = self.train(micro, accumulation, warmup + steps)
             stats = self.step_stats(rec.steps[warmup:])
             stats.update(first_step_s=rec.steps[0]["seconds"], seconds=time.perf_counter() - started)
             out["repeats"].append(stats)
@@ -388,8 +402,6 @@ class Worker:
         from wellocr.checkpoint import mark_complete
 
         trainer = self.last_trainer
-        rec = Recorder(self.backend.device)
-        rec.start()
         started = time.perf_counter()
         trainer._save_checkpoint(trainer.model, trial=None)  # what save_steps runs: adapter, optimizer, RNG, state
         seconds = time.perf_counter() - started
@@ -400,7 +412,7 @@ class Worker:
                                      "mb": size / 2**20, "micro_batch": trainer.args.per_device_train_batch_size}
 
     def profile(self, micro: int) -> None:
-        _, rec, _ = self.train(micro, 1, 1 + 3, profile=True)
+        _, rec = self.train(micro, 1, 1 + 3, profile=True)
         steps = rec.steps[1:]
         part = {k: statistics.median(s["parts"][k] for s in steps)
                 for k in ("vision_fwd", "language_fwd", "forward", "fwd_bwd", "optimizer", "data_wait")}
@@ -418,18 +430,29 @@ class Worker:
         }
 
     def autobatch(self) -> None:
+        import torch
+
         from wellocr.autobatch import choose_micro_batch, memory_cap, trainer_probe, worst_case_row
 
         effective, budget = self.args.effective_batch, self.args.autobatch_gb
         row = worst_case_row(self.data["splits"]["train"], self.cfg.data, self.processor,
                              self.data["datasets"]["train"])
-        probe_trainer, _ = self.trainer(1, 1, 1, Recorder(self.backend.device))
+        probe_trainer, _ = self.trainer(1, 1, 1)
+        probe, probed = trainer_probe(probe_trainer, row), {}
+
+        def recorded(micro: int) -> None:  # the probe, plus its peak memory (or "oom") per candidate
+            probed[micro] = "oom"
+            if self.backend.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            probe(micro)
+            probed[micro] = torch.cuda.max_memory_reserved() / GB if self.backend.device == "cuda" else None
+
         started = time.perf_counter()
-        micro, accumulation = choose_micro_batch(trainer_probe(probe_trainer, row), effective,
-                                                 self.backend.device, budget)
-        del probe_trainer
+        micro, accumulation = choose_micro_batch(recorded, effective, self.backend.device, budget)
+        del probe_trainer, probe
         out = {"effective_batch": effective, "budget_gb": budget, "micro_batch": micro,
-               "gradient_accumulation_steps": accumulation, "probe_s": time.perf_counter() - started}
+               "gradient_accumulation_steps": accumulation, "probe_s": time.perf_counter() - started,
+               "probe_peak_reserved_gb": probed}
         self.result["autobatch"] = out
         seed = (min(2, effective), effective // min(2, effective))
         steps = max(2, self.args.steps // 2)
@@ -442,7 +465,8 @@ class Worker:
                 out[label] = {k: measured[k] for k in ("micro_batch", "gradient_accumulation_steps", "step_s",
                                                         "samples_per_s", "peak_reserved_gb")}
                 self.save()
-        out["speedup"] = out["auto"]["samples_per_s"]["median"] / out["seed"]["samples_per_s"]["median"]
+        if out.get("auto") and out["auto"]["samples_per_s"]:
+            out["speedup"] = out["auto"]["samples_per_s"]["median"] / out["seed"]["samples_per_s"]["median"]
 
     def generation(self) -> None:
         from wellocr.evaluate import fixed_eval_rows, generate_with_counts, row_inputs
@@ -450,16 +474,16 @@ class Worker:
         rows = fixed_eval_rows(self.data["splits"]["eval"], self.args.gen_samples)
         images, instructions, _ = row_inputs(rows, self.cfg)
         tokens = self.cfg.eval.max_new_tokens
-        rec = Recorder(self.backend.device)
+        sync = Recorder(self.backend.device).sync
         generate_with_counts(self.model, self.processor, images[:1], instructions[:1], 4)  # warm-up
         out = {"samples": len(rows), "max_new_tokens": tokens}
-        for label, size in (("loop", 1), ("batched", self.args.effective_batch)):
-            rec.start()
+        for label, size in (("loop", 1), ("batched", GEN_BATCH)):
+            sync()
             started, new = time.perf_counter(), 0
             for i in range(0, len(rows), size):
                 new += sum(generate_with_counts(self.model, self.processor, images[i:i + size],
                                                 instructions[i:i + size], tokens)[1])
-            rec.sync()
+            sync()
             seconds = time.perf_counter() - started
             out[label] = {"batch_size": size, "seconds": seconds, "samples_per_s": len(rows) / seconds,
                           "new_tokens": new}
@@ -487,31 +511,17 @@ class Worker:
     def run_all(self) -> None:
         self.setup()
         if self.args.resume_from:
-            with self.phase("resume"):
-                self.resume()
+            self.attempt("resume", self.resume)
             return
         for micro in self.args.batches:
-            with self.phase(f"batch {micro}"):
-                self.result["configs"].append({**self.measure(micro), "load_s": self.result["load_s"]})
+            self.attempt(f"batch {micro}", lambda m=micro: self.result["configs"].append(
+                {**self.measure(m), "load_s": self.result["load_s"]}))
         step_s = max((c["step_s"]["median"] for c in self.result["configs"]), default=1.0)
         if getattr(self, "last_trainer", None) is not None:
-            with self.phase("checkpoint", needs_s=10):
-                self.checkpoint()
-        with self.phase("profile", needs_s=20 + 6 * step_s):
-            self.profile(self.args.batches[0])
-        with self.phase("autobatch", needs_s=30 + 6 * step_s * 2):
-            self.autobatch()
-        with self.phase("generate", needs_s=20 + self.args.gen_samples * self.args.gen_tokens * 0.05):
-            self.generation()
-
-
-def free_gpu() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    torch.cuda.empty_cache()
+            self.attempt("checkpoint", self.checkpoint, needs_s=10)
+        self.attempt("profile", self.profile, self.args.batches[0], needs_s=20 + 6 * step_s)
+        self.attempt("generate", self.generation, needs_s=10 + self.args.gen_samples * self.args.gen_tokens * 0.03)
+        self.attempt("autobatch", self.autobatch, needs_s=30 + 12 * step_s)
 
 
 def bench_config(args: argparse.Namespace, backend: str) -> Any:
@@ -546,7 +556,14 @@ def build_model(args: argparse.Namespace) -> None:
 
     started = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
+    try:
+        with torch.device(device):  # factory calls in the model's __init__ allocate (and init) there
+            build_tiny_model(args.model, seed=0, arch=args.arch)
+    except Exception:  # noqa: BLE001 - a slow CPU init beats losing the whole GPU run
+        if device == "cpu":
+            raise
+        traceback.print_exc()
+        device = "cpu (the GPU init failed)"
         build_tiny_model(args.model, seed=0, arch=args.arch)
     print(f"bench: built {args.arch} on {device} in {time.time() - started:.1f} s at {args.model}", flush=True)
 
@@ -644,7 +661,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     build = None
     if not (Path(args.model) / "wellocr_build.json").is_file():
         command = [sys.executable, "-m", "wellocr.bench", "--worker", "build", *common_args(args), "--launched-at", "0"]
-        build = subprocess.Popen(command, stdout=open(logs / "build.log", "w"), stderr=subprocess.STDOUT)
+        with open(logs / "build.log", "w") as log:
+            build = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     ensure_data(args)
     try:
         report["data_pipeline"] = data_pipeline(args)
@@ -668,11 +686,11 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         result_file.unlink(missing_ok=True)
         worker_deadline = share_end - RESUME_RESERVE_S[backend] if share_end else 0.0
         code = spawn(args, ["--worker", backend, "--result", str(result_file), "--deadline", repr(worker_deadline)],
-                     logs / f"{backend}.log", share_end - time.time() if share_end else None, env)
+                     logs / f"{backend}.log", max(share_end - time.time(), 30) if share_end else None, env)
         result = json.loads(result_file.read_text()) if result_file.is_file() else {"errors": {}}
         result["exit_code"] = code
         checkpoint = (result.get("checkpoint") or {}).get("path")
-        if checkpoint and "resume" not in args.skip:
+        if checkpoint and not {"resume", f"resume:{backend}"} & args.skip:
             resume_file = work / f"{backend}-resume.json"
             resume_file.unlink(missing_ok=True)
             micro = str(result["checkpoint"]["micro_batch"])
@@ -715,7 +733,7 @@ def print_table(report: dict) -> None:
     print(f"\nwellocr.bench on {report['meta']['device']} ({report['meta']['arch']}, {report['meta']['image']} "
           "images); medians [min-max over repeats]")
     header = ("backend", "batch", "load s", "first s", "s/step", "samples/s", "tokens/s", "MFU", "HFU",
-              "alloc GB", "resv GB", "data/step")
+              "alloc GB", "resv GB", "data/step 1 worker")
     rows = [header]
     for c in report["configs"]:
         pct = lambda v: None if v is None else {k: 100 * v[k] for k in v}  # noqa: E731
@@ -760,6 +778,8 @@ def print_table(report: dict) -> None:
         for key in ("skipped", "errors"):
             if b.get(key):
                 print(f"  {key}: {b[key]}")
+    if report["meta"].get("skipped_backends"):
+        print(f"\nnot run (GPU-only, no CUDA here): {', '.join(report['meta']['skipped_backends'])}")
     d = report.get("data_pipeline")
     if d:
         print(f"\n[data pipeline, CPU, 1 worker] {d}")
@@ -788,7 +808,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gen-tokens", type=int, help="max_new_tokens there (default 64)")
     p.add_argument("--autobatch-gb", type=float, default=24.0, help="memory cap for the auto micro-batch part")
     p.add_argument("--effective-batch", type=int, default=8, help="effective batch for autobatch and generation")
-    p.add_argument("--skip", default="", help=f"comma list of phases to leave out: {','.join(PHASES)}")
+    p.add_argument("--skip", default="",
+                   help=f"comma list of phases to leave out ({','.join(PHASES)}); PHASE:BACKEND for one backend")
     p.add_argument("--worker", choices=("build", "hf", "unsloth"), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--launched-at", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -806,12 +827,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.arch = "tiny" if args.tiny else "qwen3-vl-2b"
     work = Path(args.work)
     args.model = args.model or str(work / ("tiny-qwen3-vl" if args.tiny else "qwen3-vl-2b-random"))
-    args.data = args.data or str(work / f"headers-{args.image_size[0]}")
+    rows = max(args.batches) * (args.warmup + args.steps)  # ensure_data writes this many: no epoch ends mid-run
+    args.data = args.data or str(work / f"headers-{args.image_size[0]}-{rows}")
     args.logs = args.logs or str(Path(args.out).absolute().parent)
-    bad = [b for b in args.backends if b not in SHARE] + [s for s in args.skip if s not in PHASES]
-    if bad or min(args.batches) < 1 or args.steps < 1 or args.warmup < 1 or args.repeats < 1:
-        p.error(f"bad value(s): {bad or 'batch, steps, warmup (>= 1: the first step includes compilation) and '
-                'repeats must be >= 1'}")
+    bad = [b for b in args.backends if b not in SHARE] + [
+        s for s in args.skip if s.partition(":")[0] not in PHASES or s.partition(":")[2] not in ("", *SHARE)]
+    if bad:
+        p.error(f"unknown backend(s) or phase(s): {', '.join(bad)}")
+    if min(args.batches) < 1 or min(args.steps, args.warmup, args.repeats) < 1:
+        p.error("--batch, --steps, --warmup and --repeats must be >= 1 (step 1, with compilation, is never timed)")
     return args
 
 
@@ -827,6 +851,9 @@ def main(argv: list[str] | None = None) -> int:
         worker = Worker(args)
         try:
             worker.run_all()
+        except BaseException as exc:  # setup failed (or killed): say so in the result, then fail
+            worker.result["errors"]["fatal"] = f"{type(exc).__name__}: {exc}"[:2000]
+            raise
         finally:
             worker.result["wall_s"] = time.time() - args.launched_at
             worker.save()

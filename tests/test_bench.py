@@ -1,0 +1,91 @@
+"""`python -m wellocr.bench`: the FLOP accounting, and the whole bench on CPU with the tiny model so it cannot rot."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from wellocr import bench
+
+
+def test_step_flops_by_hand():
+    params = {"vision": 10, "merger": 4, "language": 100, "lm_head": 7}
+    dims = {"merge": 4, "vision_width": 2, "vision_depth": 3, "text_width": 5, "text_layers": 2}
+    # linear forward 2 x (10x8 patches + 4x8/4 visual tokens + (100 + 7) x 7 tokens) = 1674
+    # attention forward 4x2x3x8^2 (vision, full) + 2x5x2x(3^2 + 4^2) (language, causal) = 2036
+    model, hardware = bench.step_flops([3, 4], [8], params, dims, recompute=True)
+    assert model == 2 * 1674 + 3 * 2036
+    assert hardware == model + 2 * (10 * 8 + 100 * 7) + 2036  # one more forward of the checkpointed layers
+    assert bench.step_flops([3, 4], [8], params, dims, recompute=False) == (model, model)
+
+
+def test_parameter_groups_of_the_real_2b_architecture():
+    """Counted on a meta-device model (no weights): every parameter lands in one group, the tied head once."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from wellocr.tiny import qwen3vl_config, train_tokenizer
+
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(qwen3vl_config("qwen3-vl-2b", train_tokenizer()))
+    groups = bench.param_groups(model)
+    assert sum(groups.values()) - groups["lm_head"] == 2_127_532_032  # the tied head is the embedding
+    assert groups["lm_head"] == 151936 * 2048
+    assert groups["embedding"] == 151936 * 2048 + 2304 * 1024  # token + vision position embeddings
+    assert groups["lora"] == 0
+    assert 1.3e9 < groups["language"] < 1.5e9 and 0.3e9 < groups["vision"] + groups["merger"] < 0.45e9
+    assert bench.arch_dims(model) == {"text_layers": 28, "text_width": 2048, "vision_depth": 24,
+                                      "vision_width": 1024, "merge": 4}
+
+
+def test_summary_and_bad_arguments():
+    assert bench.summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
+    assert bench.summary([None]) is None
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--skip", "nothing"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--steps", "0"])
+    assert bench.parse_args(["--skip", "autobatch:hf,resume"]).skip == {"autobatch:hf", "resume"}
+
+
+def test_tiny_bench_on_cpu(tiny_model_dir, synth_data_dir, tmp_path):
+    out = tmp_path / "out" / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "wellocr.bench", "--tiny", "--backend", "unsloth,hf", "--model", str(tiny_model_dir),
+         "--data", str(synth_data_dir), "--work", str(tmp_path / "work"), "--out", str(out), "--budget-s", "300"],
+        capture_output=True, text=True, cwd=REPO, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "samples/s" in result.stdout and "resume to first step" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["meta"]["skipped_backends"] == ["unsloth"]  # GPU-only
+
+    [config] = report["configs"]
+    assert (config["backend"], config["batch"], config["gradient_accumulation_steps"]) == ("hf", 2, 1)
+    assert len(config["repeats"]) == 2
+    for key in ("step_s", "samples_per_s", "tokens_per_s", "tflops_per_s"):
+        assert 0 < config[key]["min"] <= config[key]["median"] <= config[key]["max"]
+    assert config["first_step_s"] > 0 and config["load_s"] > 0 and config["data_wait_s"]["median"] >= 0
+    assert config["lm_tokens_per_step"] > config["visual_tokens_per_step"] > 0
+    assert config["mfu"] is None and config["hfu"] is None and config["peak_reserved_gb"] is None  # CPU
+    assert config["data_fraction_of_step_1worker"] > 0
+
+    hf = report["backends"]["hf"]
+    assert hf["errors"] == {} and hf["skipped"] == [] and hf["exit_code"] == 0
+    assert hf["checkpoint"]["mb"] > 0 and hf["checkpoint"]["seconds"] > 0
+    resume = hf["resume"]
+    assert resume["ended_at_step"] == resume["resumed_at_step"] + 1 == hf["checkpoint"]["step"] + 1
+    assert resume["resume_to_first_step_s"] > resume["load_s"] > 0
+    profile = hf["profile"]
+    assert profile["vision_fwd_s"] > 0 and profile["language_fwd_s"] > 0 and profile["backward_s"] > 0
+    generation = hf["generation"]
+    assert generation["loop"]["samples_per_s"] > 0 and generation["batched"]["samples_per_s"] > 0
+    assert generation["loop"]["new_tokens"] == generation["batched"]["new_tokens"] > 0  # greedy: same outputs
+    auto = hf["autobatch"]
+    assert (auto["micro_batch"], auto["gradient_accumulation_steps"]) == (2, 4)  # CPU rule
+    assert auto["seed"]["samples_per_s"]["median"] > 0
+
+    data = report["data_pipeline"]
+    assert data["samples_per_s_per_worker"] > 0 and data["mean_tokens"] > 0
