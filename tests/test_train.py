@@ -128,7 +128,7 @@ def test_resume_after_sigkills_reproduces_the_uninterrupted_run(trained_run, mak
     for name in reference:
         torch.testing.assert_close(resumed[name], reference[name], rtol=1e-5, atol=1e-6)
     attempts = RunDir(run_dir).read()["attempts"]
-    assert attempts[0]["exit_reason"] == "running"  # SIGKILL leaves no chance to record an exit
+    assert attempts[0]["exit_reason"] == "vanished"  # SIGKILL records nothing: the next attempt marks it
     assert attempts[-1]["exit_reason"] == "finished"
 
 

@@ -82,7 +82,7 @@ class CheckpointCallback(TrainerCallback):
             for name in deleted:
                 self.remote.delete_checkpoint(name)
             self.remote.apply_retention(self.retention, self.protect)  # also what earlier machines left
-            for name in ("run.json", "cost.json", "bad_rows.jsonl"):
+            for name in ("config.yaml", "run.json", "cost.json", "bad_rows.jsonl"):
                 if (self.run_dir / name).is_file():
                     self.remote.upload_path(self.run_dir / name)
         return control

@@ -406,7 +406,7 @@ def cost_report(run_dir: Path) -> dict[str, Any]:
         "gpu_hours": sum(segment_gpu_hours(s) for s in segments),
         "attempts": len(attempts) if attempts else len(segments),
         "segments": len(segments),
-        "preemptions": sum(1 for a in attempts if a.get("exit_reason") == "preempted"),
+        "preemptions": sum(1 for a in attempts if a.get("exit_reason") in ("preempted", "vanished")),
         "steps_done": steps,
         "max_steps": max_steps,
         "usd_per_step": per_step,

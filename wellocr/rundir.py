@@ -42,6 +42,9 @@ log = logging.getLogger("wellocr")
 LOCK_NAME = ".lock"
 LOCK_HEARTBEAT_S = 15.0
 LOCK_STALE_S = 90.0
+# An attempt still "running" when the next one starts ended without a word: SIGKILL, or a pod that vanished.
+VANISHED = "vanished"
+PREEMPTED_REASONS = frozenset({"preempted", VANISHED})
 TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth",
                     "unsloth_zoo", "wandb", "jiwer", "skypilot")
 
@@ -184,7 +187,10 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (killed, not yet reaped where PID 1 reaps nothing) holds no lock
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 class _Tee:
@@ -253,6 +259,9 @@ class RunDir:
     def start_attempt(self, command: list[str]) -> int:
         data = self.read()
         attempts = data.get("attempts", [])
+        for earlier in attempts:
+            if earlier.get("exit_reason") == "running":
+                earlier["exit_reason"] = VANISHED
         number = len(attempts) + 1
         attempts.append({
             "attempt": number, "started_at": time.time(), "command": command, "versions": package_versions(),

@@ -30,6 +30,15 @@ _RENAME = {
 }
 
 
+def _wandb_key(key: str) -> str:
+    if key in _RENAME or "/" in key:
+        return _RENAME.get(key, key)
+    for prefix in ("eval", "train"):
+        if key.startswith(prefix + "_"):
+            return f"{prefix}/{key[len(prefix) + 1:]}"
+    return f"train/{key}"
+
+
 class Tracker:
     def __init__(self, cfg: Config, run: RunDir):
         self.cfg, self.run = cfg, run
@@ -113,8 +122,7 @@ class TrackingCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.tracker.active or not logs:
             return
-        data = {_RENAME.get(k, k if "/" in k else f"train/{k}"): v for k, v in logs.items()
-                if isinstance(v, (int, float))}
+        data = {_wandb_key(k): v for k, v in logs.items() if isinstance(v, (int, float))}
         now = time.time()
         if self._last is not None and state.global_step > self._last[1]:
             data["train/samples_per_second"] = (

@@ -40,7 +40,7 @@ from wellocr.errors import UserError
 from wellocr.model import Backend, import_backend, load_for_training, resolve_precision, select_backend
 from wellocr.preflight import run_preflight
 from wellocr.remote import RemoteStore
-from wellocr.rundir import RunDir, RunLock, resolve_run_name
+from wellocr.rundir import PREEMPTED_REASONS, RunDir, RunLock, resolve_run_name
 
 log = logging.getLogger("wellocr")
 
@@ -123,18 +123,20 @@ def _requested_config(args: argparse.Namespace, fallback: Config) -> Config:
 
 
 def _merge_resumed(saved: Config, requested: Config) -> Config:
-    changed = trajectory_differences(saved, requested)
+    """The requested config, once it agrees with the saved one on every trajectory key.
+
+    The saved copy has secrets masked, so the comparison is made on the masked request; the merged config keeps
+    the real values (and the requested mutable keys: steps, intervals, budget, W&B)."""
+    from wellocr.redact import redact_data
+
+    masked = config_from_dict(redact_data(requested.to_dict()), "the requested config")
+    changed = trajectory_differences(saved, masked)
     if changed:
         raise UserError(
             f"resuming run changes {', '.join(changed)} (they would change the training trajectory); "
             "keep the run's values (see its config.yaml) or start a new run with another run.run_name"
         )
-    merged = saved
-    for key in MUTABLE_ON_RESUME:
-        section, name = key.split(".")
-        setattr(getattr(merged, section), name, getattr(getattr(requested, section), name))
-    validate(merged, {}, "config.yaml")
-    return merged
+    return requested
 
 
 def print_summary(cfg: Config, run: RunDir, backend: Backend) -> None:
@@ -413,7 +415,7 @@ def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, a
         print(f"wellocr: {over_budget}", flush=True)
         return Outcome("budget", EXIT_OK, start_step)
     tracker = Tracker(cfg, run)
-    preemptions = sum(a.get("exit_reason") == "preempted" for a in run.read().get("attempts", []))
+    preemptions = sum(a.get("exit_reason") in PREEMPTED_REASONS for a in run.read().get("attempts", []))
     tracker.start(preemptions)
     step = start_step
     try:
@@ -487,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         lock = RunLock(run.path)
         lock.acquire()
         save_config(cfg, run.config_file)
+        if remote is not None:
+            remote.upload_path(run.config_file)
         done = run_is_done(cfg, run)
         if done and not args.preflight_only:
             print(f"wellocr: run {run.path} is already done ({done}); nothing to do", flush=True)
@@ -524,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         run.end_attempt(attempt, exit_reason=outcome.reason, exit_code=outcome.code, step=outcome.step)
         if remote is not None:
-            for path in (run.run_json, run.cost_file):
+            for path in (run.config_file, run.run_json, run.cost_file):
                 if path.is_file():
                     remote.upload_path(path)
             if log_path is not None:
