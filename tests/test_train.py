@@ -445,3 +445,19 @@ def test_early_stopping_ends_the_run_and_resume_latest_then_does_nothing(make_co
     assert step == 4  # evals at 2 and 4; no improvement of 100 at 4 exhausts patience 1
     again = run_train("--config", str(cfg), "--resume-latest")
     assert again.returncode == 0 and "early-stopped at step 4); nothing to do" in again.stdout
+
+
+def test_auto_micro_batch_on_cpu_is_two_and_keeps_the_effective_batch(make_config, tmp_path):
+    cfg = make_config(**{"run.run_name": "auto", "train.per_device_train_batch_size": "auto",
+                         "train.effective_batch_size": 4, "train.max_steps": 2, "train.eval_steps": 2,
+                         "train.save_steps": 2, "eval.generation_samples": 0})
+    result = run_train("--config", str(cfg))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "auto batch: micro-batch 2 x 2 accumulation = 4" in result.stdout
+    run = RunDir(tmp_path / "runs" / "auto")
+    assert run.read()["auto_batch"] == {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
+    state = json.loads((run.path / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["train_batch_size"] == 2
+    report = subprocess.run([sys.executable, "-m", "wellocr.cost", "--run", str(run.path), "--json"],
+                            capture_output=True, text=True)
+    assert json.loads(report.stdout)["effective_batch"] == 4

@@ -392,9 +392,9 @@ def cost_report(run_dir: Path) -> dict[str, Any]:
     total = sum(segment_usd(s) for s in segments)
     steps = max((s["last_step"] for s in segments), default=0)
     max_steps = train.get("max_steps")
-    batch = run.get("adapted_batch") or train
+    batch = run.get("adapted_batch") or run.get("auto_batch") or train
     micro, accumulation = batch.get("per_device_train_batch_size"), batch.get("gradient_accumulation_steps")
-    effective_batch = micro * accumulation if micro and accumulation else None
+    effective_batch = micro * accumulation if isinstance(micro, int) and isinstance(accumulation, int) else None
     per_step = total / steps if steps else None
     samples = steps * effective_batch if effective_batch else None
     attempts = run.get("attempts") or []

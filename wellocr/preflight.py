@@ -154,6 +154,8 @@ def check_gpu(cfg: Config, model_config: dict[str, Any], report: PreflightReport
     props = torch.cuda.get_device_properties(0)
     total = props.total_memory / GIB
     micro_batch = cfg.train.per_device_train_batch_size
+    if micro_batch == "auto":
+        micro_batch = 1  # auto picks what fits; the check is that the smallest does
     need = estimated_gpu_gb(model_config, cfg, micro_batch)
     if total < need:
         raise UserError(f"GPU {props.name} has {total:.0f} GiB, the config needs ~{need:.0f} GiB; lower "

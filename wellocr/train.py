@@ -141,11 +141,15 @@ def _merge_resumed(saved: Config, requested: Config) -> Config:
 
 def print_summary(cfg: Config, run: RunDir, backend: Backend) -> None:
     t = cfg.train
-    effective = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    if t.per_device_train_batch_size == "auto":
+        batch = f"auto (largest micro-batch that fits) x accumulation = {t.effective_batch_size}"
+    else:
+        batch = (f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} accumulation = "
+                 f"{t.per_device_train_batch_size * t.gradient_accumulation_steps}")
     rows = [
         ("run", f"{run.path.name}"), ("model", cfg.model.model_name),
         ("steps", f"{t.max_steps} (eval every {t.eval_steps}, save every {t.save_steps})"),
-        ("batch", f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} accumulation = {effective}"),
+        ("batch", batch),
         ("lr", f"{t.learning_rate:g} ({t.lr_scheduler_type}, warmup {t.warmup_steps})"),
         ("lora", f"r={cfg.lora.r} alpha={cfg.lora.lora_alpha}"), ("data", cfg.data.dataset_name),
         ("output", str(run.path)), ("backend", str(backend)),
@@ -283,15 +287,12 @@ def is_cuda_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
 
 
-def train_adapting_to_oom(cfg: Config, run: RunDir, make_trainer, resume_from: Path | None) -> tuple[Any, Any]:
+def train_adapting_to_oom(run: RunDir, make_trainer, resume_from: Path | None, initial: dict) -> tuple[Any, Any]:
     """Train; on CUDA OOM halve the micro-batch and double accumulation (same effective batch), rebuild and
     resume from the last complete checkpoint, at most MAX_OOM_ADAPTATIONS times; the sizes go into run.json."""
     import torch
 
-    sizes = run.read().get("adapted_batch") or {
-        "per_device_train_batch_size": cfg.train.per_device_train_batch_size,
-        "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
-    }
+    sizes = run.read().get("adapted_batch") or initial
     for adaptation in range(MAX_OOM_ADAPTATIONS + 1):
         trainer = make_trainer(sizes["per_device_train_batch_size"], sizes["gradient_accumulation_steps"])
         try:
@@ -318,6 +319,36 @@ def train_adapting_to_oom(cfg: Config, run: RunDir, make_trainer, resume_from: P
             remove_incomplete(run.path)
             resume_from = latest_complete_checkpoint(run.path)
     raise AssertionError("unreachable")
+
+
+def batch_sizes(cfg: Config, run: RunDir, backend: Backend, make_trainer, data: dict, processor: Any) -> dict:
+    """Micro-batch and accumulation: the config's, or for `auto` the largest micro-batch that fits (probed once
+    with the longest sample, then remembered in run.json so every restart trains with the same sizes)."""
+    t = cfg.train
+    if t.per_device_train_batch_size != "auto":
+        return {"per_device_train_batch_size": t.per_device_train_batch_size,
+                "gradient_accumulation_steps": t.gradient_accumulation_steps}
+    recorded = run.read().get("auto_batch")
+    if recorded:
+        return recorded
+    from wellocr.autobatch import AutoBatchError, choose_micro_batch, trainer_probe, worst_case_row
+
+    probe = None
+    if backend.device == "cuda":
+        trainer = make_trainer(1, t.effective_batch_size)
+        row = worst_case_row(data["splits"]["train"], cfg.data, processor, data["datasets"]["train"])
+        probe = trainer_probe(trainer, row)
+    try:
+        micro, accumulation = choose_micro_batch(probe, t.effective_batch_size, backend.device)
+    except AutoBatchError as exc:
+        raise OutOfMemory(str(exc)) from exc
+    finally:
+        probe = None
+        gc.collect()
+    sizes = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": accumulation}
+    run.update(auto_batch=sizes)
+    print(f"auto batch: micro-batch {micro} x {accumulation} accumulation = {t.effective_batch_size}", flush=True)
+    return sizes
 
 
 def save_final(trainer: Any, run: RunDir, step: int) -> Path:
@@ -427,13 +458,11 @@ def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, a
 
         retention = RetentionPolicy(cfg.checkpoint.keep_best, cfg.checkpoint.keep_recent)
         protect = {resume_from.name} if resume_from is not None else set()
-        samples_per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
         callbacks = [  # order matters: cost adds its keys to the logs the tracker then sends
             CheckpointCallback(run.path, retention, stop, protect, marker_extra=lambda: {"cost_usd": ledger.total_usd()},
                                remote=remote),
             StopCallback(stop),
             CostCallback(ledger, stop, cfg.cost, cfg.train.max_steps),
-            TrackingCallback(tracker, samples_per_step),
         ]
         generation_eval = generation_eval_hook(cfg, processor, data, tracker)
 
@@ -443,7 +472,10 @@ def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, a
             trainer.generation_eval = generation_eval
             return trainer
 
-        trainer, result = train_adapting_to_oom(cfg, run, make_trainer, resume_from)
+        sizes = batch_sizes(cfg, run, backend, make_trainer, data, processor)
+        samples_per_step = sizes["per_device_train_batch_size"] * sizes["gradient_accumulation_steps"]
+        callbacks.append(TrackingCallback(tracker, samples_per_step))
+        trainer, result = train_adapting_to_oom(run, make_trainer, resume_from, sizes)
         step = trainer.state.global_step
         if stop.reason == "preempted":
             return Outcome("preempted", EXIT_PREEMPTED, step)
