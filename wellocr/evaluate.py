@@ -54,7 +54,7 @@ from wellocr.checkpoint import (
     best_checkpoint, checkpoint_step, incomplete_reason, latest_complete_checkpoint, read_marker, write_json_atomic,
 )
 from wellocr.config import Config, config_from_dict
-from wellocr.errors import UserError
+from wellocr.errors import UserError, run_cli
 from wellocr.metrics import compute_cer, compute_wer, score
 
 
@@ -502,12 +502,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        run(parse_args(argv))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return run_cli(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from wellocr.config import Config
-from wellocr.errors import UserError
+from wellocr.errors import UserError, run_cli
 from wellocr.evaluate import (
     UserErrorParser, positive_int, generate_batch, load_model, load_run_config, prepare_backend, resolve_checkpoint,
 )
@@ -149,12 +149,7 @@ def run(args: argparse.Namespace) -> list[tuple[Path, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        run(parse_args(argv))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return run_cli(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":
