@@ -72,6 +72,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
     _fsync_dir(path.parent)
 
 
+def read_json_dict(path: Path) -> dict[str, Any]:
+    """A JSON object from disk, or {} when the file is missing, unreadable or not an object (for reports)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def mark_complete(path: Path, step: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Flush everything in `path`, then write the completeness marker (the last write of a checkpoint)."""
     marker = {"step": step, "time": time.time(), "files": _fsync_tree(path), **(extra or {})}

@@ -28,20 +28,12 @@ from typing import Any
 
 import yaml
 
-from wellocr.checkpoint import list_checkpoints, read_marker
+from wellocr.checkpoint import list_checkpoints, read_json_dict, read_marker
 from wellocr.cost import LEDGER_NAME, read_ledger, read_metrics, segment_usd
 from wellocr.errors import UserError
 
 NOT_DIFFERENCES = frozenset({"run.run_name", "run.output_dir"})
 WANDB_OFFLINE_MODES = frozenset({"offline", "disabled", "dryrun"})
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def flat_config(run_dir: Path) -> dict[str, Any]:
@@ -74,7 +66,7 @@ def best_eval_loss(run_dir: Path) -> float | None:
     """Lowest eval loss logged up to any checkpoint (each trainer_state.json holds the history up to its step)."""
     losses = []
     for path in list_checkpoints(run_dir):
-        state = _read_json(path / "trainer_state.json")
+        state = read_json_dict(path / "trainer_state.json")
         losses += [e["eval_loss"] for e in state.get("log_history", []) if isinstance(e.get("eval_loss"), (int, float))]
     return min(losses, default=None)
 
@@ -107,7 +99,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or not ((run_dir / "config.yaml").is_file() or (run_dir / "run.json").is_file()):
         raise UserError(f"{run_dir}: not a wellocr run directory (no config.yaml or run.json there)")
-    run = _read_json(run_dir / "run.json")
+    run = read_json_dict(run_dir / "run.json")
     ledger = read_ledger(run_dir / LEDGER_NAME) if (run_dir / LEDGER_NAME).is_file() else None
     metrics_from, metrics = pick_metrics(run_dir)
     fields = metrics.get("fields") if isinstance(metrics.get("fields"), dict) else {}

@@ -53,7 +53,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
-from wellocr.checkpoint import write_json_atomic
+
+from wellocr.checkpoint import read_json_dict, write_json_atomic
 from wellocr.errors import UserError
 
 LEDGER_VERSION = 1
@@ -368,14 +369,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _read_run_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def cost_report(run_dir: Path) -> dict[str, Any]:
     """The run's cost summary (the `--json` keys, documented in docs/COST.md). Raises UserError without a ledger."""
     run_dir = Path(run_dir)
@@ -386,7 +379,7 @@ def cost_report(run_dir: Path) -> dict[str, Any]:
         raise UserError(f"--run {run_dir}: no {LEDGER_NAME} (the run has no cost ledger yet; train it first)")
     segments = read_ledger(ledger_path)["segments"]
     cfg = _read_yaml(run_dir / "config.yaml")
-    run = _read_run_json(run_dir / "run.json")
+    run = read_json_dict(run_dir / "run.json")
     train, cost = cfg.get("train") or {}, cfg.get("cost") or {}
 
     total = sum(segment_usd(s) for s in segments)

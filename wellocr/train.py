@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,11 @@ import yaml
 
 from wellocr.preemption import Preempted, StopState, install_sigterm_handler
 from wellocr.checkpoint import (
-    MARKER, RetentionPolicy, checkpoint_step, incomplete_reason, latest_complete_checkpoint, mark_complete,
+    RetentionPolicy, checkpoint_step, incomplete_reason, latest_complete_checkpoint, mark_complete,
     read_marker, remove_incomplete,
 )
 from wellocr.config import (
-    MUTABLE_ON_RESUME, Config, config_from_dict, find_config_path, load_config, parse_overrides, apply_values,
+    Config, config_from_dict, find_config_path, load_config, parse_overrides, apply_values,
     save_config, trajectory_differences, validate,
 )
 from wellocr.errors import UserError
@@ -85,7 +85,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, RunDir, str, Any]:
         run = RunDir(checkpoint.parent)
         if not run.config_file.is_file():
             raise UserError(f"--resume {checkpoint}: {run.config_file} is missing")
-        saved = config_from_dict(yaml.safe_load(run.config_file.read_text()), str(run.config_file))
+        saved = _saved_config(run)
         requested = _requested_config(args, fallback=saved)
         cfg = _merge_resumed(saved, requested)
         return cfg, run, "--resume", RemoteStore.from_config(cfg.checkpoint, run.path.name)
@@ -105,17 +105,20 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, RunDir, str, Any]:
         if not args.resume_latest:
             raise UserError(f"run directory {run.path} already exists; continue it with --resume-latest or set "
                             "run.run_name to start a new run")
-        saved = config_from_dict(yaml.safe_load(run.config_file.read_text()), str(run.config_file))
-        return _merge_resumed(saved, requested), run, how, remote
+        return _merge_resumed(_saved_config(run), requested), run, how, remote
     return requested, run, how, remote
 
 
+def _saved_config(run: RunDir) -> Config:
+    return config_from_dict(yaml.safe_load(run.config_file.read_text()), str(run.config_file))
+
+
 def _requested_config(args: argparse.Namespace, fallback: Config) -> Config:
+    """The --config/$WELLOCR_CONFIG file with --set, or without one the run's saved config with --set."""
     try:
         path = find_config_path(args.config)
     except UserError:
-        cfg = replace(fallback)
-        cfg.__dict__.update({k: replace(v) for k, v in fallback.__dict__.items()})
+        cfg = config_from_dict(fallback.to_dict(), "config.yaml")
         apply_values(cfg, parse_overrides(args.set), "--set", {})
         validate(cfg, {}, "--set")
         return cfg
