@@ -7,6 +7,7 @@ import yaml
 
 from conftest import smoke_settings
 from wellocr import autobatch as A
+from wellocr.data import sample_lengths
 
 
 def oom_above(limit: int, tried: list[int]):
@@ -95,11 +96,11 @@ def test_worst_case_is_the_longest_row_then_the_largest_image():
         A.worst_case_index([], [])
 
 
-def test_probe_through_the_project_trainer_leaves_the_model_unchanged(tiny_model_dir, synth_data_dir, tmp_path):
+def test_probe_trains_one_real_step_then_restores_the_adapter(tiny_model_dir, synth_data_dir, tmp_path):
     from wellocr.config import config_from_dict
     from wellocr.model import Backend, load_for_training
     from wellocr.rundir import RunDir
-    from wellocr.train import build_trainer, prepare_data
+    from wellocr.train import prepare_data, probe_trainer_factory
 
     settings = smoke_settings(tiny_model_dir, synth_data_dir, tmp_path / "runs")
     cfg = config_from_dict(yaml.safe_load(yaml.safe_dump(settings)), "test")
@@ -107,12 +108,19 @@ def test_probe_through_the_project_trainer_leaves_the_model_unchanged(tiny_model
     model, processor = load_for_training(cfg, backend, "fp32")
     run = RunDir(tmp_path / "runs" / "probe")
     data, max_length = prepare_data(cfg, processor, run)
-    trainer = build_trainer(cfg, run, backend, "fp32", model, processor, data, max_length, 1, 8, [])
-    row = A.worst_case_row(data["splits"]["train"], cfg.data, processor, data["datasets"]["train"])
-    assert {"prompt", "completion", "images"} <= set(row)
+    make = probe_trainer_factory(cfg, run, backend, "fp32", model, processor, data, max_length)
 
+    lengths = sample_lengths(data["splits"]["train"], cfg.data, processor)
+    rows = A.worst_case_rows(data["splits"]["train"], cfg.data, processor, data["datasets"]["train"], 3)
+    assert len(rows) == 3 and {"prompt", "completion", "images"} <= set(rows[0])
+    assert len({r["row_index"] for r in rows}) == 1 and lengths[rows[0]["row_index"]] == max(lengths)
+
+    trainers = []
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    A.trainer_probe(trainer, row)(2)
+    A.training_probe(lambda micro: trainers.append(make(micro)) or trainers[-1], model)(2)
+    [trainer] = trainers
+    assert trainer.state.global_step == 1 and trainer.args.per_device_train_batch_size == 2  # a real step ran
     assert all(p.grad is None for p in model.parameters())
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
-    assert A.choose_micro_batch(A.trainer_probe(trainer, row), 8, device="cpu") == (2, 4)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)  # restored
+    assert not list(run.path.glob("checkpoint-*"))  # the probe saves nothing
+    assert A.choose_micro_batch(A.training_probe(make, model), 8, device="cpu") == (2, 4)

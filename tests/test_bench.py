@@ -49,13 +49,18 @@ def test_summary_and_bad_arguments():
     with pytest.raises(SystemExit):
         bench.parse_args(["--steps", "0"])
     assert bench.parse_args(["--skip", "autobatch:hf,resume"]).skip == {"autobatch:hf", "resume"}
+    assert bench.parse_args(["--skip", "train:unsloth"]).skip == {"train:unsloth"}
+    args = bench.parse_args(["--batch", "2,8,16", "--batch-hf", "2,8"])
+    assert (args.batches, args.batches_hf) == ([2, 8, 16], [2, 8])
+    assert bench.parse_args(["--batch", "4"]).batches_hf == [4]
 
 
 def test_tiny_bench_on_cpu(tiny_model_dir, synth_data_dir, tmp_path):
     out = tmp_path / "out" / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "wellocr.bench", "--tiny", "--backend", "unsloth,hf", "--model", str(tiny_model_dir),
-         "--data", str(synth_data_dir), "--work", str(tmp_path / "work"), "--out", str(out), "--budget-s", "300"],
+         "--data", str(synth_data_dir), "--work", str(tmp_path / "work"), "--out", str(out), "--budget-s", "300",
+         "--batch", "1,2", "--batch-hf", "2", "--profile-batch", "2", "--cap-gb", "24"],
         capture_output=True, text=True, cwd=REPO, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "samples/s" in result.stdout and "resume to first step" in result.stdout
@@ -63,6 +68,7 @@ def test_tiny_bench_on_cpu(tiny_model_dir, synth_data_dir, tmp_path):
     assert report["meta"]["skipped_backends"] == ["unsloth"]  # GPU-only
 
     [config] = report["configs"]
+    # --batch-hf: the hf worker trains only its own sizes
     assert (config["backend"], config["batch"], config["gradient_accumulation_steps"]) == ("hf", 2, 1)
     assert len(config["repeats"]) == 2
     for key in ("step_s", "samples_per_s", "tokens_per_s", "tflops_per_s"):
@@ -79,10 +85,12 @@ def test_tiny_bench_on_cpu(tiny_model_dir, synth_data_dir, tmp_path):
     assert resume["ended_at_step"] == resume["resumed_at_step"] + 1 == hf["checkpoint"]["step"] + 1
     assert resume["resume_to_first_step_s"] > resume["load_s"] > 0
     profile = hf["profile"]
+    assert profile["micro_batch"] == 2
     assert profile["vision_fwd_s"] > 0 and profile["language_fwd_s"] > 0 and profile["backward_s"] > 0
     generation = hf["generation"]
     assert generation["loop"]["samples_per_s"] > 0 and generation["batched"]["samples_per_s"] > 0
     assert generation["loop"]["new_tokens"] == generation["batched"]["new_tokens"] > 0  # greedy: same outputs
+    assert generation["loop_first_call_s"] > 0 and generation["batched_first_call_s"] > 0  # untimed warm-ups
     auto = hf["autobatch"]
     assert (auto["micro_batch"], auto["gradient_accumulation_steps"]) == (2, 4)  # CPU rule
     assert auto["seed"]["samples_per_s"]["median"] > 0

@@ -4,11 +4,10 @@ The effective batch (samples per optimizer step, `train.effective_batch_size`, d
 training trajectory depends on, so it never changes: the micro-batch is the largest divisor of it that fits the
 memory budget, and gradient accumulation makes up the rest (8 → 8x1, 4x2, 2x4 or 1x8).
 
-Fitting is measured, not estimated: one real forward + backward of a worst-case batch (the longest sample of the
-data set, by tokens, then by image area, repeated micro times: every row as long as the longest, so no later
-batch of any image size can need more) at each candidate, largest first, catching CUDA out-of-memory. The probe
-skips the optimizer step (it would change the weights before training starts); the LoRA optimizer state it
-leaves out is small (8 bytes x ~24 M parameters with adamw_torch, 2 with adamw_8bit) and falls in the headroom.
+Fitting is measured, not estimated: one real training step (trainer.train(), optimizer included) on a worst-case
+batch (the longest sample of the data set, by tokens, then by image area, repeated micro times: every row as long
+as the longest, so no later batch of any image size can need more) at each candidate, largest first, catching CUDA
+out-of-memory; the trainable weights are put back afterwards, so training starts from the same adapter.
 
 - budget: explicit GB (e.g. the 24 of a 4090 while probing on a bigger GPU), enforced with
   `torch.cuda.set_per_process_memory_fraction`; by default the GPU's own memory minus `HEADROOM` (10%).
@@ -20,7 +19,6 @@ Imports no transformers at module level (Unsloth must be imported before transfo
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import logging
 from typing import Any, Callable, Iterator
@@ -123,29 +121,35 @@ def worst_case_index(lengths: list[int], image_sizes: list[tuple[int, int]]) -> 
     return max(range(len(lengths)), key=lambda i: (lengths[i], image_sizes[i][0] * image_sizes[i][1]))
 
 
-def worst_case_row(split: Any, data_cfg: Any, processor: Any, dataset: Any) -> dict:
-    """The formatted (trainer-ready) row of `dataset` that is longest in `split` (a wellocr.data.Split)."""
+def worst_case_rows(split: Any, data_cfg: Any, processor: Any, dataset: Any, micro: int) -> Any:
+    """`dataset` (the trainer-ready rows of `split`, a wellocr.data.Split) reduced to its longest row, micro times."""
     from wellocr.data import sample_lengths
 
     index = worst_case_index(sample_lengths(split, data_cfg, processor), split.image_sizes)
-    return dataset[index]
+    return dataset.select([index] * micro)
 
 
-def trainer_probe(trainer: Any, row: dict) -> Callable[[int], None]:
-    """probe(micro): the trainer's own collator and training_step (forward + backward) on `row` x micro.
+def training_probe(make_probe_trainer: Callable[[int], Any], model: Any) -> Callable[[int], None]:
+    """probe(micro): one real optimizer step through `trainer.train()` of `make_probe_trainer(micro)` (a trainer
+    over `worst_case_rows(..., micro)` with max_steps 1 that saves nothing), then the trainable weights restored.
 
-    Gradients are dropped afterwards, so probing leaves the model as it was.
+    Through train(), not a bare forward + backward: Unsloth sets up its gradient checkpointing there, and treats
+    a grad-enabled forward before train() as poisoning its compile cache (it resets it, so training compiles
+    twice). The probe also counts the optimizer state, which a bare backward leaves out.
     """
 
     def probe(micro: int) -> None:
-        batch = trainer.data_collator([copy.deepcopy(row) for _ in range(micro)])  # collators edit rows in place
-        if getattr(trainer, "current_gradient_accumulation_steps", None) is None:
-            trainer.current_gradient_accumulation_steps = 1  # set by the training loop; training_step reads it
+        trainable = [(p, p.detach().to("cpu", copy=True)) for p in model.parameters() if p.requires_grad]
+        trainer = make_probe_trainer(micro)
         try:
-            trainer.training_step(trainer.model, batch, None)
+            trainer.train()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
         finally:
-            trainer.model.zero_grad(set_to_none=True)
+            trainer.optimizer = trainer.lr_scheduler = None
+            with torch.no_grad():
+                for param, saved in trainable:
+                    param.copy_(saved)
+            model.zero_grad(set_to_none=True)
 
     return probe

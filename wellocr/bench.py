@@ -33,7 +33,8 @@ Numbers (JSON at --out: `configs` has one object per backend x batch; `backends`
 - checkpoint: the Trainer's own `_save_checkpoint` (adapter + optimizer + scheduler + RNG + state), seconds, MB.
 - resume: a new process from its launch (the orchestrator's timestamp, before the interpreter starts) to the end of
   the first optimizer step of `trainer.train(resume_from_checkpoint=...)`; Unsloth's and inductor's compile
-  caches live next to the checkpoint (UNSLOTH_COMPILE_LOCATION, TORCHINDUCTOR_CACHE_DIR), so it finds them warm.
+  caches live next to the checkpoint (UNSLOTH_COMPILE_LOCATION, TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR), so it finds
+  them warm.
 - profile (approximate: every boundary is a torch.cuda.synchronize, which itself costs time): forward of the
   vision tower and of the language model (module hooks), loss_and_rest (rest of compute_loss: embeddings, lm_head,
   cross-entropy), backward (all of it, recompute included), optimizer (on_pre_optimizer_step → on_optimizer_step),
@@ -71,7 +72,7 @@ GB = 2**30
 SHARE = {"unsloth": 2.0, "hf": 1.0}  # relative time each backend needs (Unsloth compiles ~85 s)
 RESUME_RESERVE_S = {"unsloth": 90.0, "hf": 45.0}
 GEN_BATCH = 8
-PHASES = ("checkpoint", "resume", "profile", "autobatch", "generate")
+PHASES = ("train", "checkpoint", "resume", "profile", "autobatch", "generate")
 DEFAULTS = {  # GPU run / --tiny (CPU)
     False: dict(backend="unsloth,hf", batch="2,8", steps=20, warmup=2, repeats=3, image="1024x768", gen_samples=8,
                 gen_tokens=64),
@@ -316,6 +317,10 @@ class Worker:
         self.result.update(data_s=time.perf_counter() - started, max_length=self.max_length, device=device,
                            precision=self.precision, params=param_groups(self.model))
         self.dims = arch_dims(self.model)
+        if self.args.cap_gb and device == "cuda":  # every timed configuration under the target GPU's memory
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self.args.cap_gb * GB / total))
+            self.result["cap_gb"] = self.args.cap_gb
         self.recompute = self.cfg.model.use_gradient_checkpointing != "false"
         self.save()
 
@@ -432,13 +437,13 @@ class Worker:
     def autobatch(self) -> None:
         import torch
 
-        from wellocr.autobatch import choose_micro_batch, memory_cap, trainer_probe, worst_case_row
+        from wellocr.autobatch import choose_micro_batch, memory_cap, training_probe
+        from wellocr.train import probe_trainer_factory
 
         effective, budget = self.args.effective_batch, self.args.autobatch_gb
-        row = worst_case_row(self.data["splits"]["train"], self.cfg.data, self.processor,
-                             self.data["datasets"]["train"])
-        probe_trainer, _ = self.trainer(1, 1, 1)
-        probe, probed = trainer_probe(probe_trainer, row), {}
+        probe_trainer = probe_trainer_factory(self.cfg, self.run, self.backend, self.precision, self.model,
+                                              self.processor, self.data, self.max_length)
+        probe, probed = training_probe(probe_trainer, self.model), {}
 
         def recorded(micro: int) -> None:  # the probe, plus its peak memory (or "oom") per candidate
             probed[micro] = "oom"
@@ -449,19 +454,18 @@ class Worker:
 
         started = time.perf_counter()
         micro, accumulation = choose_micro_batch(recorded, effective, self.backend.device, budget)
-        del probe_trainer, probe
+        del probe
         out = {"effective_batch": effective, "budget_gb": budget, "micro_batch": micro,
                "gradient_accumulation_steps": accumulation, "probe_s": time.perf_counter() - started,
                "probe_peak_reserved_gb": probed}
         self.result["autobatch"] = out
         seed = (min(2, effective), effective // min(2, effective))
-        steps = max(2, self.args.steps // 2)
         with memory_cap(budget if self.backend.device == "cuda" else None):
             for label, (m, a) in (("seed", seed), ("auto", (micro, accumulation))):
                 if label == "auto" and (m, a) == seed:
                     out["auto"] = out["seed"]
                     break
-                measured = self.measure(m, a, repeats=1, steps=steps, warmup=1)
+                measured = self.measure(m, a, repeats=1)
                 out[label] = {k: measured[k] for k in ("micro_batch", "gradient_accumulation_steps", "step_s",
                                                         "samples_per_s", "peak_reserved_gb")}
                 self.save()
@@ -475,9 +479,14 @@ class Worker:
         images, instructions, _ = row_inputs(rows, self.cfg)
         tokens = self.cfg.eval.max_new_tokens
         sync = Recorder(self.backend.device).sync
-        generate_with_counts(self.model, self.processor, images[:1], instructions[:1], 4)  # warm-up
         out = {"samples": len(rows), "max_new_tokens": tokens}
         for label, size in (("loop", 1), ("batched", GEN_BATCH)):
+            # one untimed call per batch size first: Unsloth compiles its prefill per batch size (tens of seconds)
+            sync()
+            started = time.perf_counter()
+            generate_with_counts(self.model, self.processor, images[:size], instructions[:size], tokens)
+            sync()
+            out[f"{label}_first_call_s"] = time.perf_counter() - started
             sync()
             started, new = time.perf_counter(), 0
             for i in range(0, len(rows), size):
@@ -513,14 +522,16 @@ class Worker:
         if self.args.resume_from:
             self.attempt("resume", self.resume)
             return
-        for micro in self.args.batches:
-            self.attempt(f"batch {micro}", lambda m=micro: self.result["configs"].append(
+        for micro in self.args.batches if self.args.worker != "hf" else self.args.batches_hf:
+            self.attempt(f"train batch {micro}", lambda m=micro: self.result["configs"].append(
                 {**self.measure(m), "load_s": self.result["load_s"]}))
         step_s = max((c["step_s"]["median"] for c in self.result["configs"]), default=1.0)
         if getattr(self, "last_trainer", None) is not None:
             self.attempt("checkpoint", self.checkpoint, needs_s=10)
-        self.attempt("profile", self.profile, self.args.batches[0], needs_s=20 + 6 * step_s)
-        self.attempt("generate", self.generation, needs_s=10 + self.args.gen_samples * self.args.gen_tokens * 0.03)
+        self.attempt("profile", self.profile, self.args.profile_batch or self.args.batches[0], needs_s=20 + 6 * step_s)
+        compile_s = 80 if self.args.worker == "unsloth" else 0  # two first calls (batch sizes) that compile
+        self.attempt("generate", self.generation,
+                     needs_s=10 + compile_s + self.args.gen_samples * self.args.gen_tokens * 0.03)
         self.attempt("autobatch", self.autobatch, needs_s=30 + 12 * step_s)
 
 
@@ -634,7 +645,9 @@ def common_args(args: argparse.Namespace) -> list[str]:
            "--repeats", str(args.repeats), "--image", f"{width}x{height}", "--work", str(args.work),
            "--model", str(args.model), "--data", str(args.data), "--gen-samples", str(args.gen_samples),
            "--gen-tokens", str(args.gen_tokens), "--autobatch-gb", str(args.autobatch_gb),
-           "--effective-batch", str(args.effective_batch), "--skip", ",".join(args.skip)]
+           "--effective-batch", str(args.effective_batch), "--skip", ",".join(args.skip),
+           "--batch-hf", ",".join(map(str, args.batches_hf)), "--cap-gb", str(args.cap_gb or 0),
+           "--profile-batch", str(args.profile_batch or 0)]
     return out + (["--tiny"] if args.tiny else [])
 
 
@@ -647,6 +660,8 @@ def write_json(path: Path, data: dict) -> None:
 
 def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     import torch
+
+    from wellocr.model import COMPILE_CACHE_ENV
 
     started = time.time()
     deadline = started + args.budget_s if args.budget_s else None
@@ -681,16 +696,17 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             weights = [SHARE[b] for b in backends[i:]]
             share_end = time.time() + (deadline - time.time()) * weights[0] / sum(weights)
         cache = work / backend / "compile-cache"
-        env = {"UNSLOTH_COMPILE_LOCATION": str(cache / "unsloth"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
+        env = {variable: str(cache / sub) for variable, sub in COMPILE_CACHE_ENV.items()}  # as wellocr.train does
         result_file = work / f"{backend}-result.json"
         result_file.unlink(missing_ok=True)
-        worker_deadline = share_end - RESUME_RESERVE_S[backend] if share_end else 0.0
+        resumes = not {"resume", f"resume:{backend}"} & args.skip
+        worker_deadline = share_end - RESUME_RESERVE_S[backend] * resumes if share_end else 0.0
         code = spawn(args, ["--worker", backend, "--result", str(result_file), "--deadline", repr(worker_deadline)],
                      logs / f"{backend}.log", max(share_end - time.time(), 30) if share_end else None, env)
         result = json.loads(result_file.read_text()) if result_file.is_file() else {"errors": {}}
         result["exit_code"] = code
         checkpoint = (result.get("checkpoint") or {}).get("path")
-        if checkpoint and not {"resume", f"resume:{backend}"} & args.skip:
+        if checkpoint and resumes:
             resume_file = work / f"{backend}-resume.json"
             resume_file.unlink(missing_ok=True)
             micro = str(result["checkpoint"]["micro_batch"])
@@ -768,7 +784,8 @@ def print_table(report: dict) -> None:
             g = b["generation"]
             print(f"  generation ({g['samples']} samples, {g['max_new_tokens']} new tokens): loop "
                   f"{g['loop']['samples_per_s']:.2f}/s, batched {g['batched']['samples_per_s']:.2f}/s "
-                  f"(x{g['speedup']:.2f})")
+                  f"(x{g['speedup']:.2f}); first calls (compile/warm-up) {_fmt(g.get('loop_first_call_s'), 1)} s "
+                  f"and {_fmt(g.get('batched_first_call_s'), 1)} s")
         if b.get("autobatch"):
             a = b["autobatch"]
             seed, auto = a.get("seed") or {}, a.get("auto") or {}
@@ -792,6 +809,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m wellocr.bench", description=__doc__.split("\n")[0])
     p.add_argument("--backend", help="comma list: unsloth,hf (GPU default both; --tiny: hf)")
     p.add_argument("--batch", help="comma list of micro-batch sizes, accumulation 1 (default 2,8)")
+    p.add_argument("--batch-hf", help="the hf backend's micro-batch sizes (default: --batch)")
+    p.add_argument("--cap-gb", type=float, default=0.0,
+                   help="GPU memory cap (GB) for every timed configuration, e.g. 24 to emulate an RTX 4090 (0: none)")
+    p.add_argument("--profile-batch", type=int, default=0, help="micro-batch of the profile phase (default: first)")
     p.add_argument("--steps", type=int, help="timed optimizer steps per repeat (default 20)")
     p.add_argument("--warmup", type=int, help="untimed steps before them (default 2)")
     p.add_argument("--repeats", type=int, help="fresh trainers per configuration (default 3)")
@@ -821,6 +842,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     args.backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     args.batches = [int(b) for b in args.batch.split(",")]
+    args.batches_hf = [int(b) for b in args.batch_hf.split(",")] if args.batch_hf else args.batches
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     width, _, height = args.image.lower().partition("x")
     args.image_size = (int(width), int(height))

@@ -2,6 +2,8 @@
 
 - `CheckpointCallback`: marks each checkpoint complete once written, applies retention, and makes sure the
   last step is always checkpointed (so a finished run can be extended and `--resume-latest` can tell it is done).
+- `StartupCallback`: how long this process took from its start to its first optimizer step (imports, model
+  load, data, compilation, resume): the restart overhead every preemption costs, kept in run.json's attempt.
 - `StopCallback`: turns a SIGTERM (RunPod gives 5 s before SIGKILL) or a stop request (budget cap) into a clean
   stop at the next step boundary, with a save when it fits in the time left.
 """
@@ -19,6 +21,38 @@ from wellocr.checkpoint import RetentionPolicy, mark_complete
 from wellocr.preemption import SIGTERM_GRACE_S, StopState
 
 log = logging.getLogger("wellocr")
+
+
+def process_start_time() -> float:
+    """Wall-clock time this process started (psutil comes with accelerate); import time as a fallback."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - an estimate is better than none
+        return _IMPORTED_AT
+
+
+_IMPORTED_AT = time.time()
+
+
+class StartupCallback(TrainerCallback):
+    """Records, once per process, the seconds from process start to the end of the first optimizer step."""
+
+    def __init__(self, run: Any, attempt: int, started_at: float | None = None):
+        self.run, self.attempt = run, attempt
+        self.started_at = started_at if started_at is not None else process_start_time()
+        self.done = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.done:
+            self.done = True
+            seconds = time.time() - self.started_at
+            self.run.update_attempt(self.attempt, first_step=state.global_step, first_step_s=round(seconds, 2))
+            print(f"wellocr: first optimizer step of this process (step {state.global_step}) ended {seconds:.1f} s "
+                  "after the process started", flush=True)
+        return control
+
 
 class StopCallback(TrainerCallback):
     def __init__(self, state: StopState, grace_seconds: float = SIGTERM_GRACE_S):

@@ -31,6 +31,7 @@ log = logging.getLogger("wellocr")
 REQUIRED_COLUMNS = ("image_base64", "instruction", "answer")
 SPLIT_ALIASES = {"train": ("train",), "eval": ("eval", "validation", "valid", "val"), "test": ("test",)}
 SCAN_BATCH_ROWS = 256
+QWEN3_VL_GRID = 32  # image sides the processor rounds to: patch 16 x spatial merge 2
 
 
 @dataclass
@@ -242,13 +243,29 @@ def fit_to_pixel_budget(width: int, height: int, min_pixels: int, max_pixels: in
     return max(1, int(width * scale)), max(1, int(height * scale))
 
 
-def decode_image(image_base64: str, min_pixels: int, max_pixels: int):
-    """Full decode of one row's image: RGB, scaled to the pixel budget."""
+def processor_size(width: int, height: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The size Qwen3-VL's processor gives an image of `fit_to_pixel_budget` size: sides snapped to its 32-px grid
+    (patch 16 x merge 2). Resizing straight to it saves the processor a second resize (~15% of its CPU time);
+    for a model with another grid the processor still resizes, as before."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    fitted = fit_to_pixel_budget(width, height, min_pixels, max_pixels)
+    try:
+        h, w = smart_resize(fitted[1], fitted[0], factor=QWEN3_VL_GRID, min_pixels=min_pixels, max_pixels=max_pixels)
+    except ValueError:  # extreme aspect ratios: the processor reports those itself
+        return fitted
+    return w, h
+
+
+def decode_image(image_base64: str, min_pixels: int, max_pixels: int, snap: bool = True):
+    """Full decode of one row's image: RGB, resized once to the size the processor will use (`snap=False`: to the
+    pixel budget only, without importing transformers, for checks that run before Unsloth is imported)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(base64.b64decode(image_base64))) as img:
         img = img.convert("RGB")
-    size = fit_to_pixel_budget(img.width, img.height, min_pixels, max_pixels)
+    fit = processor_size if snap else fit_to_pixel_budget
+    size = fit(img.width, img.height, min_pixels, max_pixels)
     if size != img.size:
         img = img.resize(size, Image.Resampling.BICUBIC)
     return img

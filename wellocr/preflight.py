@@ -138,7 +138,7 @@ def check_data(cfg: Config, report: PreflightReport) -> None:
     if first is None:
         raise UserError(f"data.dataset_name: '{cfg.data.dataset_name}' has an empty train split")
     try:
-        decode_image(first["image_base64"], cfg.data.min_pixels, cfg.data.max_pixels)
+        decode_image(first["image_base64"], cfg.data.min_pixels, cfg.data.max_pixels, snap=False)
     except Exception as exc:  # noqa: BLE001 - any decode failure of row 0 is the user's data problem
         raise UserError(f"data set '{cfg.data.dataset_name}' train row 0 does not decode: {exc}") from None
     sizes = ", ".join(f"{name} {len(ds)}" for name, ds in splits.items())

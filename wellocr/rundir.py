@@ -270,12 +270,15 @@ class RunDir:
         self.update(attempts=attempts)
         return number
 
-    def end_attempt(self, number: int, **fields: Any) -> None:
+    def update_attempt(self, number: int, **fields: Any) -> None:
         data = self.read()
         for attempt in data.get("attempts", []):
             if attempt["attempt"] == number:
-                attempt.update(ended_at=time.time(), **fields)
+                attempt.update(**fields)
         self.update(attempts=data.get("attempts", []))
+
+    def end_attempt(self, number: int, **fields: Any) -> None:
+        self.update_attempt(number, ended_at=time.time(), **fields)
 
     @contextlib.contextmanager
     def console_log(self, number: int) -> Iterator[Path]:

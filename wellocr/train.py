@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import resource
 import shutil
 import sys
@@ -37,7 +38,7 @@ from wellocr.config import (
     save_config, trajectory_differences, validate,
 )
 from wellocr.errors import UserError
-from wellocr.model import Backend, import_backend, load_for_training, resolve_precision, select_backend
+from wellocr.model import Backend, compile_cache_dir, import_backend, load_for_training, resolve_precision, select_backend
 from wellocr.preflight import run_preflight
 from wellocr.remote import RemoteStore
 from wellocr.rundir import PREEMPTED_REASONS, RunDir, RunLock, resolve_run_name
@@ -207,7 +208,8 @@ def prepare_data(cfg: Config, processor: Any, run: RunDir) -> tuple[dict, int]:
 
 
 def sft_config(cfg: Config, run: RunDir, backend: Backend, precision: str, max_length: int,
-               micro_batch: int, accumulation: int):
+               micro_batch: int, accumulation: int, probe: bool = False):
+    """The run's SFTConfig; `probe`: one step that evaluates, saves and logs nothing (the auto batch probe)."""
     from trl import SFTConfig
 
     t = cfg.train
@@ -216,7 +218,10 @@ def sft_config(cfg: Config, run: RunDir, backend: Backend, precision: str, max_l
         log.info("train.optim %s needs CUDA (bitsandbytes); using adamw_torch on CPU", optim)
         optim = "adamw_torch"
     extra = {"dataset_text_field": ""} if backend.name == "unsloth" else {}
-    return SFTConfig(
+    if probe:
+        extra.update(max_steps=1, eval_strategy="no", save_strategy="no", logging_strategy="no",
+                     dataloader_num_workers=0, disable_tqdm=True)
+    return SFTConfig(**{**dict(
         output_dir=str(run.path),
         run_name=run.path.name,
         max_steps=t.max_steps,
@@ -248,21 +253,30 @@ def sft_config(cfg: Config, run: RunDir, backend: Backend, precision: str, max_l
         completion_only_loss=True,
         remove_unused_columns=False,  # the lazy transform needs the raw columns
         dataset_kwargs={"skip_prepare_dataset": True},
-        dataloader_num_workers=cfg.data.dataloader_num_workers,
+        dataloader_num_workers=dataloader_workers(cfg.data.dataloader_num_workers),
         dataset_num_proc=cfg.data.dataset_num_proc,
         report_to="none",
         disable_tqdm=False,
-        **extra,
-    )
+    ), **extra})
+
+
+def dataloader_workers(requested: int) -> int:
+    """The configured worker count, capped at the CPUs this machine has beside the training process (a RunPod
+    4090 pod may have as few as 5 vCPUs; more workers than cores only add context switches)."""
+    available = max(0, (os.cpu_count() or 1) - 1)
+    if requested > available:
+        log.info("data.dataloader_num_workers %d > %d free CPU(s): using %d", requested, available, available)
+    return min(requested, available)
 
 
 def build_trainer(cfg: Config, run: RunDir, backend: Backend, precision: str, model: Any, processor: Any,
-                  data: dict, max_length: int, micro_batch: int, accumulation: int, callbacks: list) -> Any:
+                  data: dict, max_length: int, micro_batch: int, accumulation: int, callbacks: list,
+                  probe: bool = False) -> Any:
     from transformers import EarlyStoppingCallback
 
     from wellocr.sft import WellocrSFTTrainer
 
-    args = sft_config(cfg, run, backend, precision, max_length, micro_batch, accumulation)
+    args = sft_config(cfg, run, backend, precision, max_length, micro_batch, accumulation, probe)
     collator = None
     if backend.name == "unsloth":
         from unsloth.trainer import UnslothVisionDataCollator
@@ -270,14 +284,14 @@ def build_trainer(cfg: Config, run: RunDir, backend: Backend, precision: str, mo
         # resize="max" keeps our pixel-budget sizes; Unsloth's default shrinks scans to 512 px wide.
         collator = UnslothVisionDataCollator(model, processor, resize="max", max_seq_length=max_length,
                                              completion_only_loss=True)
-    if cfg.train.early_stopping_patience > 0:
+    if cfg.train.early_stopping_patience > 0 and not probe:
         callbacks = [*callbacks, EarlyStoppingCallback(cfg.train.early_stopping_patience,
                                                        cfg.train.early_stopping_threshold)]
     return WellocrSFTTrainer(
         model=model,
         args=args,
         train_dataset=data["datasets"]["train"],
-        eval_dataset=data["datasets"]["eval"],
+        eval_dataset=None if probe else data["datasets"]["eval"],
         processing_class=processor,
         data_collator=collator,
         callbacks=callbacks,
@@ -324,9 +338,23 @@ def train_adapting_to_oom(run: RunDir, make_trainer, resume_from: Path | None, i
     raise AssertionError("unreachable")
 
 
-def batch_sizes(cfg: Config, run: RunDir, backend: Backend, make_trainer, data: dict, processor: Any) -> dict:
+def probe_trainer_factory(cfg: Config, run: RunDir, backend: Backend, precision: str, model: Any, processor: Any,
+                          data: dict, max_length: int) -> Any:
+    """make(micro): a trainer over the longest training sample x micro that trains one step and saves nothing."""
+    from wellocr.autobatch import worst_case_rows
+
+    def make(micro_batch: int) -> Any:
+        rows = worst_case_rows(data["splits"]["train"], cfg.data, processor, data["datasets"]["train"], micro_batch)
+        return build_trainer(cfg, run, backend, precision, model, processor, {"datasets": {"train": rows}},
+                             max_length, micro_batch, 1, [], probe=True)
+
+    return make
+
+
+def batch_sizes(cfg: Config, run: RunDir, backend: Backend, model: Any, make_probe_trainer: Any) -> dict:
     """Micro-batch and accumulation: the config's, or for `auto` the largest micro-batch that fits (probed once
-    with the longest sample, then remembered in run.json so every restart trains with the same sizes)."""
+    with the longest sample, then remembered in run.json so every restart trains with the same sizes).
+    `make_probe_trainer(micro)`: a trainer over the worst-case rows that trains one step and saves nothing."""
     t = cfg.train
     if t.per_device_train_batch_size != "auto":
         return {"per_device_train_batch_size": t.per_device_train_batch_size,
@@ -334,13 +362,12 @@ def batch_sizes(cfg: Config, run: RunDir, backend: Backend, make_trainer, data: 
     recorded = run.read().get("auto_batch")
     if recorded:
         return recorded
-    from wellocr.autobatch import AutoBatchError, choose_micro_batch, trainer_probe, worst_case_row
+    from wellocr.autobatch import AutoBatchError, choose_micro_batch, training_probe
 
     probe = None
     if backend.device == "cuda":
-        trainer = make_trainer(1, t.effective_batch_size)
-        row = worst_case_row(data["splits"]["train"], cfg.data, processor, data["datasets"]["train"])
-        probe = trainer_probe(trainer, row)
+        print("auto batch: one training step on the longest sample per candidate micro-batch", flush=True)
+        probe = training_probe(make_probe_trainer, model)
     try:
         micro, accumulation = choose_micro_batch(probe, t.effective_batch_size, backend.device)
     except AutoBatchError as exc:
@@ -429,8 +456,8 @@ def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, a
     if args.preflight_only:
         return Outcome("preflight-only", EXIT_OK)
 
-    import_backend(backend)  # Unsloth before transformers/TRL/PEFT
-    from wellocr.callbacks import CheckpointCallback, StopCallback
+    import_backend(backend, compile_cache_dir(cfg))  # Unsloth before transformers/TRL/PEFT
+    from wellocr.callbacks import CheckpointCallback, StartupCallback, StopCallback
     from wellocr.cost import CostCallback, CostLedger, budget_exhausted
     from wellocr.tracking import Tracker, TrackingCallback
 
@@ -466,6 +493,7 @@ def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, a
                                remote=remote),
             StopCallback(stop),
             CostCallback(ledger, stop, cfg.cost, cfg.train.max_steps),
+            StartupCallback(run, attempt),
         ]
         generation_eval = generation_eval_hook(cfg, processor, data, tracker)
 
@@ -475,7 +503,8 @@ def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, a
             trainer.generation_eval = generation_eval
             return trainer
 
-        sizes = batch_sizes(cfg, run, backend, make_trainer, data, processor)
+        probe_trainers = probe_trainer_factory(cfg, run, backend, precision, model, processor, data, max_length)
+        sizes = batch_sizes(cfg, run, backend, model, probe_trainers)
         samples_per_step = sizes["per_device_train_batch_size"] * sizes["gradient_accumulation_steps"]
         callbacks.append(TrackingCallback(tracker, samples_per_step))
         trainer, result = train_adapting_to_oom(run, make_trainer, resume_from, sizes)
