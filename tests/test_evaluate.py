@@ -203,6 +203,25 @@ def test_generation_metrics_scores_the_rows_and_keeps_their_images(loaded):
     assert records[0]["image"].size[0] > 0
 
 
+def test_short_last_batch_filled_up_for_unsloth_gives_the_same_records(loaded, monkeypatch):
+    """Under Unsloth a short last batch is filled with copies of its last row (one prefill compile per process);
+    the copies' outputs are dropped, so the records and token counts equal the unfilled pass."""
+    cfg, model, processor, split = loaded
+    rows = evaluate.fixed_eval_rows(split, 3)
+    calls = []
+    generate = evaluate.generate_with_counts
+    monkeypatch.setattr(evaluate, "generate_with_counts",
+                        lambda m, p, images, *a: calls.append(len(images)) or generate(m, p, images, *a))
+    assert not evaluate.compiles_per_batch_size()  # no Unsloth here: nothing is filled
+    plain, plain_generation = evaluate.score_rows(model, processor, cfg, rows, batch_size=2)
+    monkeypatch.setattr(evaluate, "compiles_per_batch_size", lambda: True)
+    filled, filled_generation = evaluate.score_rows(model, processor, cfg, rows, batch_size=2)
+    assert calls == [2, 1, 2, 2]  # the last batch of one row went in as two
+    assert [(r["index"], r["prediction"]) for r in filled] == [(r["index"], r["prediction"]) for r in plain]
+    assert [r["loss"] for r in filled] == pytest.approx([r["loss"] for r in plain], rel=1e-5)
+    assert filled_generation["new_tokens"] == plain_generation["new_tokens"]
+
+
 def test_generation_metrics_puts_a_training_model_back_into_training_mode(loaded):
     cfg, model, processor, split = loaded
     model.train()

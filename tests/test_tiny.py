@@ -208,3 +208,25 @@ def test_2b_architecture_has_2_1b_parameters():
     with torch.device("meta"):
         model = Qwen3VLForConditionalGeneration(cfg)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(2_127_532_032, rel=0.01)
+
+
+@pytest.mark.parametrize("width,height", [(2550, 3300), (1024, 723), (300, 200), (1700, 90), (40, 30)])
+def test_decoded_images_already_have_the_processor_size(model_dir, width, height):
+    """wellocr.data resizes once, straight to the processor's grid, so the processor does not resize again, and
+    the visual-token count the data scan predicts is the one the processor produces."""
+    import base64
+    import io
+
+    from wellocr.data import decode_image, fit_to_pixel_budget
+
+    lo, hi = 4 * PATCH_BLOCK, 64 * PATCH_BLOCK
+    budget = load_processor(model_dir, min_pixels=lo, max_pixels=hi)
+    buffer = io.BytesIO()
+    _image(width, height).save(buffer, format="PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    image = decode_image(encoded, lo, hi)
+    inputs = _inputs(budget, *image.size)
+    _, grid_h, grid_w = inputs["image_grid_thw"][0].tolist()
+    assert (grid_w * 16, grid_h * 16) == image.size  # the processor kept the decoded size
+    assert _image_pad_count(budget, inputs) == count_image_tokens(budget, *fit_to_pixel_budget(width, height, lo, hi))
+    assert decode_image(encoded, lo, hi, snap=False).size == fit_to_pixel_budget(width, height, lo, hi)

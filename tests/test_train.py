@@ -41,6 +41,7 @@ def test_smoke_run_writes_the_documented_run_directory(trained_run):
     assert info["run_name"] == "shared" and info["wellocr_version"]
     [attempt] = info["attempts"]
     assert (attempt["exit_reason"], attempt["exit_code"], attempt["step"]) == ("finished", 0, 8)
+    assert attempt["first_step"] == 1 and 0 < attempt["first_step_s"] < attempt["ended_at"] - attempt["started_at"] + 5
     assert {"torch", "transformers", "trl", "peft"} <= set(attempt["versions"])
     assert info["status"] == "finished"
     assert incomplete_reason(run.final_dir) is None
@@ -48,6 +49,7 @@ def test_smoke_run_writes_the_documented_run_directory(trained_run):
     assert (run.final_dir / "tokenizer.json").is_file()  # the processor travels with the adapter
     log = (run.logs_dir / "attempt-1.log").read_text()
     assert "Preflight:" in log and "exit: finished (code 0)" in log
+    assert "first optimizer step of this process (step 1) ended" in log
     assert (run.eval_dir / "final" / "metrics.json").is_file()
     assert (run.eval_dir / "final-test" / "metrics.json").is_file()  # the data has a test split
     assert not (run.path / ".lock").exists()
@@ -461,3 +463,37 @@ def test_auto_micro_batch_on_cpu_is_two_and_keeps_the_effective_batch(make_confi
     report = subprocess.run([sys.executable, "-m", "wellocr.cost", "--run", str(run.path), "--json"],
                             capture_output=True, text=True)
     assert json.loads(report.stdout)["effective_batch"] == 4
+
+
+# ---------------------------------------------------------------- restart overhead: compile caches, workers
+
+
+def test_compile_caches_go_under_the_output_dir_unless_the_environment_says_otherwise(monkeypatch, tmp_path):
+    from wellocr.config import Config
+    from wellocr.model import COMPILE_CACHE_ENV, compile_cache_dir, use_compile_cache
+
+    cfg = Config()
+    cfg.run.output_dir = str(tmp_path / "runs")
+    assert compile_cache_dir(cfg) == tmp_path / "runs" / ".compile-cache"  # beside the runs: on the volume
+    cfg.run.compile_cache_dir = str(tmp_path / "elsewhere")
+    assert compile_cache_dir(cfg) == tmp_path / "elsewhere"
+
+    for variable in COMPILE_CACHE_ENV:
+        monkeypatch.setenv(variable, "")  # empty counts as unset; monkeypatch restores the real value afterwards
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/mine")
+    set_now = use_compile_cache(tmp_path / "cache")
+    assert set_now == {"UNSLOTH_COMPILE_LOCATION": str(tmp_path / "cache" / "unsloth"),
+                       "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache" / "inductor")}
+    assert os.environ["TRITON_CACHE_DIR"] == "/mine"  # the user's choice stands
+    assert os.environ["UNSLOTH_COMPILE_LOCATION"] == str(tmp_path / "cache" / "unsloth")
+
+
+def test_dataloader_workers_are_capped_at_the_free_cpus(monkeypatch):
+    from wellocr.train import dataloader_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 5)  # a small RunPod 4090 pod
+    assert dataloader_workers(4) == 4 and dataloader_workers(8) == 4 and dataloader_workers(0) == 0
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert dataloader_workers(4) == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert dataloader_workers(4) == 0

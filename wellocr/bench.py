@@ -1,10 +1,14 @@
 """`python -m wellocr.bench` — training speed of both backends on a random-weight Qwen3-VL, through the project code.
 
-GPU run (one H200, offline, after the wheel install and the env of /work/shared/gpu/README.md steps 2-3; about
-8 min wall including the model build, hard-stopped by --budget-s; Unsloth's autobatch part is the first to go):
+GPU run (one H200, offline, after the wheel install and the env of /work/shared/gpu/README.md steps 2-3). One
+10-minute call does not hold everything; docs/BENCHMARKS.md has the five calls of the last run, e.g.:
 
-    python3 -m wellocr.bench --backend hf,unsloth --batch 2,8 --steps 8 --warmup 2 --repeats 2 --gen-tokens 32 \
-        --skip autobatch:hf --image 1024x768 --budget-s 500 --out $OUT/bench.json --logs $OUT 2>&1 | tee $OUT/bench.log
+    python3 -m wellocr.bench --backend unsloth --batch 2,8,16 --steps 20 --warmup 4 --repeats 3 --cap-gb 24 \
+        --skip profile,autobatch --gen-tokens 32 --image 1024x768 --work /tmp/wb --budget-s 550 --out $OUT/bench.json
+    python3 -m wellocr.bench --backend hf --batch 2,8 --steps 20 --warmup 3 --repeats 2 --cap-gb 24 \
+        --skip checkpoint,resume,profile,generate,autobatch --work /tmp/wb --budget-s 200 --out $OUT/bench-hf.json
+
+--budget-s hard-stops the whole bench (each backend gets a share, optional phases are skipped when short of time).
 
 CPU (what tests/test_bench.py runs): `python -m wellocr.bench --tiny`; data pipeline alone: `--data-only`.
 
@@ -42,9 +46,12 @@ Numbers (JSON at --out: `configs` has one object per backend x batch; `backends`
   step's (forward + backward) / forward ratio.
 - data_pipeline (CPU, no model): row fetch (parquet + base64 + image decode + resize) and TRL's vision collator
   with the 2B processor, samples/s in one process = one DataLoader worker; fraction of each GPU step it equals.
-- generation: `wellocr.evaluate.generate_with_counts`, batch 8 vs a batch-1 loop over the same samples.
-- autobatch: `wellocr.autobatch.choose_micro_batch` under --autobatch-gb (set_per_process_memory_fraction), and
-  samples/s of the seed 2 x 4 vs the chosen micro x accumulation at the same effective batch, under that cap.
+- generation: `wellocr.evaluate.generate_with_counts`, batch 8 vs a batch-1 loop over the same samples, each after
+  one untimed call at its batch size (Unsloth compiles its prefill per batch size: reported as *_first_call_s).
+- autobatch: `wellocr.autobatch.choose_micro_batch` with the training probe `wellocr.train` uses, under
+  --autobatch-gb (set_per_process_memory_fraction), and samples/s of the seed 2 x 4 vs the chosen micro x
+  accumulation at the same effective batch, under that cap.
+- --cap-gb caps every timed configuration the same way (24: an RTX 4090); --batch-hf gives hf its own sizes.
 
 Time budget (--budget-s): each backend gets a share of what is left (Unsloth twice hf's), its worker stops
 optional phases (profile, autobatch, generation) that would not fit before its share minus the resume reserve,
@@ -454,7 +461,6 @@ class Worker:
 
         started = time.perf_counter()
         micro, accumulation = choose_micro_batch(recorded, effective, self.backend.device, budget)
-        del probe
         out = {"effective_batch": effective, "budget_gb": budget, "micro_batch": micro,
                "gradient_accumulation_steps": accumulation, "probe_s": time.perf_counter() - started,
                "probe_peak_reserved_gb": probed}

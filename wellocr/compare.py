@@ -30,7 +30,7 @@ import yaml
 
 from wellocr.checkpoint import list_checkpoints, read_json_dict, read_marker
 from wellocr.cost import LEDGER_NAME, read_ledger, read_metrics, segment_usd
-from wellocr.errors import UserError
+from wellocr.errors import UserError, run_cli
 
 NOT_DIFFERENCES = frozenset({"run.run_name", "run.output_dir"})
 WANDB_OFFLINE_MODES = frozenset({"offline", "disabled", "dryrun"})
@@ -220,15 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--wandb", action="store_true", help="also read the runs from W&B (online only)")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         result, warning = compare([Path(p) for p in args.runs], use_wandb=args.wandb)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-    sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n" if args.json else format_table(result))
-    return 0
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n" if args.json else format_table(result))
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

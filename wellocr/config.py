@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from wellocr.errors import UserError
+from wellocr.errors import UserError, run_cli
 
 CONFIG_ENV_VAR = "WELLOCR_CONFIG"
 CONFIGS_DIR = Path("configs")
@@ -513,13 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference:
         sys.stdout.write(reference_markdown())
         return 0
-    try:
-        cfg = load_config(args.config, args.set)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return 0
+    return run_cli(lambda: sys.stdout.write(yaml.safe_dump(load_config(args.config, args.set).to_dict(),
+                                                           sort_keys=False)))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ from typing import Any, Callable
 import yaml
 
 from wellocr.checkpoint import read_json_dict, write_json_atomic
-from wellocr.errors import UserError
+from wellocr.errors import UserError, run_cli
 
 LEDGER_VERSION = 1
 LEDGER_NAME = "cost.json"
@@ -462,13 +462,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.run:
         parser.error("--run RUN_DIR is required")
-    try:
+
+    def body() -> None:
         report = cost_report(Path(args.run))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else format_report(report))
-    return 0
+        sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else format_report(report))
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -279,8 +279,11 @@ def score_rows(model: Any, processor: Any, cfg: Config, rows: list[dict], batch_
         for start in range(0, len(rows), batch_size):
             batch = _take(rows, start, start + batch_size)
             images, instructions, answers = row_inputs(batch, cfg)
+            fill = batch_size - len(batch) if compiles_per_batch_size() else 0
             started = time.perf_counter()
-            predictions, counts = generate_with_counts(model, processor, images, instructions, max_new_tokens)
+            predictions, counts = generate_with_counts(model, processor, images + images[-1:] * fill,
+                                                       instructions + instructions[-1:] * fill, max_new_tokens)
+            predictions, counts = predictions[:len(batch)], counts[:len(batch)]
             seconds += time.perf_counter() - started
             new_tokens += sum(counts)
             hit_limit += sum(n >= max_new_tokens for n in counts)
@@ -301,6 +304,12 @@ def score_rows(model: Any, processor: Any, cfg: Config, rows: list[dict], batch_
         "hit_max_new_tokens": hit_limit,
     }
     return records, generation
+
+
+def compiles_per_batch_size() -> bool:
+    """Unsloth compiles its generation prefill once per batch size (26-45 s each on the H200, docs/BENCHMARKS.md),
+    so a short last batch is filled up to the batch size with copies of its last row: one compile per process."""
+    return "unsloth" in sys.modules
 
 
 def _take(rows: Any, start: int, stop: int) -> list[dict]:

@@ -31,7 +31,7 @@ import yaml
 
 from wellocr.checkpoint import checkpoint_step, read_marker
 from wellocr.cost import LEDGER_NAME, cost_report, read_metrics
-from wellocr.errors import UserError
+from wellocr.errors import UserError, run_cli
 from wellocr.evaluate import load_run_config, resolve_checkpoint
 from wellocr.redact import redact
 
@@ -348,14 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--push", metavar="REPO_ID", help="upload DIR to this Hugging Face model repo (needs HF_TOKEN)")
     parser.add_argument("--private", action="store_true", help="create the pushed repo as private")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         if args.private and not args.push:
             raise UserError("--private only applies with --push REPO_ID")
         export(Path(args.run), Path(args.out), args.checkpoint, args.merge, args.base_model, args.push, args.private)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

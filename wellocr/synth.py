@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
-from wellocr.errors import UserError
+from wellocr.errors import UserError, run_cli
 
 FIELDS: tuple[str, ...] = (
     "COMPANY",
@@ -861,15 +861,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--difficulty must be in [0, 1], got {args.difficulty}")
     if args.width < MIN_WIDTH:
         parser.error(f"--width must be at least {MIN_WIDTH}, got {args.width}")
-    try:
+
+    def body() -> None:
         out_dir = write_dataset(args.out, args.train, args.eval, args.test, args.seed, args.difficulty,
                                 args.width, args.image_format)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    counts = f"train={args.train} eval={args.eval}" + (f" test={args.test}" if args.test else "")
-    print(f"{out_dir} {counts}")
-    return 0
+        counts = f"train={args.train} eval={args.eval}" + (f" test={args.test}" if args.test else "")
+        print(f"{out_dir} {counts}")
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":
