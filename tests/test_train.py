@@ -491,9 +491,11 @@ def test_compile_caches_go_under_the_output_dir_unless_the_environment_says_othe
 def test_dataloader_workers_are_capped_at_the_free_cpus(monkeypatch):
     from wellocr.train import dataloader_workers
 
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # where it exists it wins; tested below
     monkeypatch.setattr(os, "cpu_count", lambda: 5)  # a small RunPod 4090 pod
     assert dataloader_workers(4) == 4 and dataloader_workers(8) == 4 and dataloader_workers(0) == 0
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert dataloader_workers(4) == 1
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert dataloader_workers(4) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # the CPUs this process may use
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert dataloader_workers(4) == 1

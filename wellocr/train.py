@@ -217,11 +217,7 @@ def sft_config(cfg: Config, run: RunDir, backend: Backend, precision: str, max_l
     if backend.device != "cuda" and "8bit" in optim:
         log.info("train.optim %s needs CUDA (bitsandbytes); using adamw_torch on CPU", optim)
         optim = "adamw_torch"
-    extra = {"dataset_text_field": ""} if backend.name == "unsloth" else {}
-    if probe:
-        extra.update(max_steps=1, eval_strategy="no", save_strategy="no", logging_strategy="no",
-                     dataloader_num_workers=0, disable_tqdm=True)
-    return SFTConfig(**{**dict(
+    settings = dict(
         output_dir=str(run.path),
         run_name=run.path.name,
         max_steps=t.max_steps,
@@ -257,13 +253,20 @@ def sft_config(cfg: Config, run: RunDir, backend: Backend, precision: str, max_l
         dataset_num_proc=cfg.data.dataset_num_proc,
         report_to="none",
         disable_tqdm=False,
-    ), **extra})
+    )
+    if backend.name == "unsloth":
+        settings["dataset_text_field"] = ""
+    if probe:
+        settings.update(max_steps=1, eval_strategy="no", save_strategy="no", logging_strategy="no",
+                        dataloader_num_workers=0, disable_tqdm=True)
+    return SFTConfig(**settings)
 
 
 def dataloader_workers(requested: int) -> int:
     """The configured worker count, capped at the CPUs this machine has beside the training process (a RunPod
     4090 pod may have as few as 5 vCPUs; more workers than cores only add context switches)."""
-    available = max(0, (os.cpu_count() or 1) - 1)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    available = max(0, (cpus or 1) - 1)
     if requested > available:
         log.info("data.dataloader_num_workers %d > %d free CPU(s): using %d", requested, available, available)
     return min(requested, available)
