@@ -239,6 +239,8 @@ def costed_run(trained_run_copy):
     second.heartbeat(8, now=T0 + 4000 + 1800, force=True)
     info = json.loads((run / "run.json").read_text())
     info["attempts"].insert(0, {"attempt": 0, "exit_reason": "preempted", "exit_code": 75})
+    for attempt, seconds in zip(info["attempts"], (90.0, 36.0)):  # process start -> first optimizer step
+        attempt["first_step_s"] = seconds
     (run / "run.json").write_text(json.dumps(info))
     for name, cer in (("base", 0.50), ("final", 0.20)):
         (run / "eval" / name).mkdir(parents=True)
@@ -259,6 +261,8 @@ def test_json_report_has_cost_efficiency_and_cer_value(costed_run, capsys):
     assert report["cer_points_gained"] == pytest.approx(30.0)
     assert report["usd_per_cer_point"] == pytest.approx(1.5 / 30)
     assert report["rate_source"] == "config (cost.hourly_rate)"
+    assert (report["startup_attempts"], report["startup_s"]) == (2, 126.0)
+    assert report["startup_usd"] == pytest.approx(126.0 / 3600 * 1.0)  # $1.00/GPU-hour
 
 
 def test_text_report_names_the_rate_used(costed_run, capsys):
@@ -268,6 +272,7 @@ def test_text_report_names_the_rate_used(costed_run, capsys):
     assert "1 preempted" in out
     assert "$1.00/GPU-hour x 1 RTX4090 (config (cost.hourly_rate))" in out
     assert "+30.00 points" in out
+    assert "126 s from process start to first step over 2 attempt(s), $0.0350" in out
 
 
 def test_report_without_cost_ledger_exits_2_with_one_line(trained_run_copy):

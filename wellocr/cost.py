@@ -413,12 +413,24 @@ def cost_report(run_dir: Path) -> dict[str, Any]:
         "cer_base": None, "cer_final": None, "cer_points_gained": None, "usd_per_cer_point": None,
     }
     report["rates"] = [dict(zip(("gpu_type", "gpu_count", "hourly_rate", "rate_source"), r)) for r in report["rates"]]
+    report.update(startup_cost(attempts, segments))
     base, final = read_metrics(run_dir / "eval/base/metrics.json"), read_metrics(run_dir / "eval/final/metrics.json")
     if base and final and isinstance(base.get("cer"), (int, float)) and isinstance(final.get("cer"), (int, float)):
         points = (base["cer"] - final["cer"]) * 100
         report.update(cer_base=base["cer"], cer_final=final["cer"], cer_points_gained=points,
                       usd_per_cer_point=total / points if points > 0 else None)
     return report
+
+
+def startup_cost(attempts: list[dict], segments: list[dict]) -> dict[str, Any]:
+    """Seconds and dollars the attempts spent from process start to their first optimizer step (run.json
+    `first_step_s`: imports, model load, compilation, resume), each at its own segment's rate."""
+    rate = {s["attempt"]: s["hourly_rate"] * s["gpu_count"] for s in segments if "attempt" in s}
+    timed = [a for a in attempts if isinstance(a.get("first_step_s"), (int, float))]
+    fallback = segments[-1]["hourly_rate"] * segments[-1]["gpu_count"] if segments else 0.0
+    return {"startup_attempts": len(timed), "startup_s": sum(a["first_step_s"] for a in timed) if timed else None,
+            "startup_usd": sum(a["first_step_s"] / 3600 * rate.get(a.get("attempt"), fallback) for a in timed)
+            if timed else None}
 
 
 def _money(value: float | None, digits: int = 2) -> str:
@@ -440,6 +452,9 @@ def format_report(report: dict[str, Any]) -> str:
                                                           else "")),
         ("budget cap", "none" if not cap else _money(cap)),
     ]
+    if report["startup_s"] is not None:
+        rows.append(("start-up", f"{report['startup_s']:.0f} s from process start to first step over "
+                                 f"{report['startup_attempts']} attempt(s), {_money(report['startup_usd'], 4)}"))
     for rate in report["rates"]:
         rows.append(("rate", f"${rate['hourly_rate']:.2f}/GPU-hour x {rate['gpu_count']} {rate['gpu_type']} "
                              f"({rate['rate_source']})"))
