@@ -69,8 +69,8 @@ COMPILE_CACHE_ENV = {"UNSLOTH_COMPILE_LOCATION": "unsloth", "TORCHINDUCTOR_CACHE
 def use_compile_cache(root: Path) -> dict[str, str]:
     """Point Unsloth's, inductor's and Triton's caches into `root` unless the environment already does.
 
-    A restarted spot job then finds its compiled kernels on the checkpoint volume: Unsloth's first step takes
-    ~80 s cold and ~20 s warm on the H200. Returns the variables it set.
+    A restarted spot job then finds its compiled kernels on the checkpoint volume: Unsloth's first step took
+    ~80 s cold and ~35 s warm on the H200 (docs/BENCHMARKS.md). Returns the variables it set.
     """
     set_now = {}
     for variable, sub in COMPILE_CACHE_ENV.items():
