@@ -117,10 +117,10 @@ def test_probe_trains_one_real_step_then_restores_the_adapter(tiny_model_dir, sy
 
     trainers = []
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    A.training_probe(lambda micro: trainers.append(make(micro)) or trainers[-1], model)(2)
+    A.training_probe(lambda micro: trainers.append(make(micro)) or trainers[-1])(2)
     [trainer] = trainers
     assert trainer.state.global_step == 1 and trainer.args.per_device_train_batch_size == 2  # a real step ran
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)  # restored
     assert not list(run.path.glob("checkpoint-*"))  # the probe saves nothing
-    assert A.choose_micro_batch(A.training_probe(make, model), 8, device="cpu") == (2, 4)
+    assert A.choose_micro_batch(A.training_probe(make), 8, device="cpu") == (2, 4)

@@ -129,7 +129,7 @@ def worst_case_rows(split: Any, data_cfg: Any, processor: Any, dataset: Any, mic
     return dataset.select([index] * micro)
 
 
-def training_probe(make_probe_trainer: Callable[[int], Any], model: Any) -> Callable[[int], None]:
+def training_probe(make_probe_trainer: Callable[[int], Any]) -> Callable[[int], None]:
     """probe(micro): one real optimizer step through `trainer.train()` of `make_probe_trainer(micro)` (a trainer
     over `worst_case_rows(..., micro)` with max_steps 1 that saves nothing), then the trainable weights restored.
 
@@ -139,8 +139,9 @@ def training_probe(make_probe_trainer: Callable[[int], Any], model: Any) -> Call
     """
 
     def probe(micro: int) -> None:
-        trainable = [(p, p.detach().to("cpu", copy=True)) for p in model.parameters() if p.requires_grad]
         trainer = make_probe_trainer(micro)
+        model = trainer.model
+        trainable = [(p, p.detach().to("cpu", copy=True)) for p in model.parameters() if p.requires_grad]
         try:
             trainer.train()
             if torch.cuda.is_available():

@@ -61,6 +61,7 @@ and every process is killed at the end of its share. Results are written after e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -324,10 +325,11 @@ class Worker:
         self.result.update(data_s=time.perf_counter() - started, max_length=self.max_length, device=device,
                            precision=self.precision, params=param_groups(self.model))
         self.dims = arch_dims(self.model)
-        if self.args.cap_gb and device == "cuda":  # every timed configuration under the target GPU's memory
-            total = torch.cuda.get_device_properties(0).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, self.args.cap_gb * GB / total))
-            self.result["cap_gb"] = self.args.cap_gb
+        if self.args.cap_gb:  # every timed configuration under the target GPU's memory, for the worker's life
+            from wellocr.autobatch import memory_cap
+
+            self.cap = contextlib.ExitStack()
+            self.result["cap_gb"] = self.args.cap_gb if self.cap.enter_context(memory_cap(self.args.cap_gb)) else None
         self.recompute = self.cfg.model.use_gradient_checkpointing != "false"
         self.save()
 
@@ -450,7 +452,7 @@ class Worker:
         effective, budget = self.args.effective_batch, self.args.autobatch_gb
         probe_trainer = probe_trainer_factory(self.cfg, self.run, self.backend, self.precision, self.model,
                                               self.processor, self.data, self.max_length)
-        probe, probed = training_probe(probe_trainer, self.model), {}
+        probe, probed = training_probe(probe_trainer), {}
 
         def recorded(micro: int) -> None:  # the probe, plus its peak memory (or "oom") per candidate
             probed[micro] = "oom"

@@ -354,7 +354,7 @@ def probe_trainer_factory(cfg: Config, run: RunDir, backend: Backend, precision:
     return make
 
 
-def batch_sizes(cfg: Config, run: RunDir, backend: Backend, model: Any, make_probe_trainer: Any) -> dict:
+def batch_sizes(cfg: Config, run: RunDir, backend: Backend, make_probe_trainer: Any) -> dict:
     """Micro-batch and accumulation: the config's, or for `auto` the largest micro-batch that fits (probed once
     with the longest sample, then remembered in run.json so every restart trains with the same sizes).
     `make_probe_trainer(micro)`: a trainer over the worst-case rows that trains one step and saves nothing."""
@@ -370,7 +370,7 @@ def batch_sizes(cfg: Config, run: RunDir, backend: Backend, model: Any, make_pro
     probe = None
     if backend.device == "cuda":
         print("auto batch: one training step on the longest sample per candidate micro-batch", flush=True)
-        probe = training_probe(make_probe_trainer, model)
+        probe = training_probe(make_probe_trainer)
     try:
         micro, accumulation = choose_micro_batch(probe, t.effective_batch_size, backend.device)
     except AutoBatchError as exc:
@@ -507,7 +507,7 @@ def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, a
             return trainer
 
         probe_trainers = probe_trainer_factory(cfg, run, backend, precision, model, processor, data, max_length)
-        sizes = batch_sizes(cfg, run, backend, model, probe_trainers)
+        sizes = batch_sizes(cfg, run, backend, probe_trainers)
         samples_per_step = sizes["per_device_train_batch_size"] * sizes["gradient_accumulation_steps"]
         callbacks.append(TrackingCallback(tracker, samples_per_step))
         trainer, result = train_adapting_to_oom(run, make_trainer, resume_from, sizes)
