@@ -483,9 +483,26 @@ def test_compile_caches_go_under_the_output_dir_unless_the_environment_says_othe
     monkeypatch.setenv("TRITON_CACHE_DIR", "/mine")
     set_now = use_compile_cache(tmp_path / "cache")
     assert set_now == {"UNSLOTH_COMPILE_LOCATION": str(tmp_path / "cache" / "unsloth"),
-                       "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache" / "inductor")}
+                       "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache" / "inductor"),
+                       "UNSLOTH_MEGA_CACHE_DIR": str(tmp_path / "cache" / "mega")}
     assert os.environ["TRITON_CACHE_DIR"] == "/mine"  # the user's choice stands
     assert os.environ["UNSLOTH_COMPILE_LOCATION"] == str(tmp_path / "cache" / "unsloth")
+
+
+def test_the_inductor_cache_stays_on_the_volume_after_unsloth_import(monkeypatch, tmp_path):
+    """unsloth_zoo's import pops TORCHINDUCTOR_CACHE_DIR (patching_utils.patch_torch_compile, read in the 2026.10.9
+    wheel); Unsloth needs a GPU, so a stand-in module on sys.path does just that here."""
+    from wellocr.model import COMPILE_CACHE_ENV, Backend, import_backend
+
+    (tmp_path / "unsloth.py").write_text("import os\nos.environ.pop('TORCHINDUCTOR_CACHE_DIR', None)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "unsloth", raising=False)
+    for variable in COMPILE_CACHE_ENV:
+        monkeypatch.setenv(variable, "")
+    import_backend(Backend("unsloth", "cuda", "test"), tmp_path / "cache")
+    assert sys.modules["unsloth"].__file__ == str(tmp_path / "unsloth.py")  # the stand-in ran
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
+    assert os.environ["UNSLOTH_MEGA_CACHE_DIR"] == str(tmp_path / "cache" / "mega")
 
 
 def test_dataloader_workers_are_capped_at_the_free_cpus(monkeypatch):

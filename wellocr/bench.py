@@ -254,6 +254,37 @@ def timing_callback(rec: Recorder) -> Any:
     return Timing()
 
 
+def compile_stats() -> dict[str, Any]:
+    """What torch.compile did in this process: cache hits and misses, graphs, seconds per phase; cache sizes."""
+    import torch
+
+    from wellocr.model import COMPILE_CACHE_ENV
+
+    counters = torch._dynamo.utils.counters
+    keep = {"inductor": ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass"),
+            "aot_autograd": ("autograd_cache_hit", "autograd_cache_miss", "autograd_cache_bypass"),
+            "stats": ("unique_graphs", "calls_captured"), "frames": ("total", "ok")}
+    out: dict[str, Any] = {f"{group}.{name}": counters[group][name] for group, names in keep.items() for name in names}
+    try:
+        out["compile_times"] = torch._dynamo.utils.compile_times(repr="str")[-4000:]
+    except Exception as exc:  # noqa: BLE001 - the signature moves between torch releases
+        out["compile_times"] = f"unavailable: {exc}"
+    try:
+        from unsloth_zoo.compile_cache import _STATE
+
+        out["unsloth_mega_cache_hit"] = _STATE.get("hit")
+    except ImportError:
+        pass
+    out["cache_mb"] = {variable: _tree_mb(os.environ.get(variable)) for variable in COMPILE_CACHE_ENV}
+    return out
+
+
+def _tree_mb(directory: str | None) -> float | None:
+    if not directory or not Path(directory).is_dir():
+        return None
+    return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file()) / 2**20
+
+
 # ---------------------------------------------------------------- one backend, in its own process
 
 
@@ -522,7 +553,7 @@ class Worker:
             "checkpoint": str(checkpoint), "resumed_at_step": step, "ended_at_step": trainer.state.global_step,
             "resume_to_first_step_s": first["wall_end"] - self.args.launched_at,
             "import_s": self.result["import_s"], "load_s": self.result["load_s"], "data_s": self.result["data_s"],
-            "trainer_s": trainer_s, "train_to_first_step_s": first["seconds"],
+            "trainer_s": trainer_s, "train_to_first_step_s": first["seconds"], "compile": compile_stats(),
         }
 
     def run_all(self) -> None:
@@ -533,6 +564,7 @@ class Worker:
         for micro in self.args.batches if self.args.worker != "hf" else self.args.batches_hf:
             self.attempt(f"train batch {micro}", lambda m=micro: self.result["configs"].append(
                 {**self.measure(m), "load_s": self.result["load_s"]}))
+        self.result["compile"] = compile_stats()
         step_s = max((c["step_s"]["median"] for c in self.result["configs"]), default=1.0)
         if getattr(self, "last_trainer", None) is not None:
             self.attempt("checkpoint", self.checkpoint, needs_s=10)
@@ -585,6 +617,50 @@ def build_model(args: argparse.Namespace) -> None:
         device = "cpu (the GPU init failed)"
         build_tiny_model(args.model, seed=0, arch=args.arch)
     print(f"bench: built {args.arch} on {device} in {time.time() - started:.1f} s at {args.model}", flush=True)
+
+
+def quantized_dir(args: argparse.Namespace) -> Path:
+    return Path(f"{args.model}-bnb-4bit")
+
+
+def quantize_model(args: argparse.Namespace) -> None:
+    """`--worker quantize`: a 4-bit copy of the model, the form the real run downloads (Unsloth's pre-quantised
+    checkpoint: NF4 language model, vision tower and lm_head in bf16), so the bench's load time is the real one."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    source, target = Path(args.model), quantized_dir(args)
+    if (target / "config.json").is_file():
+        return
+    started = time.time()
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16,
+                                      llm_int8_skip_modules=["lm_head", "model.visual"])
+    model = AutoModelForImageTextToText.from_pretrained(source, quantization_config=quantization,
+                                                        dtype=torch.bfloat16, device_map={"": 0})
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for file in source.iterdir():  # tokenizer, processor, chat template, build record; not the bf16 weights
+        if file.is_file() and not file.name.startswith("model") and not (tmp / file.name).exists():
+            shutil.copy2(file, tmp / file.name)
+    tmp.rename(target)
+    size = sum(f.stat().st_size for f in target.iterdir()) / GB
+    print(f"bench: 4-bit copy at {target} ({size:.2f} GB) in {time.time() - started:.1f} s", flush=True)
+
+
+def fresh_pod(work: Path, backend: str, name: str) -> dict[str, str]:
+    """HOME and TMPDIR of a new, empty pod: the worker finds only the caches on the volume (--work), not what
+    earlier workers left in /tmp (inductor's default) or ~/.cache (Unsloth's mega-cache default)."""
+    import shutil
+
+    pod = work / backend / f"pod-{name}"
+    shutil.rmtree(pod, ignore_errors=True)
+    (pod / "home").mkdir(parents=True)
+    (pod / "tmp").mkdir()
+    return {"HOME": str(pod / "home"), "TMPDIR": str(pod / "tmp")}
 
 
 def data_pipeline(args: argparse.Namespace, samples: int = 16) -> dict[str, Any]:
@@ -694,6 +770,12 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         report["data_pipeline"] = {"error": f"{type(exc).__name__}: {exc}"}
     if build is not None and build.wait() != 0:
         raise SystemExit(f"bench: model build failed, see {logs / 'build.log'}")
+    model_4bit = []
+    if args.prequantized and cuda and "unsloth" in args.backends:
+        code = spawn(args, ["--worker", "quantize"], logs / "quantize.log", None)
+        if code == 0 and (quantized_dir(args) / "config.json").is_file():
+            model_4bit = ["--model", str(quantized_dir(args))]
+        report["meta"]["prequantized"] = str(quantized_dir(args)) if model_4bit else f"failed (exit {code})"
     report["meta"]["setup_s"] = time.time() - started
     write_json(Path(args.out), report)
     backends = [b for b in args.backends if b != "unsloth" or cuda]
@@ -709,8 +791,10 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         result_file.unlink(missing_ok=True)
         resumes = not {"resume", f"resume:{backend}"} & args.skip
         worker_deadline = share_end - RESUME_RESERVE_S[backend] * resumes if share_end else 0.0
-        code = spawn(args, ["--worker", backend, "--result", str(result_file), "--deadline", repr(worker_deadline)],
-                     logs / f"{backend}.log", max(share_end - time.time(), 30) if share_end else None, env)
+        model = model_4bit if backend == "unsloth" else []
+        code = spawn(args, ["--worker", backend, "--result", str(result_file), "--deadline", repr(worker_deadline),
+                            *model], logs / f"{backend}.log", max(share_end - time.time(), 30) if share_end else None,
+                     {**env, **fresh_pod(work, backend, "train")})
         result = json.loads(result_file.read_text()) if result_file.is_file() else {"errors": {}}
         result["exit_code"] = code
         checkpoint = (result.get("checkpoint") or {}).get("path")
@@ -718,11 +802,20 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             resume_file = work / f"{backend}-resume.json"
             resume_file.unlink(missing_ok=True)
             micro = str(result["checkpoint"]["micro_batch"])
-            code = spawn(args, ["--worker", backend, "--result", str(resume_file), "--resume-from", checkpoint,
-                                "--batch", micro], logs / f"{backend}-resume.log",
-                         max(share_end - time.time(), 30) if share_end else None, env)
+            resume = ["--worker", backend, "--result", str(resume_file), "--resume-from", checkpoint, "--batch", micro,
+                      *model]
+            code = spawn(args, resume, logs / f"{backend}-resume.log",
+                         max(share_end - time.time(), 30) if share_end else None, {**env, **fresh_pod(work, backend, "resume")})
             resumed = json.loads(resume_file.read_text()) if resume_file.is_file() else {}
             result["resume"] = resumed.get("resume") or {"error": resumed.get("errors") or f"exit {code}"}
+            if args.resume_profile and (not share_end or share_end - time.time() > 60):
+                resume_file.unlink(missing_ok=True)
+                profile = logs / f"{backend}-resume-cprofile.txt"
+                code = spawn(args, [*resume, "--cprofile", str(profile)], logs / f"{backend}-resume-profiled.log",
+                             max(share_end - time.time(), 30) if share_end else None,
+                             {**env, **fresh_pod(work, backend, "resume-profiled")})
+                resumed = json.loads(resume_file.read_text()) if resume_file.is_file() else {}
+                result["resume_profiled"] = resumed.get("resume") or {"error": resumed.get("errors") or f"exit {code}"}
         for config in result.pop("configs", []):
             report["configs"].append({"backend": backend, **config})
         report["backends"][backend] = result
@@ -776,12 +869,17 @@ def print_table(report: dict) -> None:
         if b.get("checkpoint"):
             ck = b["checkpoint"]
             print(f"  checkpoint: {ck['seconds']:.2f} s, {ck['mb']:.1f} MB (step {ck['step']})")
-        r = b.get("resume") or {}
-        if "resume_to_first_step_s" in r:
-            print(f"  resume to first step (new process): {r['resume_to_first_step_s']:.1f} s (import "
-                  f"{r['import_s']:.1f}, load {r['load_s']:.1f}, train() to step end {r['train_to_first_step_s']:.1f})")
-        elif r:
-            print(f"  resume: {r}")
+        for key in ("resume", "resume_profiled"):
+            r = b.get(key) or {}
+            if "resume_to_first_step_s" in r:
+                c = r.get("compile") or {}
+                print(f"  {key} to first step (new process, fresh pod): {r['resume_to_first_step_s']:.1f} s (import "
+                      f"{r['import_s']:.1f}, load {r['load_s']:.1f}, train() to step end "
+                      f"{r['train_to_first_step_s']:.1f}); FX graph cache hit/miss "
+                      f"{c.get('inductor.fxgraph_cache_hit')}/{c.get('inductor.fxgraph_cache_miss')}, AOTAutograd "
+                      f"{c.get('aot_autograd.autograd_cache_hit')}/{c.get('aot_autograd.autograd_cache_miss')}")
+            elif r:
+                print(f"  {key}: {r}")
         if b.get("profile"):
             p = b["profile"]
             parts = ("vision_fwd_s", "language_fwd_s", "loss_and_rest_fwd_s", "backward_s", "optimizer_s",
@@ -813,6 +911,27 @@ def print_table(report: dict) -> None:
 # ---------------------------------------------------------------- CLI
 
 
+def cprofile_start() -> Any:
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    return profiler
+
+
+def cprofile_write(profiler: Any, path: Path) -> None:
+    """The worker's whole life (imports, load, train) by cumulative and by own time, as text."""
+    import io
+    import pstats
+
+    profiler.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("cumulative").print_stats(120)
+    stats.sort_stats("tottime").print_stats(60)
+    path.write_text(text.getvalue())
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m wellocr.bench", description=__doc__.split("\n")[0])
     p.add_argument("--backend", help="comma list: unsloth,hf (GPU default both; --tiny: hf)")
@@ -839,7 +958,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--effective-batch", type=int, default=8, help="effective batch for autobatch and generation")
     p.add_argument("--skip", default="",
                    help=f"comma list of phases to leave out ({','.join(PHASES)}); PHASE:BACKEND for one backend")
-    p.add_argument("--worker", choices=("build", "hf", "unsloth"), help=argparse.SUPPRESS)
+    p.add_argument("--prequantized", action="store_true",
+                   help="Unsloth loads a saved 4-bit copy (as the real run loads Unsloth's pre-quantised checkpoint)")
+    p.add_argument("--resume-profile", action="store_true",
+                   help="a second resume under cProfile; its top functions go to LOGS/BACKEND-resume-cprofile.txt")
+    p.add_argument("--worker", choices=("build", "quantize", "hf", "unsloth"), help=argparse.SUPPRESS)
+    p.add_argument("--cprofile", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--launched-at", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -875,10 +999,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker == "build":
         build_model(args)
         return 0
+    if args.worker == "quantize":
+        quantize_model(args)
+        return 0
     if args.worker:
         if not args.launched_at:
             args.launched_at = time.time()
         worker = Worker(args)
+        profiler = cprofile_start() if args.cprofile else None
         try:
             worker.run_all()
         except BaseException as exc:  # setup failed (or killed): say so in the result, then fail
@@ -887,6 +1015,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             worker.result["wall_s"] = time.time() - args.launched_at
             worker.save()
+            if profiler is not None:
+                cprofile_write(profiler, Path(args.cprofile))
         return 0
     if args.data_only:
         Path(args.work).mkdir(parents=True, exist_ok=True)

@@ -61,9 +61,10 @@ def select_backend(cfg: ModelConfig) -> Backend:
     return Backend("hf", device, "auto: no CUDA GPU, and unsloth is GPU-only")
 
 
-# Where compiled kernels go; Unsloth reads its variable at import, so these are set before `import unsloth`.
+# Where compiled kernels go; Unsloth reads its variables at import, so these are set before `import unsloth`.
+# inductor holds the FX-graph, AOTAutograd and dynamic-shape (PGO) caches; mega is Unsloth's bundle of them.
 COMPILE_CACHE_ENV = {"UNSLOTH_COMPILE_LOCATION": "unsloth", "TORCHINDUCTOR_CACHE_DIR": "inductor",
-                     "TRITON_CACHE_DIR": "triton"}
+                     "TRITON_CACHE_DIR": "triton", "UNSLOTH_MEGA_CACHE_DIR": "mega"}
 
 
 def use_compile_cache(root: Path) -> dict[str, str]:
@@ -88,7 +89,13 @@ def import_backend(backend: Backend, compile_cache: Path | None = None) -> None:
     if compile_cache is not None:
         use_compile_cache(compile_cache)
     if backend.name == "unsloth":
+        inductor_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
         import unsloth  # noqa: F401
+
+        # Unsloth's import drops TORCHINDUCTOR_CACHE_DIR (unsloth_zoo.patching_utils.patch_torch_compile), which
+        # sends inductor's caches to /tmp, lost with the pod. Inductor reads the variable at each use.
+        if inductor_cache:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache
 
 
 def resolve_precision(precision: str, device: str) -> str:
