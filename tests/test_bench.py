@@ -60,10 +60,10 @@ def test_tiny_bench_on_cpu(tiny_model_dir, synth_data_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "wellocr.bench", "--tiny", "--backend", "unsloth,hf", "--model", str(tiny_model_dir),
          "--data", str(synth_data_dir), "--work", str(tmp_path / "work"), "--out", str(out), "--budget-s", "300",
-         "--batch", "1,2", "--batch-hf", "2", "--profile-batch", "2", "--cap-gb", "24", "--resume-profile"],
+         "--batch", "1,2", "--batch-hf", "2", "--profile-batch", "2", "--cap-gb", "24", "--resume-profile", "--resumes", "2"],
         capture_output=True, text=True, cwd=REPO, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "samples/s" in result.stdout and "resume to first step" in result.stdout
+    assert "samples/s" in result.stdout and "resume 2 to first step" in result.stdout
     report = json.loads(out.read_text())
     assert report["meta"]["skipped_backends"] == ["unsloth"]  # GPU-only
 
@@ -87,6 +87,7 @@ def test_tiny_bench_on_cpu(tiny_model_dir, synth_data_dir, tmp_path):
     assert resume["compile"]["frames.total"] >= 0 and "inductor.fxgraph_cache_hit" in resume["compile"]
     assert set(resume["compile"]["cache_mb"]) >= {"TORCHINDUCTOR_CACHE_DIR", "UNSLOTH_MEGA_CACHE_DIR"}
     assert (tmp_path / "work" / "hf" / "pod-resume" / "home").is_dir()  # each worker starts on an empty pod
+    assert len(hf["resumes"]) == 2 and hf["resumes"][1]["ended_at_step"] == resume["ended_at_step"]
     profiled = hf["resume_profiled"]
     assert profiled["ended_at_step"] == resume["ended_at_step"]
     cprofile = (out.parent / "hf-resume-cprofile.txt").read_text()

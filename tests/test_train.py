@@ -1,5 +1,6 @@
 """`python -m wellocr.train` end to end on CPU with the tiny model: the behaviours a spot job relies on."""
 
+import gc
 import json
 import os
 import signal
@@ -339,7 +340,9 @@ def test_cpu_loss_is_the_models_causal_lm_loss(tiny_model_dir, synth_data_dir, t
     cfg.model.model_name, cfg.data.dataset_name = str(tiny_model_dir), str(synth_data_dir)
     cfg.data.min_pixels, cfg.data.max_pixels = 16384, 65536
     backend = Backend("hf", "cpu", "test")
+    gc.unfreeze()
     model, processor = load_for_training(cfg, backend, "fp32")
+    assert gc.get_freeze_count() > 0  # the loaded model is out of the collector's walks (freeze_heap)
     split = load_splits(cfg.data)["train"]
     rows = trainer_dataset(split, cfg.data)
     args = sft_config(cfg, RunDir(tmp_path), backend, "fp32", 2048, 2, 1)
@@ -503,6 +506,16 @@ def test_the_inductor_cache_stays_on_the_volume_after_unsloth_import(monkeypatch
     assert sys.modules["unsloth"].__file__ == str(tmp_path / "unsloth.py")  # the stand-in ran
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
     assert os.environ["UNSLOTH_MEGA_CACHE_DIR"] == str(tmp_path / "cache" / "mega")
+
+
+def test_the_heap_is_frozen_after_imports_so_unsloths_gc_collect_calls_stay_cheap():
+    from wellocr.model import freeze_heap
+
+    gc.unfreeze()
+    kept = [[object()] for _ in range(1000)]  # long-lived objects, like the modules and the model
+    freeze_heap()
+    assert gc.get_freeze_count() >= len(kept)
+    assert not any(gc.is_tracked(x) and x in gc.get_objects(generation=2) for x in kept[:3])
 
 
 def test_dataloader_workers_are_capped_at_the_free_cpus(monkeypatch):
