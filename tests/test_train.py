@@ -484,6 +484,7 @@ def test_compile_caches_go_under_the_output_dir_unless_the_environment_says_othe
     for variable in COMPILE_CACHE_ENV:
         monkeypatch.setenv(variable, "")  # empty counts as unset; monkeypatch restores the real value afterwards
     monkeypatch.setenv("TRITON_CACHE_DIR", "/mine")
+    monkeypatch.setenv("PYTHONPYCACHEPREFIX", "/mine-too")
     set_now = use_compile_cache(tmp_path / "cache")
     assert set_now == {"UNSLOTH_COMPILE_LOCATION": str(tmp_path / "cache" / "unsloth"),
                        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache" / "inductor"),
@@ -492,17 +493,42 @@ def test_compile_caches_go_under_the_output_dir_unless_the_environment_says_othe
     assert os.environ["UNSLOTH_COMPILE_LOCATION"] == str(tmp_path / "cache" / "unsloth")
 
 
+def test_bytecode_is_written_to_the_compile_cache_even_where_the_image_forbids_it(monkeypatch, tmp_path):
+    """The H200 image (and this machine) set PYTHONDONTWRITEBYTECODE: every process compiled ~3,000 modules."""
+    from wellocr.model import COMPILE_CACHE_ENV, use_compile_cache
+
+    for variable in COMPILE_CACHE_ENV:
+        monkeypatch.setenv(variable, "")
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.setattr(sys, "pycache_prefix", None)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "wellocr_bytecode_probe.py").write_text("VALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    use_compile_cache(tmp_path / "cache")
+    import wellocr_bytecode_probe
+
+    assert wellocr_bytecode_probe.VALUE == 42
+    assert list((tmp_path / "cache" / "bytecode").rglob("wellocr_bytecode_probe.*.pyc"))
+    assert not (tmp_path / "src" / "__pycache__").exists()  # nothing written beside the sources
+    assert "PYTHONDONTWRITEBYTECODE" not in os.environ  # the processes it starts write there too
+    monkeypatch.delitem(sys.modules, "wellocr_bytecode_probe")
+
+
 def test_the_inductor_cache_stays_on_the_volume_after_unsloth_import(monkeypatch, tmp_path):
     """unsloth_zoo's import pops TORCHINDUCTOR_CACHE_DIR (patching_utils.patch_torch_compile, read in the 2026.10.9
     wheel); Unsloth needs a GPU, so a stand-in module on sys.path does just that here."""
-    from wellocr.model import COMPILE_CACHE_ENV, Backend, import_backend
+    from wellocr.model import COMPILE_CACHE_ENV, Backend, import_backend, use_compile_cache
 
     (tmp_path / "unsloth.py").write_text("import os\nos.environ.pop('TORCHINDUCTOR_CACHE_DIR', None)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "unsloth", raising=False)
     for variable in COMPILE_CACHE_ENV:
         monkeypatch.setenv(variable, "")
-    import_backend(Backend("unsloth", "cuda", "test"), tmp_path / "cache")
+    monkeypatch.setattr(sys, "dont_write_bytecode", sys.dont_write_bytecode)
+    monkeypatch.setattr(sys, "pycache_prefix", sys.pycache_prefix)
+    use_compile_cache(tmp_path / "cache")
+    import_backend(Backend("unsloth", "cuda", "test"))
     assert sys.modules["unsloth"].__file__ == str(tmp_path / "unsloth.py")  # the stand-in ran
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
     assert os.environ["UNSLOTH_MEGA_CACHE_DIR"] == str(tmp_path / "cache" / "mega")

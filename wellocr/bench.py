@@ -36,9 +36,11 @@ Numbers (JSON at --out: `configs` has one object per backend x batch; `backends`
 - peak allocated / reserved GB per configuration (reset in between; null on CPU).
 - checkpoint: the Trainer's own `_save_checkpoint` (adapter + optimizer + scheduler + RNG + state), seconds, MB.
 - resume: a new process from its launch (the orchestrator's timestamp, before the interpreter starts) to the end of
-  the first optimizer step of `trainer.train(resume_from_checkpoint=...)`; Unsloth's and inductor's compile
-  caches live next to the checkpoint (UNSLOTH_COMPILE_LOCATION, TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR), so it finds
-  them warm.
+  the first optimizer step of `trainer.train(resume_from_checkpoint=...)`. Every worker starts on an empty "pod"
+  (fresh HOME and TMPDIR): it finds only the compile caches under --work, as wellocr.train keeps them on the volume
+  (`wellocr.model.COMPILE_CACHE_ENV`: Unsloth's generated code and mega-cache, inductor, Triton, Python bytecode).
+  --resumes N runs N of them one after the other; compile cache hits and misses are reported per resume.
+  --prequantized loads a saved 4-bit copy, as the real run loads Unsloth's pre-quantised checkpoint.
 - profile (approximate: every boundary is a torch.cuda.synchronize, which itself costs time): forward of the
   vision tower and of the language model (module hooks), loss_and_rest (rest of compute_loss: embeddings, lm_head,
   cross-entropy), backward (all of it, recompute included), optimizer (on_pre_optimizer_step → on_optimizer_step),
@@ -786,7 +788,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             weights = [SHARE[b] for b in backends[i:]]
             share_end = time.time() + (deadline - time.time()) * weights[0] / sum(weights)
         cache = work / backend / "compile-cache"
-        env = {variable: str(cache / sub) for variable, sub in COMPILE_CACHE_ENV.items()}  # as wellocr.train does
+        env = {variable: str(cache / sub) for variable, sub in COMPILE_CACHE_ENV.items()}  # as wellocr.train does,
+        env["PYTHONDONTWRITEBYTECODE"] = ""  # and it writes bytecode (to the cache) where the image says not to
         result_file = work / f"{backend}-result.json"
         result_file.unlink(missing_ok=True)
         resumes = not {"resume", f"resume:{backend}"} & args.skip

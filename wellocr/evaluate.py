@@ -426,10 +426,11 @@ def evaluate_model(model: Any, processor: Any, cfg: Config, split: Any, out_dir:
 
 def prepare_backend(cfg: Config) -> Any:
     """The backend training would pick, imported now: Unsloth must come before transformers/TRL/PEFT."""
-    from wellocr.model import compile_cache_dir, import_backend, select_backend
+    from wellocr.model import compile_cache_dir, import_backend, select_backend, use_compile_cache
 
+    use_compile_cache(compile_cache_dir(cfg))
     backend = select_backend(cfg.model)
-    import_backend(backend, compile_cache_dir(cfg))
+    import_backend(backend)
     return backend
 
 

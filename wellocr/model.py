@@ -14,6 +14,7 @@ import gc
 import importlib.util
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,22 +63,29 @@ def select_backend(cfg: ModelConfig) -> Backend:
     return Backend("hf", device, "auto: no CUDA GPU, and unsloth is GPU-only")
 
 
-# Where compiled kernels go; Unsloth reads its variables at import, so these are set before `import unsloth`.
-# inductor holds the FX-graph, AOTAutograd and dynamic-shape (PGO) caches; mega is Unsloth's bundle of them.
+# Where compiled code goes; Unsloth reads its variables at import, so these are set before `import unsloth`.
+# inductor holds the FX-graph, AOTAutograd and dynamic-shape (PGO) caches; mega is Unsloth's bundle of them;
+# bytecode is Python's own (.pyc) for every module imported from then on.
 COMPILE_CACHE_ENV = {"UNSLOTH_COMPILE_LOCATION": "unsloth", "TORCHINDUCTOR_CACHE_DIR": "inductor",
-                     "TRITON_CACHE_DIR": "triton", "UNSLOTH_MEGA_CACHE_DIR": "mega"}
+                     "TRITON_CACHE_DIR": "triton", "UNSLOTH_MEGA_CACHE_DIR": "mega", "PYTHONPYCACHEPREFIX": "bytecode"}
 
 
 def use_compile_cache(root: Path) -> dict[str, str]:
-    """Point Unsloth's, inductor's and Triton's caches into `root` unless the environment already does.
+    """Point Unsloth's, inductor's, Triton's and Python's caches into `root` unless the environment already does.
 
-    A restarted spot job then finds its compiled kernels on the checkpoint volume: Unsloth's first step took
-    ~80 s cold and ~35 s warm on the H200 (docs/BENCHMARKS.md). Returns the variables it set.
+    A restarted spot job then finds its compiled code on the checkpoint volume: Unsloth's first step took ~80 s
+    cold and ~35 s warm on the H200 (docs/BENCHMARKS.md). Python's bytecode is among it: images built with
+    PYTHONDONTWRITEBYTECODE (the H200's is one) compile ~3,000 modules from source in every process, so bytecode
+    is written, to `root` only. Call before importing torch. Returns the variables it set.
     """
     set_now = {}
     for variable, sub in COMPILE_CACHE_ENV.items():
         if not os.environ.get(variable):
             os.environ[variable] = set_now[variable] = str(Path(root) / sub)
+    if "PYTHONPYCACHEPREFIX" in set_now:  # read at interpreter start: this process is told directly
+        sys.pycache_prefix = set_now["PYTHONPYCACHEPREFIX"]
+        sys.dont_write_bytecode = False
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # for the processes it starts
     return set_now
 
 
@@ -85,10 +93,8 @@ def compile_cache_dir(cfg: Config) -> Path:
     return Path(cfg.run.compile_cache_dir or Path(cfg.run.output_dir) / ".compile-cache")
 
 
-def import_backend(backend: Backend, compile_cache: Path | None = None) -> None:
+def import_backend(backend: Backend) -> None:
     """Import Unsloth before transformers/TRL/PEFT so its patches apply (else it warns and runs slower)."""
-    if compile_cache is not None:
-        use_compile_cache(compile_cache)
     if backend.name == "unsloth":
         inductor_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
         import unsloth  # noqa: F401

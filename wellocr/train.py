@@ -38,7 +38,8 @@ from wellocr.config import (
     save_config, trajectory_differences, validate,
 )
 from wellocr.errors import UserError
-from wellocr.model import Backend, compile_cache_dir, import_backend, load_for_training, resolve_precision, select_backend
+from wellocr.model import (Backend, compile_cache_dir, import_backend, load_for_training, resolve_precision, select_backend,
+                           use_compile_cache)
 from wellocr.preflight import run_preflight
 from wellocr.remote import RemoteStore
 from wellocr.rundir import PREEMPTED_REASONS, RunDir, RunLock, resolve_run_name
@@ -451,6 +452,7 @@ def evaluate_final(cfg: Config, run: RunDir, model: Any, processor: Any, data: d
 
 def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, attempt: int,
           remote: Any = None) -> Outcome:
+    use_compile_cache(compile_cache_dir(cfg))  # before torch is imported: Python's bytecode goes there too
     backend = select_backend(cfg.model)
     print_summary(cfg, run, backend)
     ensure_local_assets(cfg)
@@ -459,7 +461,7 @@ def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, a
     if args.preflight_only:
         return Outcome("preflight-only", EXIT_OK)
 
-    import_backend(backend, compile_cache_dir(cfg))  # Unsloth before transformers/TRL/PEFT
+    import_backend(backend)  # Unsloth before transformers/TRL/PEFT
     from wellocr.callbacks import CheckpointCallback, StartupCallback, StopCallback
     from wellocr.cost import CostCallback, CostLedger, budget_exhausted
     from wellocr.tracking import Tracker, TrackingCallback
