@@ -73,8 +73,8 @@ COMPILE_CACHE_ENV = {"UNSLOTH_COMPILE_LOCATION": "unsloth", "TORCHINDUCTOR_CACHE
 def use_compile_cache(root: Path) -> dict[str, str]:
     """Point Unsloth's, inductor's, Triton's and Python's caches into `root` unless the environment already does.
 
-    A restarted spot job then finds its compiled code on the checkpoint volume: Unsloth's first step took ~80 s
-    cold and ~35 s warm on the H200 (docs/BENCHMARKS.md). Python's bytecode is among it: images built with
+    A restarted spot job then finds its compiled code on the checkpoint volume: Unsloth's first step took 104-119 s
+    cold and ~39 s warm on the H200 (docs/BENCHMARKS.md). Python's bytecode is among it: images built with
     PYTHONDONTWRITEBYTECODE (the H200's is one) compile ~3,000 modules from source in every process, so bytecode
     is written, to `root` only. Call before importing torch. Returns the variables it set.
     """
