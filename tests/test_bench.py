@@ -86,6 +86,7 @@ def test_tiny_bench_on_cpu(tiny_model_dir, synth_data_dir, tmp_path):
     assert resume["resume_to_first_step_s"] > resume["load_s"] > 0
     assert resume["compile"]["frames.total"] >= 0 and "inductor.fxgraph_cache_hit" in resume["compile"]
     assert set(resume["compile"]["cache_mb"]) >= {"TORCHINDUCTOR_CACHE_DIR", "UNSLOTH_MEGA_CACHE_DIR"}
+    assert resume["compile"]["cache_messages"] == []  # nothing is compiled on the CPU path
     assert (tmp_path / "work" / "hf" / "pod-resume" / "home").is_dir()  # each worker starts on an empty pod
     assert len(hf["resumes"]) == 2 and hf["resumes"][1]["ended_at_step"] == resume["ended_at_step"]
     profiled = hf["resume_profiled"]
@@ -105,3 +106,19 @@ def test_tiny_bench_on_cpu(tiny_model_dir, synth_data_dir, tmp_path):
 
     data = report["data_pipeline"]
     assert data["samples_per_s_per_worker"] > 0 and data["mean_tokens"] > 0
+
+
+def test_cache_log_keeps_why_torch_compile_caches_missed():
+    import logging
+
+    from wellocr.bench import CacheLog
+
+    log = CacheLog()
+    try:
+        logging.getLogger("torch._functorch._aot_autograd.autograd_cache").info(
+            "Bypassing autograd cache due to: %s", "Cannot pickle saved tensor hooks")
+        logging.getLogger("torch._inductor.codecache").info("fx graph cache hit for key %s", "abc")
+        assert log.messages == ["Bypassing autograd cache due to: Cannot pickle saved tensor hooks"]
+    finally:
+        for name in ("torch._functorch._aot_autograd.autograd_cache", "torch._inductor.codecache"):
+            logging.getLogger(name).removeHandler(log)

@@ -65,6 +65,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import signal
@@ -256,7 +257,28 @@ def timing_callback(rec: Recorder) -> Any:
     return Timing()
 
 
-def compile_stats() -> dict[str, Any]:
+CACHE_LOGGERS = ("torch._functorch._aot_autograd.autograd_cache", "torch._inductor.codecache")
+
+
+class CacheLog(logging.Handler):
+    """Why torch.compile's caches missed or were bypassed (their loggers say so at INFO; Unsloth sets torch's
+    logging to CRITICAL at import, so call after it)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+        for name in CACHE_LOGGERS:
+            logger = logging.getLogger(name)
+            logger.setLevel(logging.INFO)
+            logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if any(word in message for word in ("Bypass", "bypass", "unable", "miss")):
+            self.messages.append(message[:300])
+
+
+def compile_stats(cache_log: CacheLog | None = None) -> dict[str, Any]:
     """What torch.compile did in this process: cache hits and misses, graphs, seconds per phase; cache sizes."""
     import torch
 
@@ -278,6 +300,7 @@ def compile_stats() -> dict[str, Any]:
     except ImportError:
         pass
     out["cache_mb"] = {variable: _tree_mb(os.environ.get(variable)) for variable in COMPILE_CACHE_ENV}
+    out["cache_messages"] = sorted(set(cache_log.messages))[:20] if cache_log is not None else []
     return out
 
 
@@ -340,6 +363,8 @@ class Worker:
         import_backend(self.backend)  # Unsloth before transformers/TRL/PEFT
         import peft  # noqa: F401 - imported here so import_s counts them
         import trl  # noqa: F401
+
+        self.cache_log = CacheLog()
 
         from wellocr.model import load_for_training, resolve_precision
         from wellocr.rundir import RunDir
@@ -555,7 +580,7 @@ class Worker:
             "checkpoint": str(checkpoint), "resumed_at_step": step, "ended_at_step": trainer.state.global_step,
             "resume_to_first_step_s": first["wall_end"] - self.args.launched_at,
             "import_s": self.result["import_s"], "load_s": self.result["load_s"], "data_s": self.result["data_s"],
-            "trainer_s": trainer_s, "train_to_first_step_s": first["seconds"], "compile": compile_stats(),
+            "trainer_s": trainer_s, "train_to_first_step_s": first["seconds"], "compile": compile_stats(self.cache_log),
         }
 
     def run_all(self) -> None:
@@ -566,7 +591,7 @@ class Worker:
         for micro in self.args.batches if self.args.worker != "hf" else self.args.batches_hf:
             self.attempt(f"train batch {micro}", lambda m=micro: self.result["configs"].append(
                 {**self.measure(m), "load_s": self.result["load_s"]}))
-        self.result["compile"] = compile_stats()
+        self.result["compile"] = compile_stats(self.cache_log)
         step_s = max((c["step_s"]["median"] for c in self.result["configs"]), default=1.0)
         if getattr(self, "last_trainer", None) is not None:
             self.attempt("checkpoint", self.checkpoint, needs_s=10)
