@@ -87,7 +87,7 @@ def test_tiny_bench_on_cpu(tiny_model_dir, synth_data_dir, tmp_path):
     assert resume["compile"]["frames.total"] >= 0 and "inductor.fxgraph_cache_hit" in resume["compile"]
     assert set(resume["compile"]["cache_mb"]) >= {"TORCHINDUCTOR_CACHE_DIR", "UNSLOTH_MEGA_CACHE_DIR"}
     assert resume["compile"]["cache_messages"] == []  # nothing is compiled on the CPU path
-    assert (tmp_path / "work" / "hf" / "pod-resume" / "home").is_dir()  # each worker starts on an empty pod
+    assert (tmp_path / "work" / "hf" / "pod-resume1" / "home").is_dir()  # each worker starts on an empty pod
     assert len(hf["resumes"]) == 2 and hf["resumes"][1]["ended_at_step"] == resume["ended_at_step"]
     profiled = hf["resume_profiled"]
     assert profiled["ended_at_step"] == resume["ended_at_step"]

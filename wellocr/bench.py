@@ -290,7 +290,7 @@ def compile_stats(cache_log: CacheLog | None = None) -> dict[str, Any]:
             "stats": ("unique_graphs", "calls_captured"), "frames": ("total", "ok")}
     out: dict[str, Any] = {f"{group}.{name}": counters[group][name] for group, names in keep.items() for name in names}
     try:
-        out["compile_times"] = torch._dynamo.utils.compile_times(repr="str")[-4000:]
+        out["compile_times"] = torch._dynamo.utils.compile_times(repr="str", aggregate=True)[:8000]  # s per phase
     except Exception as exc:  # noqa: BLE001 - the signature moves between torch releases
         out["compile_times"] = f"unavailable: {exc}"
     try:
@@ -832,25 +832,24 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             micro = str(result["checkpoint"]["micro_batch"])
             resume = ["--worker", backend, "--result", str(resume_file), "--resume-from", checkpoint, "--batch", micro,
                       *model]
+
+            def resumed(name: str, extra: list[str]) -> dict:  # one resume on a new, empty pod
+                resume_file.unlink(missing_ok=True)
+                code = spawn(args, [*resume, *extra], logs / f"{backend}-{name}.log",
+                             max(share_end - time.time(), 30) if share_end else None,
+                             {**env, **fresh_pod(work, backend, name)})
+                out = json.loads(resume_file.read_text()) if resume_file.is_file() else {}
+                return out.get("resume") or {"error": out.get("errors") or f"exit {code}"}
+
             result["resumes"] = []
-            for n in range(args.resumes):  # each on a new pod; a later one finds what the earlier ones compiled
+            for n in range(args.resumes):  # one after the other: a later one finds what the earlier ones compiled
                 if n and share_end and share_end - time.time() < RESUME_RESERVE_S[backend]:
                     break
-                resume_file.unlink(missing_ok=True)
-                code = spawn(args, resume, logs / f"{backend}-resume{n or ''}.log",
-                             max(share_end - time.time(), 30) if share_end else None,
-                             {**env, **fresh_pod(work, backend, "resume")})
-                resumed = json.loads(resume_file.read_text()) if resume_file.is_file() else {}
-                result["resumes"].append(resumed.get("resume") or {"error": resumed.get("errors") or f"exit {code}"})
+                result["resumes"].append(resumed(f"resume{n or ''}", []))
             result["resume"] = result["resumes"][0]
             if args.resume_profile and (not share_end or share_end - time.time() > 60):
-                resume_file.unlink(missing_ok=True)
                 profile = logs / f"{backend}-resume-cprofile.txt"
-                code = spawn(args, [*resume, "--cprofile", str(profile)], logs / f"{backend}-resume-profiled.log",
-                             max(share_end - time.time(), 30) if share_end else None,
-                             {**env, **fresh_pod(work, backend, "resume-profiled")})
-                resumed = json.loads(resume_file.read_text()) if resume_file.is_file() else {}
-                result["resume_profiled"] = resumed.get("resume") or {"error": resumed.get("errors") or f"exit {code}"}
+                result["resume_profiled"] = resumed("resume-profiled", ["--cprofile", str(profile)])
         for config in result.pop("configs", []):
             report["configs"].append({"backend": backend, **config})
         report["backends"][backend] = result
