@@ -43,6 +43,10 @@ def test_smoke_run_writes_the_documented_run_directory(trained_run):
     [attempt] = info["attempts"]
     assert (attempt["exit_reason"], attempt["exit_code"], attempt["step"]) == ("finished", 0, 8)
     assert attempt["first_step"] == 1 and 0 < attempt["first_step_s"] < attempt["ended_at"] - attempt["started_at"] + 5
+    startup = attempt["startup"]  # where the restart overhead went
+    assert set(startup) == {"imports_s", "model_load_s", "data_s", "auto_batch_s", "to_first_step_s"}
+    assert min(startup.values()) >= 0 and abs(sum(startup.values()) - attempt["first_step_s"]) < 0.05
+    assert "compile_cache" not in attempt  # nothing is compiled on the CPU path
     assert {"torch", "transformers", "trl", "peft"} <= set(attempt["versions"])
     assert info["status"] == "finished"
     assert incomplete_reason(run.final_dir) is None
@@ -532,6 +536,19 @@ def test_the_inductor_cache_stays_on_the_volume_after_unsloth_import(monkeypatch
     assert sys.modules["unsloth"].__file__ == str(tmp_path / "unsloth.py")  # the stand-in ran
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
     assert os.environ["UNSLOTH_MEGA_CACHE_DIR"] == str(tmp_path / "cache" / "mega")
+
+
+def test_compile_cache_counts_say_whether_a_restart_found_the_caches():
+    from collections import Counter, defaultdict
+
+    from wellocr.callbacks import compile_cache_counts
+
+    counters = defaultdict(Counter)
+    assert compile_cache_counts(counters) == {}
+    counters["inductor"].update(fxgraph_cache_hit=25)
+    counters["aot_autograd"].update(autograd_cache_hit=14, autograd_cache_miss=2)
+    assert compile_cache_counts(counters) == {"fx_graph_hits": 25, "fx_graph_misses": 0, "autograd_hits": 14,
+                                              "autograd_misses": 2}
 
 
 def test_the_heap_is_frozen_after_imports_so_unsloths_gc_collect_calls_stay_cheap():

@@ -3,7 +3,8 @@
 - `CheckpointCallback`: marks each checkpoint complete once written, applies retention, and makes sure the
   last step is always checkpointed (so a finished run can be extended and `--resume-latest` can tell it is done).
 - `StartupCallback`: how long this process took from its start to its first optimizer step (imports, model
-  load, data, compilation, resume): the restart overhead every preemption costs, kept in run.json's attempt.
+  load, data, compilation, resume): the restart overhead every preemption costs, kept in run.json's attempt,
+  split by phase, with torch.compile's cache hits and misses (did the caches on the volume work?).
 - `StopCallback`: turns a SIGTERM (RunPod gives 5 s before SIGKILL) or a stop request (budget cap) into a clean
   stop at the next step boundary, with a save when it fits in the time left.
 """
@@ -37,21 +38,48 @@ _IMPORTED_AT = time.time()
 
 
 class StartupCallback(TrainerCallback):
-    """Records, once per process, the seconds from process start to the end of the first optimizer step."""
+    """Records, once per process, the seconds from process start to the end of the first optimizer step, split at
+    `marks` (phase name -> wall-clock time it ended, in order), with torch.compile's cache hits and misses: whether
+    a restarted pod found the compile caches on the volume."""
 
-    def __init__(self, run: Any, attempt: int, started_at: float | None = None):
-        self.run, self.attempt = run, attempt
+    def __init__(self, run: Any, attempt: int, marks: dict[str, float] | None = None, started_at: float | None = None):
+        self.run, self.attempt, self.marks = run, attempt, marks if marks is not None else {}  # filled as phases end
         self.started_at = started_at if started_at is not None else process_start_time()
         self.done = False
 
     def on_step_end(self, args, state, control, **kwargs):
         if not self.done:
             self.done = True
-            seconds = time.time() - self.started_at
-            self.run.update_attempt(self.attempt, first_step=state.global_step, first_step_s=round(seconds, 2))
-            print(f"wellocr: first optimizer step of this process (step {state.global_step}) ended {seconds:.1f} s "
-                  "after the process started", flush=True)
+            now = time.time()
+            phases, last = {}, self.started_at
+            for name, at in self.marks.items():
+                phases[f"{name}_s"], last = round(at - last, 2), at
+            phases["to_first_step_s"] = round(now - last, 2)
+            cache = compile_cache_counts()
+            self.run.update_attempt(self.attempt, first_step=state.global_step,
+                                    first_step_s=round(now - self.started_at, 2), startup=phases,
+                                    **({"compile_cache": cache} if cache else {}))
+            split = ", ".join(f"{name[:-2].replace('_', ' ')} {seconds:.1f} s" for name, seconds in phases.items())
+            cached = (f"; compile cache hits/misses: graphs {cache['fx_graph_hits']}/{cache['fx_graph_misses']}, "
+                      f"autograd {cache['autograd_hits']}/{cache['autograd_misses']}") if cache else ""
+            print(f"wellocr: first optimizer step of this process (step {state.global_step}) ended "
+                  f"{now - self.started_at:.1f} s after the process started ({split}{cached})", flush=True)
         return control
+
+
+def compile_cache_counts(counters: Any = None) -> dict[str, int]:
+    """torch.compile's inductor and AOTAutograd cache hits and misses in this process; {} when nothing compiled."""
+    if counters is None:
+        import sys
+
+        if "torch._dynamo" not in sys.modules:
+            return {}
+        counters = sys.modules["torch._dynamo"].utils.counters
+    counts = {"fx_graph_hits": counters["inductor"]["fxgraph_cache_hit"],
+              "fx_graph_misses": counters["inductor"]["fxgraph_cache_miss"],
+              "autograd_hits": counters["aot_autograd"]["autograd_cache_hit"],
+              "autograd_misses": counters["aot_autograd"]["autograd_cache_miss"]}
+    return counts if any(counts.values()) else {}
 
 
 class StopCallback(TrainerCallback):

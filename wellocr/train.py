@@ -462,6 +462,7 @@ def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, a
         return Outcome("preflight-only", EXIT_OK)
 
     import_backend(backend)  # Unsloth before transformers/TRL/PEFT
+    startup_marks = {"imports": time.time()}
     from wellocr.callbacks import CheckpointCallback, StartupCallback, StopCallback
     from wellocr.cost import CostCallback, CostLedger, budget_exhausted
     from wellocr.tracking import Tracker, TrackingCallback
@@ -487,7 +488,9 @@ def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, a
     try:
         started = time.time()
         model, processor = load_for_training(cfg, backend, precision)
+        startup_marks["model_load"] = time.time()
         data, max_length = prepare_data(cfg, processor, run)
+        startup_marks["data"] = time.time()
         print(f"max sequence length {max_length} tokens (images at most {cfg.data.max_pixels // 1024} visual "
               "tokens)", flush=True)
 
@@ -498,7 +501,7 @@ def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, a
                                remote=remote),
             StopCallback(stop),
             CostCallback(ledger, stop, cfg.cost, cfg.train.max_steps),
-            StartupCallback(run, attempt),
+            StartupCallback(run, attempt, startup_marks),
         ]
         generation_eval = generation_eval_hook(cfg, processor, data, tracker)
 
@@ -510,6 +513,7 @@ def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, a
 
         probe_trainers = probe_trainer_factory(cfg, run, backend, precision, model, processor, data, max_length)
         sizes = batch_sizes(cfg, run, backend, probe_trainers)
+        startup_marks["auto_batch"] = time.time()  # the probe runs in the first attempt only
         samples_per_step = sizes["per_device_train_batch_size"] * sizes["gradient_accumulation_steps"]
         callbacks.append(TrackingCallback(tracker, samples_per_step))
         trainer, result = train_adapting_to_oom(run, make_trainer, resume_from, sizes)
