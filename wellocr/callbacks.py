@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -70,8 +71,6 @@ class StartupCallback(TrainerCallback):
 def compile_cache_counts(counters: Any = None) -> dict[str, int]:
     """torch.compile's inductor and AOTAutograd cache hits and misses in this process; {} when nothing compiled."""
     if counters is None:
-        import sys
-
         if "torch._dynamo" not in sys.modules:
             return {}
         counters = sys.modules["torch._dynamo"].utils.counters
