@@ -45,6 +45,18 @@ def synth_data_dir(assets_dir) -> Path:
     return write_dataset(assets_dir / "headers", train=16, eval=6, test=3, seed=0, width=384)
 
 
+@pytest.fixture(autouse=True)
+def _process_state_restored():
+    """Entry points run in-process (evaluate.main) point the compile caches and Python's bytecode prefix at their
+    run's folder for the whole process; undo that after each test, so no test inherits another's."""
+    env, prefix, dont_write = dict(os.environ), sys.pycache_prefix, sys.dont_write_bytecode
+    yield
+    for name in set(os.environ) - set(env):
+        del os.environ[name]
+    os.environ.update(env)
+    sys.pycache_prefix, sys.dont_write_bytecode = prefix, dont_write
+
+
 def smoke_settings(model_dir: Path, data_dir: Path, output_dir: Path, **overrides) -> dict:
     """A small CPU config (sectioned dict) on the shared assets; keyword overrides are 'section.key': value."""
     cfg = yaml.safe_load((REPO / "configs" / "cpu_smoke.yaml").read_text())
