@@ -276,6 +276,7 @@ class CacheLog(logging.Handler):
         message = record.getMessage()
         if any(word in message for word in ("Bypass", "bypass", "unable", "miss")):
             self.messages.append(message[:300])
+            print(f"bench: compile cache: {message[:300]}", flush=True)
 
 
 def compile_stats(cache_log: CacheLog | None = None) -> dict[str, Any]:
