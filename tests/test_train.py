@@ -488,7 +488,7 @@ def test_compile_caches_go_under_the_output_dir_unless_the_environment_says_othe
     for variable in COMPILE_CACHE_ENV:
         monkeypatch.setenv(variable, "")  # empty counts as unset; monkeypatch restores the real value afterwards
     monkeypatch.setenv("TRITON_CACHE_DIR", "/mine")
-    monkeypatch.setenv("PYTHONPYCACHEPREFIX", "/mine-too")
+    monkeypatch.setenv("PYTHONPYCACHEPREFIX", "/mine-too")  # bytecode: tested below
     set_now = use_compile_cache(tmp_path / "cache")
     assert set_now == {"UNSLOTH_COMPILE_LOCATION": str(tmp_path / "cache" / "unsloth"),
                        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache" / "inductor"),
@@ -497,26 +497,40 @@ def test_compile_caches_go_under_the_output_dir_unless_the_environment_says_othe
     assert os.environ["UNSLOTH_COMPILE_LOCATION"] == str(tmp_path / "cache" / "unsloth")
 
 
-def test_bytecode_is_written_to_the_compile_cache_even_where_the_image_forbids_it(monkeypatch, tmp_path):
-    """The H200 image (and this machine) set PYTHONDONTWRITEBYTECODE: every process compiled ~3,000 modules."""
-    from wellocr.model import COMPILE_CACHE_ENV, use_compile_cache
+def test_bytecode_goes_to_the_compile_cache_only_where_the_environment_has_none(monkeypatch, tmp_path):
+    """The H200 image ships torch without bytecode and sets PYTHONDONTWRITEBYTECODE: every process compiled ~3,000
+    modules. A module without bytecode stands in for that torch here (this machine's torch has its bytecode)."""
+    import py_compile
+
+    from wellocr.model import COMPILE_CACHE_ENV, bytecode_env, use_compile_cache
 
     for variable in COMPILE_CACHE_ENV:
         monkeypatch.setenv(variable, "")
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
     monkeypatch.setattr(sys, "pycache_prefix", None)
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "wellocr_bytecode_probe.py").write_text("VALUE = 42\n")
     monkeypatch.syspath_prepend(str(tmp_path / "src"))
-    use_compile_cache(tmp_path / "cache")
+    expected = {"PYTHONPYCACHEPREFIX": str(tmp_path / "cache" / "bytecode"), "PYTHONDONTWRITEBYTECODE": ""}
+    assert bytecode_env(tmp_path / "cache", "wellocr_bytecode_probe") == expected
+
+    monkeypatch.setattr("wellocr.model.bytecode_env", lambda root: bytecode_env(root, "wellocr_bytecode_probe"))
+    assert use_compile_cache(tmp_path / "cache")["PYTHONPYCACHEPREFIX"] == str(tmp_path / "cache" / "bytecode")
     import wellocr_bytecode_probe
 
     assert wellocr_bytecode_probe.VALUE == 42
     assert list((tmp_path / "cache" / "bytecode").rglob("wellocr_bytecode_probe.*.pyc"))
     assert not (tmp_path / "src" / "__pycache__").exists()  # nothing written beside the sources
     assert "PYTHONDONTWRITEBYTECODE" not in os.environ  # the processes it starts write there too
+    assert bytecode_env(tmp_path / "other", "wellocr_bytecode_probe") == {}  # the environment now says where
     monkeypatch.delitem(sys.modules, "wellocr_bytecode_probe")
+
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX")
+    monkeypatch.setattr(sys, "pycache_prefix", None)
+    py_compile.compile(str(tmp_path / "src" / "wellocr_bytecode_probe.py"))  # as pip does at install
+    assert bytecode_env(tmp_path / "cache", "wellocr_bytecode_probe") == {}
 
 
 def test_the_inductor_cache_stays_on_the_volume_after_unsloth_import(monkeypatch, tmp_path):

@@ -38,7 +38,8 @@ Numbers (JSON at --out: `configs` has one object per backend x batch; `backends`
 - resume: a new process from its launch (the orchestrator's timestamp, before the interpreter starts) to the end of
   the first optimizer step of `trainer.train(resume_from_checkpoint=...)`. Every worker starts on an empty "pod"
   (fresh HOME and TMPDIR): it finds only the compile caches under --work, as wellocr.train keeps them on the volume
-  (`wellocr.model.COMPILE_CACHE_ENV`: Unsloth's generated code and mega-cache, inductor, Triton, Python bytecode).
+  (`wellocr.model.COMPILE_CACHE_ENV`: Unsloth's generated code and mega-cache, inductor, Triton; Python bytecode
+  where torch has none, `bytecode_env`).
   --resumes N runs N of them one after the other; compile cache hits and misses are reported per resume.
   --prequantized loads a saved 4-bit copy, as the real run loads Unsloth's pre-quantised checkpoint.
 - profile (approximate: every boundary is a torch.cuda.synchronize, which itself costs time): forward of the
@@ -300,7 +301,8 @@ def compile_stats(cache_log: CacheLog | None = None) -> dict[str, Any]:
         out["unsloth_mega_cache_hit"] = _STATE.get("hit")
     except ImportError:
         pass
-    out["cache_mb"] = {variable: _tree_mb(os.environ.get(variable)) for variable in COMPILE_CACHE_ENV}
+    out["cache_mb"] = {variable: _tree_mb(os.environ.get(variable)) for variable in (*COMPILE_CACHE_ENV,
+                                                                                     "PYTHONPYCACHEPREFIX")}
     out["cache_messages"] = sorted(set(cache_log.messages))[:20] if cache_log is not None else []
     return out
 
@@ -773,7 +775,7 @@ def write_json(path: Path, data: dict) -> None:
 def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from wellocr.model import COMPILE_CACHE_ENV
+    from wellocr.model import COMPILE_CACHE_ENV, bytecode_env
 
     started = time.time()
     deadline = started + args.budget_s if args.budget_s else None
@@ -814,8 +816,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             weights = [SHARE[b] for b in backends[i:]]
             share_end = time.time() + (deadline - time.time()) * weights[0] / sum(weights)
         cache = work / backend / "compile-cache"
-        env = {variable: str(cache / sub) for variable, sub in COMPILE_CACHE_ENV.items()}  # as wellocr.train does,
-        env["PYTHONDONTWRITEBYTECODE"] = ""  # and it writes bytecode (to the cache) where the image says not to
+        env = {variable: str(cache / sub) for variable, sub in COMPILE_CACHE_ENV.items()}  # as wellocr.train does
+        env.update(bytecode_env(cache))
         result_file = work / f"{backend}-result.json"
         result_file.unlink(missing_ok=True)
         resumes = not {"resume", f"resume:{backend}"} & args.skip

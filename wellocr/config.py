@@ -128,8 +128,8 @@ class CheckpointConfig:
 class RunConfig:
     output_dir: str = _f("runs", "parent of run directories (a RunPod network volume path on the cloud)")
     run_name: str | None = _f(None, "run directory name; default: from SKYPILOT_TASK_ID, else generated once")
-    compile_cache_dir: str | None = _f(None, "compile caches kept across restarts (Unsloth, inductor, Triton, Python "
-                                       "bytecode); default <output_dir>/.compile-cache (the environment's own "
+    compile_cache_dir: str | None = _f(None, "compile caches kept across restarts (Unsloth, inductor, Triton; Python "
+                                       "bytecode where torch has none); default <output_dir>/.compile-cache (the environment's own "
                                        "variables win)")
 
 

@@ -64,29 +64,44 @@ def select_backend(cfg: ModelConfig) -> Backend:
 
 
 # Where compiled code goes; Unsloth reads its variables at import, so these are set before `import unsloth`.
-# inductor holds the FX-graph, AOTAutograd and dynamic-shape (PGO) caches; mega is Unsloth's bundle of them;
-# bytecode is Python's own (.pyc) for every module imported from then on.
+# inductor holds the FX-graph, AOTAutograd and dynamic-shape (PGO) caches; mega is Unsloth's bundle of them.
 COMPILE_CACHE_ENV = {"UNSLOTH_COMPILE_LOCATION": "unsloth", "TORCHINDUCTOR_CACHE_DIR": "inductor",
-                     "TRITON_CACHE_DIR": "triton", "UNSLOTH_MEGA_CACHE_DIR": "mega", "PYTHONPYCACHEPREFIX": "bytecode"}
+                     "TRITON_CACHE_DIR": "triton", "UNSLOTH_MEGA_CACHE_DIR": "mega"}
+BYTECODE_SUBDIR = "bytecode"  # Python's own (.pyc), where the environment has none: see bytecode_env
 
 
 def use_compile_cache(root: Path) -> dict[str, str]:
-    """Point Unsloth's, inductor's, Triton's and Python's caches into `root` unless the environment already does.
+    """Point Unsloth's, inductor's and Triton's caches, and Python's bytecode where the environment has none, into
+    `root` unless the environment already says where they go.
 
     A restarted spot job then finds its compiled code on the checkpoint volume: Unsloth's first step took 104-119 s
-    cold and ~39 s warm on the H200 (docs/BENCHMARKS.md). Python's bytecode is among it: images built with
-    PYTHONDONTWRITEBYTECODE (the H200's is one) compile ~3,000 modules from source in every process, so bytecode
-    is written, to `root` only. Call before importing torch. Returns the variables it set.
+    cold and ~39 s warm on the H200 (docs/BENCHMARKS.md). Call before importing torch. Returns what it set.
     """
     set_now = {}
     for variable, sub in COMPILE_CACHE_ENV.items():
         if not os.environ.get(variable):
             os.environ[variable] = set_now[variable] = str(Path(root) / sub)
-    if "PYTHONPYCACHEPREFIX" in set_now:  # read at interpreter start: this process is told directly
-        sys.pycache_prefix = set_now["PYTHONPYCACHEPREFIX"]
-        sys.dont_write_bytecode = False
-        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # for the processes it starts
+    bytecode = bytecode_env(root)
+    if bytecode:  # Python reads these at start-up: this process is told directly, the ones it starts by the env
+        os.environ["PYTHONPYCACHEPREFIX"] = set_now["PYTHONPYCACHEPREFIX"] = bytecode["PYTHONPYCACHEPREFIX"]
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        sys.pycache_prefix, sys.dont_write_bytecode = bytecode["PYTHONPYCACHEPREFIX"], False
     return set_now
+
+
+def bytecode_env(root: Path, module: str = "torch") -> dict[str, str]:
+    """The environment that keeps Python's bytecode under `root`, where `module` (torch) has none beside its sources.
+
+    Images built without bytecode and with PYTHONDONTWRITEBYTECODE (the H200's) make every process compile ~3,000
+    modules from source (import unsloth: 32-35 s, 18-19 s with the bytecode kept). Where the bytecode exists, as
+    after a plain pip install, moving it would only add a first compile and, on a network volume, slower reads.
+    {} also when the environment already sets PYTHONPYCACHEPREFIX."""
+    spec = importlib.util.find_spec(module)
+    if os.environ.get("PYTHONPYCACHEPREFIX") or spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return {}
+    if os.path.exists(importlib.util.cache_from_source(spec.origin)):
+        return {}
+    return {"PYTHONPYCACHEPREFIX": str(Path(root) / BYTECODE_SUBDIR), "PYTHONDONTWRITEBYTECODE": ""}
 
 
 def compile_cache_dir(cfg: Config) -> Path:
