@@ -398,3 +398,33 @@ def test_from_config_and_missing_protocol_package(monkeypatch, tmp_path):
     monkeypatch.delitem(implementations, "gcs", raising=False)
     with pytest.raises(UserError, match=r"pip install 'wellocr\[remote\]'"):
         RemoteStore.from_config(CheckpointConfig(remote="gs://bucket/prefix"), "exp")
+
+
+def test_compile_caches_travel_to_the_next_pod_through_the_bucket(s3, tmp_path, caplog):
+    url = f"s3://{s3.bucket}/runs"
+    first = store(url)
+    cache = tmp_path / "pod1" / ".compile-cache"
+    assert first.restore_compile_cache(cache) is False  # nothing stored yet: a cold start, quietly
+    (cache / "triton" / "k1").mkdir(parents=True)
+    (cache / "triton" / "k1" / "kernel.cubin").write_bytes(os.urandom(3000))
+    (cache / "inductor" / "fxgraph").mkdir(parents=True)
+    (cache / "inductor" / "fxgraph" / "entry").write_bytes(b"graph")
+    first.upload_compile_cache()
+    assert first.wait(30) and first.failures == []
+    assert "runs/exp/compile-cache.tar.gz" in keys(s3)
+    first.upload_compile_cache()  # unchanged since: nothing queued
+    assert first.pending() == []
+
+    second = store(url)
+    fresh = tmp_path / "pod2" / ".compile-cache"
+    assert second.restore_compile_cache(fresh) is True
+    assert (fresh / "triton" / "k1" / "kernel.cubin").read_bytes() == (cache / "triton" / "k1" / "kernel.cubin").read_bytes()
+    assert (fresh / "inductor" / "fxgraph" / "entry").read_bytes() == b"graph"
+    assert not list(fresh.parent.glob(".*tmp*"))  # the downloaded archive is gone
+    assert second.restore_compile_cache(fresh) is False  # a pod with its own caches keeps them
+
+    s3.put_object(Bucket=s3.bucket, Key="runs/exp/compile-cache.tar.gz", Body=b"not a tar archive")
+    broken = tmp_path / "pod3" / ".compile-cache"
+    with caplog.at_level(logging.WARNING, logger="wellocr"):
+        assert store(url).restore_compile_cache(broken) is False  # slower, not wrong: never raised
+    assert not broken.exists() and "compiles cold" in caplog.text

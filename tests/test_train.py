@@ -586,3 +586,25 @@ def test_dataloader_workers_are_capped_at_the_free_cpus(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # the CPUs this process may use
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert dataloader_workers(4) == 1
+
+
+def test_a_new_pod_gets_the_compile_caches_of_the_last_one_from_the_remote_store(make_config, tmp_path):
+    """The object-storage layout (sky/train_r16.yaml): each pod starts with an empty disk. A file in the cache
+    stands in for the kernels a GPU run compiles (the CPU path compiles nothing)."""
+    remote = f"file://{tmp_path / 'bucket'}"
+    settings = {"checkpoint.remote": remote, "run.run_name": "cached", "train.max_steps": 2, "train.save_steps": 2,
+                "train.eval_steps": 2, "eval.generation_samples": 0}
+    pod1 = make_config("pod1.yaml", **settings, **{"run.output_dir": str(tmp_path / "pod1")})
+    kernel = tmp_path / "pod1" / ".compile-cache" / "triton" / "k1" / "kernel.cubin"
+    kernel.parent.mkdir(parents=True)
+    kernel.write_bytes(os.urandom(1000))
+    first = run_train("--config", str(pod1))
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert (tmp_path / "bucket" / "cached" / "compile-cache.tar.gz").is_file()
+
+    pod2 = make_config("pod2.yaml", **settings, **{"run.output_dir": str(tmp_path / "pod2")})
+    second = run_train("--config", str(pod2), "--resume-latest", "--set", "max_steps=4")
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "remote: restored the compile caches (1 files" in second.stdout
+    restored = tmp_path / "pod2" / ".compile-cache" / "triton" / "k1" / "kernel.cubin"
+    assert restored.read_bytes() == kernel.read_bytes()

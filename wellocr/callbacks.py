@@ -146,4 +146,5 @@ class CheckpointCallback(TrainerCallback):
             for name in ("config.yaml", "run.json", "cost.json", "bad_rows.jsonl"):
                 if (self.run_dir / name).is_file():
                     self.remote.upload_path(self.run_dir / name)
+            self.remote.upload_compile_cache()  # when it changed: the next pod starts warm
         return control

@@ -452,7 +452,9 @@ def evaluate_final(cfg: Config, run: RunDir, model: Any, processor: Any, data: d
 
 def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, attempt: int,
           remote: Any = None) -> Outcome:
-    use_compile_cache(compile_cache_dir(cfg))  # before torch is imported: Python's bytecode goes there too
+    if remote is not None:  # a new pod: the caches a previous one compiled, from object storage
+        remote.restore_compile_cache(compile_cache_dir(cfg))
+    use_compile_cache(compile_cache_dir(cfg))  # before torch is imported: Python's bytecode may go there too
     backend = select_backend(cfg.model)
     print_summary(cfg, run, backend)
     ensure_local_assets(cfg)
