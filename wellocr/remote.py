@@ -137,6 +137,7 @@ class RemoteStore:
         self._closed = False
         self.compile_cache: Path | None = None  # set by restore_compile_cache; upload_compile_cache archives it
         self._compile_cache_seen: tuple = ()  # (file, size) pairs the store holds, as far as this process knows
+        self._compile_cache_queued = False
 
     @classmethod
     def from_config(cls, checkpoint_cfg: Any, run_name: str) -> "RemoteStore | None":
@@ -519,22 +520,33 @@ class RemoteStore:
         return True
 
     def upload_compile_cache(self) -> None:
-        """Queue an archive of the compile caches when they changed since they were restored or last uploaded."""
+        """Queue an archive of the compile caches, made and sent on a worker thread when they changed since they
+        were restored or last uploaded (one queued at a time)."""
         cache_dir = self.compile_cache
-        seen = _files_and_sizes(cache_dir) if cache_dir is not None and cache_dir.is_dir() else ()
-        if not seen or seen == self._compile_cache_seen:
-            return
-        self._compile_cache_seen = seen
+        with self._lock:
+            if cache_dir is None or self._compile_cache_queued:
+                return
+            self._compile_cache_queued = True
 
         def upload() -> None:
+            with self._lock:
+                self._compile_cache_queued = False
+            seen = _files_and_sizes(cache_dir) if cache_dir.is_dir() else ()
+            if not seen or seen == self._compile_cache_seen:
+                return
             archive = cache_dir.parent / f".{cache_dir.name}.upload-tmp.tar.gz"
             try:
                 with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
-                    tar.add(cache_dir, arcname=".")
+                    for rel, _ in seen:
+                        try:
+                            tar.add(cache_dir / rel, arcname=rel)
+                        except FileNotFoundError:  # a compiler's temporary file, renamed away since
+                            continue
                 self._put(archive, COMPILE_CACHE_ARCHIVE)
                 log.info("remote: uploaded the compile caches (%.0f MB)", archive.stat().st_size / 1e6)
             finally:
                 archive.unlink(missing_ok=True)
+            self._compile_cache_seen = seen
 
         self._submit(COMPILE_CACHE_ARCHIVE, "upload compile caches", upload)
 
