@@ -584,8 +584,15 @@ class RemoteStore:
 
 
 def _files_and_sizes(directory: Path) -> tuple:
-    return tuple(sorted((f.relative_to(directory).as_posix(), f.stat().st_size)
-                        for f in directory.rglob("*") if f.is_file()))
+    """(relative path, size) of every file below `directory`; files that vanish while it looks are left out."""
+    found = []
+    for file in directory.rglob("*"):
+        try:
+            if file.is_file():
+                found.append((file.relative_to(directory).as_posix(), file.stat().st_size))
+        except FileNotFoundError:
+            continue
+    return tuple(sorted(found))
 
 
 def _mtime(info: dict) -> float:
