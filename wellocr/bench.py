@@ -69,6 +69,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -307,7 +308,7 @@ def compile_stats(cache_log: CacheLog | None = None) -> dict[str, Any]:
     return out
 
 
-def _tree_mb(directory: str | None) -> float | None:
+def _tree_mb(directory: str | Path | None) -> float | None:
     if not directory or not Path(directory).is_dir():
         return None
     return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file()) / 2**20
@@ -482,9 +483,8 @@ class Worker:
         seconds = time.perf_counter() - started
         path = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
         mark_complete(path, trainer.state.global_step)
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         self.result["checkpoint"] = {"path": str(path), "step": trainer.state.global_step, "seconds": seconds,
-                                     "mb": size / 2**20, "micro_batch": trainer.args.per_device_train_batch_size}
+                                     "mb": _tree_mb(path), "micro_batch": trainer.args.per_device_train_batch_size}
 
     def profile(self, micro: int) -> None:
         _, rec = self.train(micro, 1, 1 + 3, profile=True)
@@ -656,8 +656,6 @@ def quantized_dir(args: argparse.Namespace) -> Path:
 def quantize_model(args: argparse.Namespace) -> None:
     """`--worker quantize`: a 4-bit copy of the model, the form the real run downloads (Unsloth's pre-quantised
     checkpoint: NF4 language model, vision tower and lm_head in bf16), so the bench's load time is the real one."""
-    import shutil
-
     import torch
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
@@ -677,15 +675,13 @@ def quantize_model(args: argparse.Namespace) -> None:
         if file.is_file() and not file.name.startswith("model") and not (tmp / file.name).exists():
             shutil.copy2(file, tmp / file.name)
     tmp.rename(target)
-    size = sum(f.stat().st_size for f in target.iterdir()) / GB
-    print(f"bench: 4-bit copy at {target} ({size:.2f} GB) in {time.time() - started:.1f} s", flush=True)
+    print(f"bench: 4-bit copy at {target} ({_tree_mb(target) / 1024:.2f} GB) in {time.time() - started:.1f} s",
+          flush=True)
 
 
 def fresh_pod(work: Path, backend: str, name: str) -> dict[str, str]:
     """HOME and TMPDIR of a new, empty pod: the worker finds only the caches on the volume (--work), not what
     earlier workers left in /tmp (inductor's default) or ~/.cache (Unsloth's mega-cache default)."""
-    import shutil
-
     pod = work / backend / f"pod-{name}"
     shutil.rmtree(pod, ignore_errors=True)
     (pod / "home").mkdir(parents=True)

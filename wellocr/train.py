@@ -38,8 +38,9 @@ from wellocr.config import (
     save_config, trajectory_differences, validate,
 )
 from wellocr.errors import UserError
-from wellocr.model import (Backend, compile_cache_dir, import_backend, load_for_training, resolve_precision, select_backend,
-                           use_compile_cache)
+from wellocr.model import (
+    Backend, compile_cache_dir, import_backend, load_for_training, resolve_precision, select_backend, use_compile_cache,
+)
 from wellocr.preflight import run_preflight
 from wellocr.remote import RemoteStore
 from wellocr.rundir import PREEMPTED_REASONS, RunDir, RunLock, resolve_run_name
@@ -347,8 +348,12 @@ def probe_trainer_factory(cfg: Config, run: RunDir, backend: Backend, precision:
     """make(micro): a trainer over the longest training sample x micro that trains one step and saves nothing."""
     from wellocr.autobatch import worst_case_rows
 
+    worst: list = []  # the longest row, found on the first call only (every candidate probes with it)
+
     def make(micro_batch: int) -> Any:
-        rows = worst_case_rows(data["splits"]["train"], cfg.data, processor, data["datasets"]["train"], micro_batch)
+        if not worst:
+            worst.append(worst_case_rows(data["splits"]["train"], cfg.data, processor, data["datasets"]["train"], 1))
+        rows = worst[0].select([0] * micro_batch)
         return build_trainer(cfg, run, backend, precision, model, processor, {"datasets": {"train": rows}},
                              max_length, micro_batch, 1, [], probe=True)
 
@@ -452,9 +457,10 @@ def evaluate_final(cfg: Config, run: RunDir, model: Any, processor: Any, data: d
 
 def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, attempt: int,
           remote: Any = None) -> Outcome:
+    compile_cache = compile_cache_dir(cfg)
     if remote is not None:  # a new pod: the caches a previous one compiled, from object storage
-        remote.restore_compile_cache(compile_cache_dir(cfg))
-    use_compile_cache(compile_cache_dir(cfg))  # before torch is imported: Python's bytecode may go there too
+        remote.restore_compile_cache(compile_cache)
+    use_compile_cache(compile_cache)  # before torch is imported: Python's bytecode may go there too
     backend = select_backend(cfg.model)
     print_summary(cfg, run, backend)
     ensure_local_assets(cfg)
