@@ -55,12 +55,37 @@ def test_summary_and_bad_arguments():
     assert bench.parse_args(["--batch", "4"]).batches_hf == [4]
 
 
+def test_resume_env_option():
+    assert bench.parse_args([]).resume_env == []
+    args = bench.parse_args(["--resume-env", "TORCH_CACHING_PRECOMPILE=1", "--resume-env", "A=1,B="])
+    assert args.resume_env == [{"TORCH_CACHING_PRECOMPILE": "1"}, {"A": "1", "B": ""}]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--resume-env", "TORCH_CACHING_PRECOMPILE"])
+
+
+def test_compile_seconds_lists_dynamo_phases():
+    import torch
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: x * 2 + 1, backend="eager")
+    assert compiled(torch.ones(3)).tolist() == [3.0, 3.0, 3.0]
+    seconds = bench.compile_seconds(top=5)
+    assert 0 < len(seconds) <= 5
+    calls, total, longest = seconds[next(iter(seconds))]  # the costliest phase first
+    assert calls >= 1 and total >= longest >= 0
+    assert [row[1] for row in seconds.values()] == sorted((row[1] for row in seconds.values()), reverse=True)
+
+
 def test_tiny_bench_on_cpu(tiny_model_dir, synth_data_dir, tmp_path):
     out = tmp_path / "out" / "bench.json"
+    mega = tmp_path / "mega"  # --resume-env points the third resume at this cache folder (1 MiB in it)
+    mega.mkdir()
+    (mega / "bundle.bin").write_bytes(bytes(2**20))
     result = subprocess.run(
         [sys.executable, "-m", "wellocr.bench", "--tiny", "--backend", "unsloth,hf", "--model", str(tiny_model_dir),
          "--data", str(synth_data_dir), "--work", str(tmp_path / "work"), "--out", str(out), "--budget-s", "300",
-         "--batch", "1,2", "--batch-hf", "2", "--profile-batch", "2", "--cap-gb", "24", "--resume-profile", "--resumes", "2"],
+         "--batch", "1,2", "--batch-hf", "2", "--profile-batch", "2", "--cap-gb", "24", "--resume-profile", "--resumes", "2",
+         "--resume-env", f"UNSLOTH_MEGA_CACHE_DIR={mega}"],
         capture_output=True, text=True, cwd=REPO, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "samples/s" in result.stdout and "resume 2 to first step" in result.stdout
@@ -88,11 +113,18 @@ def test_tiny_bench_on_cpu(tiny_model_dir, synth_data_dir, tmp_path):
     assert set(resume["compile"]["cache_mb"]) >= {"TORCHINDUCTOR_CACHE_DIR", "UNSLOTH_MEGA_CACHE_DIR"}
     assert resume["compile"]["cache_messages"] == []  # nothing is compiled on the CPU path
     assert (tmp_path / "work" / "hf" / "pod-resume1" / "home").is_dir()  # each worker starts on an empty pod
-    assert len(hf["resumes"]) == 2 and hf["resumes"][1]["ended_at_step"] == resume["ended_at_step"]
+    assert len(hf["resumes"]) == 3 and hf["resumes"][1]["ended_at_step"] == resume["ended_at_step"]
     profiled = hf["resume_profiled"]
     assert profiled["ended_at_step"] == resume["ended_at_step"]
-    cprofile = (out.parent / "hf-resume-cprofile.txt").read_text()
-    assert "cumulative" in cprofile and "train" in cprofile
+    tree = (out.parent / "hf-resume-profile.txt").read_text()
+    assert "Samples:" in tree and "run_all" in tree  # pyinstrument: the worker's wall-clock call tree
+    assert (out.parent / "hf-resume-profile.pyisession").stat().st_size > 0  # the raw session, to render again
+    with_env = hf["resumes"][2]  # --resume-env: one more resume, its variables reach the worker
+    assert with_env["env"] == {"UNSLOTH_MEGA_CACHE_DIR": str(mega)} and with_env["ended_at_step"] == resume["ended_at_step"]
+    assert with_env["compile"]["cache_mb"]["UNSLOTH_MEGA_CACHE_DIR"] == 1.0
+    # the same checkpoint, data order and RNG state: every resume's first step has the same loss
+    assert resume["loss"] > 0 and with_env["loss"] == pytest.approx(resume["loss"], rel=1e-4)
+    assert "resume 3 with {'UNSLOTH_MEGA_CACHE_DIR'" in result.stdout
     profile = hf["profile"]
     assert profile["micro_batch"] == 2
     assert profile["vision_fwd_s"] > 0 and profile["language_fwd_s"] > 0 and profile["backward_s"] > 0

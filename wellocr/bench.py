@@ -40,7 +40,8 @@ Numbers (JSON at --out: `configs` has one object per backend x batch; `backends`
   (fresh HOME and TMPDIR): it finds only the compile caches under --work, as wellocr.train keeps them on the volume
   (`wellocr.model.COMPILE_CACHE_ENV`: Unsloth's generated code and mega-cache, inductor, Triton; Python bytecode
   where torch has none, `bytecode_env`).
-  --resumes N runs N of them one after the other; compile cache hits and misses are reported per resume.
+  --resumes N runs N of them one after the other; compile cache hits and misses are reported per resume;
+  --resume-env adds resumes with extra environment variables; --resume-profile one under pyinstrument.
   --prequantized loads a saved 4-bit copy, as the real run loads Unsloth's pre-quantised checkpoint.
 - profile (approximate: every boundary is a torch.cuda.synchronize, which itself costs time): forward of the
   vision tower and of the language model (module hooks), loss_and_rest (rest of compute_loss: embeddings, lm_head,
@@ -214,6 +215,7 @@ def instrument(trainer: Any, rec: Recorder) -> list:
         rec.begin("fwd_bwd")
         out = step(model, inputs, *args, **kwargs)
         rec.end("fwd_bwd")
+        rec.current["loss"] = rec.current.get("loss", 0.0) + float(out.detach())  # syncs, as step_end does anyway
         return out
 
     def compute_loss(*args, **kwargs):
@@ -259,7 +261,7 @@ def timing_callback(rec: Recorder) -> Any:
     return Timing()
 
 
-CACHE_LOGGERS = ("torch._functorch._aot_autograd.autograd_cache", "torch._inductor.codecache")
+CACHE_LOGGERS = ("torch._functorch._aot_autograd.autograd_cache", "torch._inductor.codecache", "torch._dynamo.package")
 
 
 class CacheLog(logging.Handler):
@@ -276,7 +278,7 @@ class CacheLog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if any(word in message for word in ("Bypass", "bypass", "unable", "miss")):
+        if any(word in message for word in ("Bypass", "bypass", "unable", "miss", "Failed", "No package")):
             self.messages.append(message[:300])
             print(f"bench: compile cache: {message[:300]}", flush=True)
 
@@ -290,12 +292,10 @@ def compile_stats(cache_log: CacheLog | None = None) -> dict[str, Any]:
     counters = torch._dynamo.utils.counters
     keep = {"inductor": ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass"),
             "aot_autograd": ("autograd_cache_hit", "autograd_cache_miss", "autograd_cache_bypass"),
-            "stats": ("unique_graphs", "calls_captured"), "frames": ("total", "ok")}
+            "stats": ("unique_graphs", "calls_captured"), "frames": ("total", "ok"),
+            "dynamo_cache": ("dynamo_cache_hit", "dynamo_cache_miss", "dynamo_cache_error")}  # TORCH_CACHING_PRECOMPILE
     out: dict[str, Any] = {f"{group}.{name}": counters[group][name] for group, names in keep.items() for name in names}
-    try:
-        out["compile_times"] = torch._dynamo.utils.compile_times(repr="str", aggregate=True)[:8000]  # s per phase
-    except Exception as exc:  # noqa: BLE001 - the signature moves between torch releases
-        out["compile_times"] = f"unavailable: {exc}"
+    out["compile_s"] = compile_seconds()
     try:
         from unsloth_zoo.compile_cache import _STATE
 
@@ -306,6 +306,15 @@ def compile_stats(cache_log: CacheLog | None = None) -> dict[str, Any]:
                                                                                      "PYTHONPYCACHEPREFIX")}
     out["cache_messages"] = sorted(set(cache_log.messages))[:20] if cache_log is not None else []
     return out
+
+
+def compile_seconds(top: int = 25) -> dict[str, list[float]]:
+    """torch.compile's timed phases in this process, the costliest first: {phase: [calls, total s, max s]}."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    rows = {name: [len(times), round(sum(times), 3), round(max(times), 3)]
+            for name, times in compilation_time_metrics.items() if times}
+    return dict(sorted(rows.items(), key=lambda row: -row[1][1])[:top])
 
 
 def _tree_mb(directory: str | Path | None) -> float | None:
@@ -583,7 +592,8 @@ class Worker:
             "checkpoint": str(checkpoint), "resumed_at_step": step, "ended_at_step": trainer.state.global_step,
             "resume_to_first_step_s": first["wall_end"] - self.args.launched_at,
             "import_s": self.result["import_s"], "load_s": self.result["load_s"], "data_s": self.result["data_s"],
-            "trainer_s": trainer_s, "train_to_first_step_s": first["seconds"], "compile": compile_stats(self.cache_log),
+            "trainer_s": trainer_s, "train_to_first_step_s": first["seconds"], "loss": first.get("loss"),
+            "compile": compile_stats(self.cache_log),
         }
 
     def run_all(self) -> None:
@@ -832,11 +842,11 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             resume = ["--worker", backend, "--result", str(resume_file), "--resume-from", checkpoint, "--batch", micro,
                       *model]
 
-            def resumed(name: str, extra: list[str]) -> dict:  # one resume on a new, empty pod
+            def resumed(name: str, extra: list[str], variables: dict | None = None) -> dict:  # on a new, empty pod
                 resume_file.unlink(missing_ok=True)
                 code = spawn(args, [*resume, *extra], logs / f"{backend}-{name}.log",
                              max(share_end - time.time(), 30) if share_end else None,
-                             {**env, **fresh_pod(work, backend, name)})
+                             {**env, **fresh_pod(work, backend, name), **(variables or {})})
                 out = json.loads(resume_file.read_text()) if resume_file.is_file() else {}
                 return out.get("resume") or {"error": out.get("errors") or f"exit {code}"}
 
@@ -846,9 +856,14 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                     break
                 result["resumes"].append(resumed(f"resume{n or ''}", []))
             result["resume"] = result["resumes"][0]
+            for n, variables in enumerate(args.resume_env):  # then one resume per --resume-env, in order
+                if share_end and share_end - time.time() < RESUME_RESERVE_S[backend]:
+                    break
+                resumed_with = resumed(f"resume-env{n + 1}", [], variables)
+                result["resumes"].append({"env": variables, **resumed_with})
             if args.resume_profile and (not share_end or share_end - time.time() > 60):
-                profile = logs / f"{backend}-resume-cprofile.txt"
-                result["resume_profiled"] = resumed("resume-profiled", ["--cprofile", str(profile)])
+                profile = logs / f"{backend}-resume-profile.txt"
+                result["resume_profiled"] = resumed("resume-profiled", ["--profile-to", str(profile)])
         for config in result.pop("configs", []):
             report["configs"].append({"backend": backend, **config})
         report["backends"][backend] = result
@@ -902,7 +917,8 @@ def print_table(report: dict) -> None:
         if b.get("checkpoint"):
             ck = b["checkpoint"]
             print(f"  checkpoint: {ck['seconds']:.2f} s, {ck['mb']:.1f} MB (step {ck['step']})")
-        for key, r in [*((f"resume {n + 1}", r) for n, r in enumerate(b.get("resumes") or [])),
+        for key, r in [*((f"resume {n + 1}" + (f" with {r['env']}" if r.get("env") else ""), r)
+                         for n, r in enumerate(b.get("resumes") or [])),
                        ("resume_profiled", b.get("resume_profiled") or {})]:
             if "resume_to_first_step_s" in r:
                 c = r.get("compile") or {}
@@ -910,7 +926,9 @@ def print_table(report: dict) -> None:
                       f"{r['import_s']:.1f}, load {r['load_s']:.1f}, train() to step end "
                       f"{r['train_to_first_step_s']:.1f}); FX graph cache hit/miss "
                       f"{c.get('inductor.fxgraph_cache_hit')}/{c.get('inductor.fxgraph_cache_miss')}, AOTAutograd "
-                      f"{c.get('aot_autograd.autograd_cache_hit')}/{c.get('aot_autograd.autograd_cache_miss')}")
+                      f"{c.get('aot_autograd.autograd_cache_hit')}/{c.get('aot_autograd.autograd_cache_miss')}, "
+                      f"Dynamo cache {c.get('dynamo_cache.dynamo_cache_hit')}/{c.get('dynamo_cache.dynamo_cache_miss')}"
+                      f"; loss {_fmt(r.get('loss'), 4)}")
             elif r:
                 print(f"  {key}: {r}")
         if b.get("profile"):
@@ -944,25 +962,31 @@ def print_table(report: dict) -> None:
 # ---------------------------------------------------------------- CLI
 
 
-def cprofile_start() -> Any:
-    import cProfile
-
-    profiler = cProfile.Profile()
-    profiler.enable()
+def profile_start() -> Any:
+    """A wall-clock sampling profile of this process's main thread (pyinstrument: waits count, unlike cProfile)."""
+    try:
+        from pyinstrument import Profiler
+    except ImportError as exc:
+        raise SystemExit("bench: --resume-profile needs pyinstrument: pip install pyinstrument") from exc
+    profiler = Profiler(interval=0.005)
+    profiler.start()
     return profiler
 
 
-def cprofile_write(profiler: Any, path: Path) -> None:
-    """The worker's whole life (imports, load, train) by cumulative and by own time, as text."""
-    import io
-    import pstats
+def profile_write(profiler: Any, path: Path) -> None:
+    """The worker's whole life (imports, load, train) as a call tree with wall seconds, as text; the raw session
+    beside it (`pyinstrument --load FILE.pyisession --show-all` renders it again, library frames included)."""
+    session = profiler.stop()
+    path.write_text(profiler.output_text(unicode=False, color=False, show_all=False))
+    session.save(str(path.with_suffix(".pyisession")))
 
-    profiler.disable()
-    text = io.StringIO()
-    stats = pstats.Stats(profiler, stream=text)
-    stats.sort_stats("cumulative").print_stats(120)
-    stats.sort_stats("tottime").print_stats(60)
-    path.write_text(text.getvalue())
+
+def env_assignments(text: str) -> dict[str, str]:
+    """'A=1,B=2' -> {'A': '1', 'B': '2'}, for --resume-env."""
+    pairs = [item.partition("=") for item in text.split(",") if item.strip()]
+    if not pairs or any(not name.strip() or not sep for name, sep, _ in pairs):
+        raise argparse.ArgumentTypeError(f"expected VAR=VALUE[,VAR=VALUE...], got {text!r}")
+    return {name.strip(): value for name, _, value in pairs}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -994,10 +1018,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prequantized", action="store_true",
                    help="Unsloth loads a saved 4-bit copy (as the real run loads Unsloth's pre-quantised checkpoint)")
     p.add_argument("--resumes", type=int, default=1, help="resumes, one after the other, each on an empty pod")
+    p.add_argument("--resume-env", type=env_assignments, action="append", default=[], metavar="VAR=VALUE[,...]",
+                   help="one more resume after the --resumes ones, with these environment variables (repeatable), "
+                        "e.g. TORCH_CACHING_PRECOMPILE=1 twice: the first records, the second loads")
     p.add_argument("--resume-profile", action="store_true",
-                   help="a second resume under cProfile; its top functions go to LOGS/BACKEND-resume-cprofile.txt")
+                   help="one more resume under pyinstrument; its call tree goes to LOGS/BACKEND-resume-profile.txt")
     p.add_argument("--worker", choices=("build", "quantize", "hf", "unsloth"), help=argparse.SUPPRESS)
-    p.add_argument("--cprofile", help=argparse.SUPPRESS)
+    p.add_argument("--profile-to", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--launched-at", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -1040,7 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.launched_at:
             args.launched_at = time.time()
         worker = Worker(args)
-        profiler = cprofile_start() if args.cprofile else None
+        profiler = profile_start() if args.profile_to else None
         try:
             worker.run_all()
         except BaseException as exc:  # setup failed (or killed): say so in the result, then fail
@@ -1050,7 +1077,7 @@ def main(argv: list[str] | None = None) -> int:
             worker.result["wall_s"] = time.time() - args.launched_at
             worker.save()
             if profiler is not None:
-                cprofile_write(profiler, Path(args.cprofile))
+                profile_write(profiler, Path(args.profile_to))
         return 0
     if args.data_only:
         Path(args.work).mkdir(parents=True, exist_ok=True)
