@@ -489,12 +489,62 @@ def test_compile_caches_go_under_the_output_dir_unless_the_environment_says_othe
         monkeypatch.setenv(variable, "")  # empty counts as unset; monkeypatch restores the real value afterwards
     monkeypatch.setenv("TRITON_CACHE_DIR", "/mine")
     monkeypatch.setenv("PYTHONPYCACHEPREFIX", "/mine-too")  # bytecode: tested below
+    monkeypatch.delenv("TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD", raising=False)
     set_now = use_compile_cache(tmp_path / "cache")
     assert set_now == {"UNSLOTH_COMPILE_LOCATION": str(tmp_path / "cache" / "unsloth"),
                        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache" / "inductor"),
-                       "UNSLOTH_MEGA_CACHE_DIR": str(tmp_path / "cache" / "mega")}
+                       "UNSLOTH_MEGA_CACHE_DIR": str(tmp_path / "cache" / "mega"),
+                       "TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD": "1"}
     assert os.environ["TRITON_CACHE_DIR"] == "/mine"  # the user's choice stands
     assert os.environ["UNSLOTH_COMPILE_LOCATION"] == str(tmp_path / "cache" / "unsloth")
+    monkeypatch.setenv("TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD", "0")  # opting out stands too
+    assert use_compile_cache(tmp_path / "cache") == {}
+    assert os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD"] == "0"
+
+
+CUSTOM_FUNCTION_PROBE = """
+import json, sys
+from pathlib import Path
+from wellocr.model import use_compile_cache
+use_compile_cache(Path(sys.argv[1]))
+import torch
+
+class Cube(torch.autograd.Function):  # stands in for Unsloth's custom Functions inside its compiled layers
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * 3 * x * x
+
+x = torch.linspace(-1, 1, 8, requires_grad=True)
+torch.compile(lambda x: Cube.apply(x.sin()).sum())(x).backward()
+counts = torch._dynamo.utils.counters["aot_autograd"]
+print(json.dumps({"grad": x.grad.tolist(), **{k: counts["autograd_cache_" + k] for k in ("hit", "miss", "bypass")}}))
+"""
+
+
+def test_a_restart_finds_graphs_with_custom_autograd_functions_in_the_compile_cache(tmp_path):
+    """The real torch.compile (inductor, on CPU): by default AOTAutograd bypasses its cache for such a graph; with the
+    setting use_compile_cache makes, the second process loads it, and the gradients are the same."""
+    ours = ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD")
+    clean = {name: value for name, value in os.environ.items() if name not in ours}
+
+    def run(cache: str, **env: str) -> dict:
+        done = subprocess.run([sys.executable, "-c", CUSTOM_FUNCTION_PROBE, str(tmp_path / cache)], text=True,
+                              capture_output=True, env={**clean, **env}, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first, restart = run("cache"), run("cache")
+    assert (first["miss"], first["bypass"]) == (1, 0) and (restart["hit"], restart["bypass"]) == (1, 0)
+    torch_default = run("other", TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD="0")
+    assert torch_default["bypass"] == 1 and torch_default["hit"] == 0
+    assert first["grad"] == restart["grad"] == torch_default["grad"]
+    assert first["grad"][0] != 0
 
 
 def test_bytecode_goes_to_the_compile_cache_only_where_the_environment_has_none(monkeypatch, tmp_path):

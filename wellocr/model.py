@@ -68,19 +68,27 @@ def select_backend(cfg: ModelConfig) -> Backend:
 COMPILE_CACHE_ENV = {"UNSLOTH_COMPILE_LOCATION": "unsloth", "TORCHINDUCTOR_CACHE_DIR": "inductor",
                      "TRITON_CACHE_DIR": "triton", "UNSLOTH_MEGA_CACHE_DIR": "mega"}
 BYTECODE_SUBDIR = "bytecode"  # Python's own (.pyc), where the environment has none: see bytecode_env
+# AOTAutograd's cache skips every graph with a custom autograd.Function in it unless told otherwise, and Unsloth's
+# compiled layers have two: each restart re-traced them (~11 s on the H200; docs/BENCHMARKS.md). The Function's
+# forward and backward are traced into the graph, so they are part of its cache key. Read when torch is imported.
+COMPILE_CACHE_SETTINGS = {"TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD": "1"}
 
 
 def use_compile_cache(root: Path) -> dict[str, str]:
     """Point Unsloth's, inductor's and Triton's caches, and Python's bytecode where the environment has none, into
-    `root` unless the environment already says where they go.
+    `root`, and let AOTAutograd cache what Unsloth compiles (COMPILE_CACHE_SETTINGS), unless the environment already
+    says otherwise.
 
     A restarted spot job then finds its compiled code on the checkpoint volume: Unsloth's first step took 104-119 s
-    cold and ~39 s warm on the H200 (docs/BENCHMARKS.md). Call before importing torch. Returns what it set.
+    cold and 24-28 s warm on the H200 (docs/BENCHMARKS.md). Call before importing torch. Returns what it set.
     """
     set_now = {}
     for variable, sub in COMPILE_CACHE_ENV.items():
         if not os.environ.get(variable):
             os.environ[variable] = set_now[variable] = str(Path(root) / sub)
+    for variable, value in COMPILE_CACHE_SETTINGS.items():
+        if variable not in os.environ:
+            os.environ[variable] = set_now[variable] = value
     bytecode = bytecode_env(root)
     if bytecode:  # Python reads these at start-up: this process is told directly, the ones it starts by the env
         os.environ["PYTHONPYCACHEPREFIX"] = set_now["PYTHONPYCACHEPREFIX"] = bytecode["PYTHONPYCACHEPREFIX"]
