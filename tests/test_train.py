@@ -610,9 +610,9 @@ def test_compile_cache_counts_say_whether_a_restart_found_the_caches():
     counters = defaultdict(Counter)
     assert compile_cache_counts(counters) == {}
     counters["inductor"].update(fxgraph_cache_hit=25)
-    counters["aot_autograd"].update(autograd_cache_hit=14, autograd_cache_miss=2)
+    counters["aot_autograd"].update(autograd_cache_hit=14, autograd_cache_miss=2, autograd_cache_bypass=1)
     assert compile_cache_counts(counters) == {"fx_graph_hits": 25, "fx_graph_misses": 0, "autograd_hits": 14,
-                                              "autograd_misses": 2}
+                                              "autograd_misses": 2, "autograd_bypasses": 1}
 
 
 def test_the_heap_is_frozen_after_imports_so_unsloths_gc_collect_calls_stay_cheap():

@@ -198,6 +198,8 @@ class Recorder:
 
     def step_end(self) -> None:
         self.sync()
+        if "loss" in self.current:
+            self.current["loss"] = float(self.current["loss"])
         now = time.perf_counter()
         self.current.update(seconds=now - self.last, wall_end=time.time())
         self.last = now
@@ -215,7 +217,7 @@ def instrument(trainer: Any, rec: Recorder) -> list:
         rec.begin("fwd_bwd")
         out = step(model, inputs, *args, **kwargs)
         rec.end("fwd_bwd")
-        rec.current["loss"] = rec.current.get("loss", 0.0) + float(out.detach())  # syncs, as step_end does anyway
+        rec.current["loss"] = out.detach() + rec.current.get("loss", 0.0)  # a tensor: read at step_end, no sync here
         return out
 
     def compute_loss(*args, **kwargs):

@@ -62,14 +62,16 @@ class StartupCallback(TrainerCallback):
                                     **({"compile_cache": cache} if cache else {}))
             split = ", ".join(f"{name[:-2].replace('_', ' ')} {seconds:.1f} s" for name, seconds in phases.items())
             cached = (f"; compile cache hits/misses: graphs {cache['fx_graph_hits']}/{cache['fx_graph_misses']}, "
-                      f"autograd {cache['autograd_hits']}/{cache['autograd_misses']}") if cache else ""
+                      f"autograd {cache['autograd_hits']}/{cache['autograd_misses']} "
+                      f"({cache['autograd_bypasses']} bypassed)") if cache else ""
             print(f"wellocr: first optimizer step of this process (step {state.global_step}) ended "
                   f"{now - self.started_at:.1f} s after the process started ({split}{cached})", flush=True)
         return control
 
 
 def compile_cache_counts(counters: Any = None) -> dict[str, int]:
-    """torch.compile's inductor and AOTAutograd cache hits and misses in this process; {} when nothing compiled."""
+    """torch.compile's inductor and AOTAutograd cache hits, misses and bypasses in this process; {} when nothing
+    compiled."""
     if counters is None:
         if "torch._dynamo" not in sys.modules:
             return {}
@@ -77,7 +79,8 @@ def compile_cache_counts(counters: Any = None) -> dict[str, int]:
     counts = {"fx_graph_hits": counters["inductor"]["fxgraph_cache_hit"],
               "fx_graph_misses": counters["inductor"]["fxgraph_cache_miss"],
               "autograd_hits": counters["aot_autograd"]["autograd_cache_hit"],
-              "autograd_misses": counters["aot_autograd"]["autograd_cache_miss"]}
+              "autograd_misses": counters["aot_autograd"]["autograd_cache_miss"],
+              "autograd_bypasses": counters["aot_autograd"]["autograd_cache_bypass"]}  # never cached: re-traced
     return counts if any(counts.values()) else {}
 
 

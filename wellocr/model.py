@@ -68,8 +68,8 @@ def select_backend(cfg: ModelConfig) -> Backend:
 COMPILE_CACHE_ENV = {"UNSLOTH_COMPILE_LOCATION": "unsloth", "TORCHINDUCTOR_CACHE_DIR": "inductor",
                      "TRITON_CACHE_DIR": "triton", "UNSLOTH_MEGA_CACHE_DIR": "mega"}
 BYTECODE_SUBDIR = "bytecode"  # Python's own (.pyc), where the environment has none: see bytecode_env
-# AOTAutograd's cache skips every graph with a custom autograd.Function in it unless told otherwise, and Unsloth's
-# compiled layers have two: each restart re-traced them (~11 s on the H200; docs/BENCHMARKS.md). The Function's
+# AOTAutograd's cache skips every graph that calls a custom autograd.Function unless told otherwise; two of the
+# graphs Unsloth compiles do, and each restart re-traced them (~11 s on the H200; docs/BENCHMARKS.md). The Function's
 # forward and backward are traced into the graph, so they are part of its cache key. Read when torch is imported.
 COMPILE_CACHE_SETTINGS = {"TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD": "1"}
 
