@@ -3,6 +3,7 @@
 import gc
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -527,6 +528,8 @@ print(json.dumps({"grad": x.grad.tolist(), **{k: counts["autograd_cache_" + k] f
 """
 
 
+@pytest.mark.skipif(not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")),
+                    reason="inductor compiles C++ on CPU: no C++ compiler here")
 def test_a_restart_finds_graphs_with_custom_autograd_functions_in_the_compile_cache(tmp_path):
     """The real torch.compile (inductor, on CPU): by default AOTAutograd bypasses its cache for such a graph; with the
     setting use_compile_cache makes, the second process loads it, and the gradients are the same."""
