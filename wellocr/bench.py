@@ -783,7 +783,7 @@ def write_json(path: Path, data: dict) -> None:
 def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from wellocr.model import COMPILE_CACHE_ENV, COMPILE_CACHE_SETTINGS, bytecode_env
+    from wellocr.model import COMPILE_CACHE_SETTINGS, compile_cache_env
 
     started = time.time()
     deadline = started + args.budget_s if args.budget_s else None
@@ -824,9 +824,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             weights = [SHARE[b] for b in backends[i:]]
             share_end = time.time() + (deadline - time.time()) * weights[0] / sum(weights)
         cache = work / backend / "compile-cache"
-        env = {variable: str(cache / sub) for variable, sub in COMPILE_CACHE_ENV.items()}  # as wellocr.train does
-        env.update({name: value for name, value in COMPILE_CACHE_SETTINGS.items() if name not in os.environ})
-        env.update(bytecode_env(cache))
+        env = compile_cache_env(cache)  # as wellocr.train sets it; settings exported to the bench win
+        env.update({name: os.environ[name] for name in COMPILE_CACHE_SETTINGS if name in os.environ})
         result_file = work / f"{backend}-result.json"
         result_file.unlink(missing_ok=True)
         resumes = not {"resume", f"resume:{backend}"} & args.skip

@@ -74,6 +74,13 @@ BYTECODE_SUBDIR = "bytecode"  # Python's own (.pyc), where the environment has n
 COMPILE_CACHE_SETTINGS = {"TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD": "1"}
 
 
+def compile_cache_env(root: Path) -> dict[str, str]:
+    """The environment that keeps the compile caches under `root` (COMPILE_CACHE_ENV, COMPILE_CACHE_SETTINGS, and
+    bytecode_env); use_compile_cache applies it to this process, the bench hands it to its workers."""
+    dirs = {variable: str(Path(root) / sub) for variable, sub in COMPILE_CACHE_ENV.items()}
+    return {**dirs, **COMPILE_CACHE_SETTINGS, **bytecode_env(root)}
+
+
 def use_compile_cache(root: Path) -> dict[str, str]:
     """Point Unsloth's, inductor's and Triton's caches, and Python's bytecode where the environment has none, into
     `root`, and let AOTAutograd cache what Unsloth compiles (COMPILE_CACHE_SETTINGS), unless the environment already
@@ -82,18 +89,15 @@ def use_compile_cache(root: Path) -> dict[str, str]:
     A restarted spot job then finds its compiled code on the checkpoint volume: Unsloth's first step took 104-119 s
     cold and 24-28 s warm on the H200 (docs/BENCHMARKS.md). Call before importing torch. Returns what it set.
     """
+    wanted = compile_cache_env(root)
+    write_bytecode = wanted.pop("PYTHONDONTWRITEBYTECODE", None) is not None  # bytecode_env: write under the prefix
     set_now = {}
-    for variable, sub in COMPILE_CACHE_ENV.items():
+    for variable, value in wanted.items():
         if not os.environ.get(variable):
-            os.environ[variable] = set_now[variable] = str(Path(root) / sub)
-    for variable, value in COMPILE_CACHE_SETTINGS.items():
-        if variable not in os.environ:
             os.environ[variable] = set_now[variable] = value
-    bytecode = bytecode_env(root)
-    if bytecode:  # Python reads these at start-up: this process is told directly, the ones it starts by the env
-        os.environ["PYTHONPYCACHEPREFIX"] = set_now["PYTHONPYCACHEPREFIX"] = bytecode["PYTHONPYCACHEPREFIX"]
+    if write_bytecode:  # Python reads these at start-up: this process is told directly, the ones it starts by the env
         os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-        sys.pycache_prefix, sys.dont_write_bytecode = bytecode["PYTHONPYCACHEPREFIX"], False
+        sys.pycache_prefix, sys.dont_write_bytecode = os.environ["PYTHONPYCACHEPREFIX"], False
     return set_now
 
 

@@ -14,6 +14,7 @@ Exit codes: 0 finished / early-stopped / budget cap / nothing to do · 2 user er
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
 import os
@@ -348,12 +349,12 @@ def probe_trainer_factory(cfg: Config, run: RunDir, backend: Backend, precision:
     """make(micro): a trainer over the longest training sample x micro that trains one step and saves nothing."""
     from wellocr.autobatch import worst_case_rows
 
-    worst: list = []  # the longest row, found on the first call only (every candidate probes with it)
+    @functools.cache  # the longest row, found on the first call only (every candidate probes with it)
+    def longest() -> Any:
+        return worst_case_rows(data["splits"]["train"], cfg.data, processor, data["datasets"]["train"], 1)
 
     def make(micro_batch: int) -> Any:
-        if not worst:
-            worst.append(worst_case_rows(data["splits"]["train"], cfg.data, processor, data["datasets"]["train"], 1))
-        rows = worst[0].select([0] * micro_batch)
+        rows = longest().select([0] * micro_batch)
         return build_trainer(cfg, run, backend, precision, model, processor, {"datasets": {"train": rows}},
                              max_length, micro_batch, 1, [], probe=True)
 
