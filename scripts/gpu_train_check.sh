@@ -3,7 +3,8 @@
 # (offline: model and data are built on the machine, the model on the GPU). For each backend: train STEPS1 steps
 # (checkpoints + final + final evaluation), then a SECOND process resumes with --resume-latest to STEPS2. Compile
 # caches stay where wellocr.train puts them (<output_dir>/.compile-cache), so the second process finds them warm;
-# its restart overhead (process start → end of its first optimizer step) is read back from run.json.
+# its restart overhead (process start → end of its first optimizer step) is read back from run.json. Each process
+# runs as on a new, empty pod (fresh HOME and TMPDIR): it finds only what the run directory (the volume) holds.
 #   bash scripts/gpu_train_check.sh [unsloth,hf]       (CONFIG=configs/train_r16.yaml STEPS1=6 STEPS2=9 ...)
 set -uo pipefail
 OUT=${OUT:-gpu-check}; mkdir -p "$OUT"
@@ -29,8 +30,9 @@ COMMON=(--config "$CONFIG" --set model.model_name=$WORK/qwen3-vl-2b-random --set
 for backend in ${BACKENDS//,/ }; do
   for phase in 1 2; do
     if [ $phase = 1 ]; then extra=(--set max_steps=$STEPS1); else extra=(--resume-latest --set max_steps=$STEPS2); fi
+    pod=$WORK/pod-$backend-$phase; rm -rf "$pod"; mkdir -p "$pod/home" "$pod/tmp"
     start=$(date +%s)
-    timeout ${PHASE_TIMEOUT:-420} python3 -m wellocr.train "${COMMON[@]}" --set model.backend=$backend \
+    HOME=$pod/home TMPDIR=$pod/tmp timeout ${PHASE_TIMEOUT:-420} python3 -m wellocr.train "${COMMON[@]}" --set model.backend=$backend \
       --set run.run_name=check-$backend "${extra[@]}" > "$OUT/$backend-$phase.log" 2>&1
     rc=$?
     echo "$backend phase $phase: exit $rc in $(( $(date +%s) - start )) s"
