@@ -28,6 +28,7 @@ COMMON=(--config "$CONFIG" --set model.model_name=$WORK/qwen3-vl-2b-random --set
         --set train_subset=64 --set eval_subset=8 --set run.output_dir=$WORK/runs --set wandb.enabled=false
         --set eval.generation_samples=${GEN_SAMPLES:-2} --set eval.max_new_tokens=32 --set save_steps=$SAVE --set eval_steps=$SAVE)
 for backend in ${BACKENDS//,/ }; do
+  rm -rf "$WORK/runs/check-$backend"  # a new run each time (a warm machine still has the last one); caches stay
   for phase in 1 2; do
     if [ $phase = 1 ]; then extra=(--set max_steps=$STEPS1); else extra=(--resume-latest --set max_steps=$STEPS2); fi
     pod=$WORK/pod-$backend-$phase; rm -rf "$pod"; mkdir -p "$pod/home" "$pod/tmp"
