@@ -134,7 +134,7 @@ def test_tiny_bench_on_cpu(tiny_model_dir, synth_data_dir, tmp_path):
     assert generation["loop_first_call_s"] > 0 and generation["batched_first_call_s"] > 0  # untimed warm-ups
     auto = hf["autobatch"]
     assert (auto["micro_batch"], auto["gradient_accumulation_steps"]) == (2, 4)  # CPU rule
-    assert auto["seed"]["samples_per_s"]["median"] > 0
+    assert auto["seed"]["samples_per_s"]["median"] > 0 and auto["seed"]["repeats"] == 2  # --tiny's repeats
 
     data = report["data_pipeline"]
     assert data["samples_per_s_per_worker"] > 0 and data["mean_tokens"] > 0

@@ -545,9 +545,10 @@ class Worker:
                 if label == "auto" and (m, a) == seed:
                     out["auto"] = out["seed"]
                     break
-                measured = self.measure(m, a, repeats=1)
+                measured = self.measure(m, a)  # --repeats, like every timed configuration
                 out[label] = {k: measured[k] for k in ("micro_batch", "gradient_accumulation_steps", "step_s",
                                                         "samples_per_s", "peak_reserved_gb")}
+                out[label]["repeats"] = len(measured["repeats"])
                 self.save()
         if out.get("auto") and out["auto"]["samples_per_s"]:
             out["speedup"] = out["auto"]["samples_per_s"]["median"] / out["seed"]["samples_per_s"]["median"]
