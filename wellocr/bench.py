@@ -54,7 +54,7 @@ Numbers (JSON at --out: `configs` has one object per backend x batch; `backends`
   one untimed call at its batch size (Unsloth compiles its prefill per batch size: reported as *_first_call_s).
 - autobatch: `wellocr.autobatch.choose_micro_batch` with the training probe `wellocr.train` uses, under
   --autobatch-gb (set_per_process_memory_fraction), and samples/s of the seed 2 x 4 vs the chosen micro x
-  accumulation at the same effective batch, under that cap.
+  accumulation at the same effective batch, under that cap, each --repeats times.
 - --cap-gb caps every timed configuration the same way (24: an RTX 4090); --batch-hf gives hf its own sizes.
 
 Time budget (--budget-s): each backend gets a share of what is left (Unsloth twice hf's), its worker stops
