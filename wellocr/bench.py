@@ -546,9 +546,9 @@ class Worker:
                     out["auto"] = out["seed"]
                     break
                 measured = self.measure(m, a)  # --repeats, like every timed configuration
-                out[label] = {k: measured[k] for k in ("micro_batch", "gradient_accumulation_steps", "step_s",
-                                                        "samples_per_s", "peak_reserved_gb")}
-                out[label]["repeats"] = len(measured["repeats"])
+                out[label] = {**{k: measured[k] for k in ("micro_batch", "gradient_accumulation_steps", "step_s",
+                                                           "samples_per_s", "peak_reserved_gb")},
+                              "repeats": len(measured["repeats"])}
                 self.save()
         if out.get("auto") and out["auto"]["samples_per_s"]:
             out["speedup"] = out["auto"]["samples_per_s"]["median"] / out["seed"]["samples_per_s"]["median"]
@@ -853,14 +853,17 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                 out = json.loads(resume_file.read_text()) if resume_file.is_file() else {}
                 return out.get("resume") or {"error": out.get("errors") or f"exit {code}"}
 
+            def room_for_another() -> bool:
+                return not share_end or share_end - time.time() >= RESUME_RESERVE_S[backend]
+
             result["resumes"] = []
             for n in range(args.resumes):  # one after the other: a later one finds what the earlier ones compiled
-                if n and share_end and share_end - time.time() < RESUME_RESERVE_S[backend]:
+                if n and not room_for_another():
                     break
                 result["resumes"].append(resumed(f"resume{n or ''}", []))
             result["resume"] = result["resumes"][0]
             for n, variables in enumerate(args.resume_env):  # then one resume per --resume-env, in order
-                if share_end and share_end - time.time() < RESUME_RESERVE_S[backend]:
+                if not room_for_another():
                     break
                 resumed_with = resumed(f"resume-env{n + 1}", [], variables)
                 result["resumes"].append({"env": variables, **resumed_with})
