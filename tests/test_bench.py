@@ -63,6 +63,34 @@ def test_resume_env_option():
         bench.parse_args(["--resume-env", "TORCH_CACHING_PRECOMPILE"])
 
 
+def test_bench_reuses_a_large_enough_synthetic_set(tmp_path):
+    """A GPU lease should not spend minutes writing headers it already has; a too small set is never used."""
+    from wellocr.synth import write_dataset
+
+    work = tmp_path / "work"
+    for train, eval_rows in ((4, 1), (10, 2)):
+        write_dataset(work / f"headers-320-{train}", train=train, eval=eval_rows, width=320)
+    (work / "headers-320-99").mkdir()  # unfinished (no README): never chosen
+    assert bench.data_dir(work, 320, 3, 1) == str(work / "headers-320-4")
+    assert bench.data_dir(work, 320, 5, 1) == str(work / "headers-320-10")
+    assert bench.data_dir(work, 320, 5, 3) == str(work / "headers-320-5")  # eval too short everywhere
+    assert bench.data_dir(work, 640, 3, 1) == str(work / "headers-640-3")
+
+    args = bench.parse_args(["--tiny", "--work", str(work), "--batch", "1", "--steps", "2", "--warmup", "1",
+                             "--gen-samples", "2", "--image", "320x240"])
+    assert args.data == str(work / "headers-320-10")
+    bench.ensure_data(args)
+    assert bench.split_rows(work / "headers-320-10") == {"train": 10, "eval": 2}  # used as it is
+    args.data = str(work / "headers-320-4")  # the bench's own set, one eval row short: written again
+    bench.ensure_data(args)
+    assert bench.split_rows(work / "headers-320-4") == {"train": 3, "eval": 2}
+    theirs = tmp_path / "theirs"
+    write_dataset(theirs, train=1, eval=1, width=320)
+    args.data = str(theirs)  # a --data set is the user's: read, never rewritten
+    bench.ensure_data(args)
+    assert bench.split_rows(theirs) == {"train": 1, "eval": 1}
+
+
 def test_compile_seconds_lists_dynamo_phases():
     import torch
 

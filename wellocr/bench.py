@@ -738,12 +738,46 @@ def data_pipeline(args: argparse.Namespace, samples: int = 16) -> dict[str, Any]
             "dataloader_num_workers": cfg.data.dataloader_num_workers}
 
 
+def split_rows(data: Path) -> dict[str, int]:
+    """Rows per split of a finished synthetic set (parquet footers only), {} if it is not one."""
+    import pyarrow.parquet as pq
+
+    from wellocr.synth import split_path
+
+    if not (data / "README.md").is_file():
+        return {}
+    return {split: pq.ParquetFile(split_path(data, split)).metadata.num_rows for split in ("train", "eval")}
+
+
+def large_enough(data: Path, train: int, eval: int) -> bool:
+    rows = split_rows(data)
+    return bool(rows) and rows["train"] >= train and rows["eval"] >= eval
+
+
+def data_dir(work: Path, width: int, train: int, eval: int) -> str:
+    """The smallest finished synthetic set under work with enough rows, else a new one's name.
+
+    Row i is the same in every set (one seed, drawn per row), so a larger set serves a smaller run; writing
+    2,000 headers again would cost a GPU lease two minutes.
+    """
+    sizes = sorted(int(p.name.rsplit("-", 1)[1]) for p in work.glob(f"headers-{width}-*")
+                   if p.name.rsplit("-", 1)[1].isdigit())
+    fits = (n for n in sizes if n >= train and large_enough(work / f"headers-{width}-{n}", train, eval))
+    return str(work / f"headers-{width}-{next(fits, train)}")
+
+
 def ensure_data(args: argparse.Namespace) -> None:
     from wellocr.synth import write_dataset
 
-    if not (Path(args.data) / "README.md").is_file():
-        rows = max(args.batches) * (args.warmup + args.steps)  # the largest batch never crosses an epoch
-        write_dataset(args.data, train=rows, eval=max(args.gen_samples, 1), seed=0, width=args.image_size[0])
+    rows, eval_rows, data = *data_rows(args), Path(args.data)
+    ours = data.parent == Path(args.work) and data.name.startswith("headers-")  # never rewrite a --data set
+    if not (data / "README.md").is_file() or (ours and not large_enough(data, rows, eval_rows)):
+        write_dataset(args.data, train=rows, eval=eval_rows, seed=0, width=args.image_size[0])
+
+
+def data_rows(args: argparse.Namespace) -> tuple[int, int]:
+    """Train rows so the largest batch never crosses an epoch; eval rows for the generation comparison."""
+    return max(args.batches) * (args.warmup + args.steps), max(args.gen_samples, 1)
 
 
 def spawn(args: argparse.Namespace, extra: list[str], log: Path, timeout: float | None,
@@ -1048,8 +1082,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.arch = "tiny" if args.tiny else "qwen3-vl-2b"
     work = Path(args.work)
     args.model = args.model or str(work / ("tiny-qwen3-vl" if args.tiny else "qwen3-vl-2b-random"))
-    rows = max(args.batches) * (args.warmup + args.steps)  # ensure_data writes this many: no epoch ends mid-run
-    args.data = args.data or str(work / f"headers-{args.image_size[0]}-{rows}")
+    args.data = args.data or data_dir(work, args.image_size[0], *data_rows(args))
     args.logs = args.logs or str(Path(args.out).absolute().parent)
     bad = [b for b in args.backends if b not in SHARE] + [
         s for s in args.skip if s.partition(":")[0] not in PHASES or s.partition(":")[2] not in ("", *SHARE)]

@@ -742,7 +742,7 @@ def encode_image(image: Image.Image, image_format: str = "JPEG") -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _split_path(out_dir: Path, split: str) -> Path:
+def split_path(out_dir: Path, split: str) -> Path:
     return out_dir / "data" / f"{split}-00000-of-00001.parquet"
 
 
@@ -830,9 +830,9 @@ def write_dataset(out_dir, train: int, eval: int, test: int = 0, seed: int = 0, 
         counts["test"] = test
     for split in SPLITS:
         if split not in counts:
-            _split_path(out_dir, split).unlink(missing_ok=True)
+            split_path(out_dir, split).unlink(missing_ok=True)
     for split, count in counts.items():
-        _write_split(_split_path(out_dir, split), split, count, seed, difficulty, width, image_format)
+        _write_split(split_path(out_dir, split), split, count, seed, difficulty, width, image_format)
     _write_text_atomically(out_dir / "README.md", _readme(counts, seed, difficulty, width, image_format))
     return out_dir
 
