@@ -464,7 +464,9 @@ class Worker:
         out: dict[str, Any] = {"batch": micro * accumulation, "micro_batch": micro,
                                "gradient_accumulation_steps": accumulation, "repeats": []}
         for r in range(repeats):
-            if r and self.time_left() < 1.5 * (out["repeats"][-1]["seconds"]):
+            # the next repeat as long as the last, less its first step's compile (later first steps: a few steps)
+            last = out["repeats"][-1] if r else None
+            if r and self.time_left() < 1.5 * (last["seconds"] - last["first_step_s"] + 5 * last["step_s"]):
                 self.result["skipped"].append(f"batch {micro}x{accumulation} repeat {r + 1} (deadline)")
                 break
             started = time.perf_counter()
