@@ -464,11 +464,11 @@ class Worker:
         out: dict[str, Any] = {"batch": micro * accumulation, "micro_batch": micro,
                                "gradient_accumulation_steps": accumulation, "repeats": []}
         for r in range(repeats):
-            # the next repeat as long as the last, less its first step's compile (later first steps: a few steps)
-            last = out["repeats"][-1] if r else None
-            if r and self.time_left() < 1.5 * (last["seconds"] - last["first_step_s"] + 5 * last["step_s"]):
-                self.result["skipped"].append(f"batch {micro}x{accumulation} repeat {r + 1} (deadline)")
-                break
+            if r:  # the next repeat takes the last one's time less its first step's compile (later: a few steps)
+                last = out["repeats"][-1]
+                if self.time_left() < 1.5 * (last["seconds"] - last["first_step_s"] + 5 * last["step_s"]):
+                    self.result["skipped"].append(f"batch {micro}x{accumulation} repeat {r + 1} (deadline)")
+                    break
             started = time.perf_counter()
             self.last_trainer, rec = self.train(micro, accumulation, warmup + steps)
             stats = self.step_stats(rec.steps[warmup:])
@@ -740,6 +740,11 @@ def data_pipeline(args: argparse.Namespace, samples: int = 16) -> dict[str, Any]
             "dataloader_num_workers": cfg.data.dataloader_num_workers}
 
 
+def data_rows(args: argparse.Namespace) -> tuple[int, int]:
+    """Train rows so the largest batch never crosses an epoch; eval rows for the generation comparison."""
+    return max(args.batches) * (args.warmup + args.steps), max(args.gen_samples, 1)
+
+
 def split_rows(data: Path) -> dict[str, int]:
     """Rows per split of a finished synthetic set (parquet footers only), {} if it is not one."""
     import pyarrow.parquet as pq
@@ -775,11 +780,6 @@ def ensure_data(args: argparse.Namespace) -> None:
     ours = data.parent == Path(args.work) and data.name.startswith("headers-")  # never rewrite a --data set
     if not (data / "README.md").is_file() or (ours and not large_enough(data, rows, eval_rows)):
         write_dataset(args.data, train=rows, eval=eval_rows, seed=0, width=args.image_size[0])
-
-
-def data_rows(args: argparse.Namespace) -> tuple[int, int]:
-    """Train rows so the largest batch never crosses an epoch; eval rows for the generation comparison."""
-    return max(args.batches) * (args.warmup + args.steps), max(args.gen_samples, 1)
 
 
 def spawn(args: argparse.Namespace, extra: list[str], log: Path, timeout: float | None,
