@@ -767,9 +767,8 @@ def data_dir(work: Path, width: int, train: int, eval: int) -> str:
     Row i is the same in every set (one seed, drawn per row), so a larger set serves a smaller run; writing
     2,000 headers again would cost a GPU lease two minutes.
     """
-    sizes = sorted(int(p.name.rsplit("-", 1)[1]) for p in work.glob(f"headers-{width}-*")
-                   if p.name.rsplit("-", 1)[1].isdigit())
-    fits = (n for n in sizes if n >= train and large_enough(work / f"headers-{width}-{n}", train, eval))
+    sizes = sorted(int(n) for p in work.glob(f"headers-{width}-*") if (n := p.name.rsplit("-", 1)[1]).isdigit())
+    fits = (n for n in sizes if large_enough(work / f"headers-{width}-{n}", train, eval))
     return str(work / f"headers-{width}-{next(fits, train)}")
 
 
