@@ -84,16 +84,29 @@ def load_raw_splits(cfg: DataConfig) -> dict[str, Any]:
 
 
 def _load_local(path: Path) -> Any:
-    import datasets
-
     if path.is_file():
         raise UserError(f"data.dataset_name: {path} is a file; give the data set directory (parquet files per split)")
+    return _convert(_files_with_rows(_local_data_files(path), str(path)), str(path))
+
+
+def _local_data_files(path: Path) -> dict[str, list[str]]:
+    """The parquet files of each split: as the README's `configs` declare them (resolved by `datasets`), else by
+    file name (without such a README `datasets` maps a file named eval* to the split `test`)."""
+    import datasets
+
     readme = path / "README.md"
     if readme.is_file() and "configs:" in readme.read_text(errors="replace"):
-        return datasets.load_dataset(str(path))
-    # Without a README that declares splits, `datasets` maps a file named eval* to the split `test`:
-    # name the splits from the file names ourselves.
-    data_files: dict[str, list[str]] = {}
+        try:
+            declared = datasets.load_dataset_builder(str(path)).config.data_files or {}
+        except (FileNotFoundError, ValueError) as exc:
+            raise UserError(f"data.dataset_name: {readme} declares splits datasets cannot resolve "
+                            f"({_first_line(exc)}); fix its configs block") from None
+        data_files = {str(split): [str(f) for f in files] for split, files in declared.items()}
+        odd = next((f for files in data_files.values() for f in files if not f.endswith(".parquet")), None)
+        if odd is not None:
+            raise UserError(f"data.dataset_name: {readme} declares {odd}; wellocr reads parquet files only")
+        return data_files
+    data_files = {}
     for split, aliases in SPLIT_ALIASES.items():
         files = sorted(
             str(p) for p in path.rglob("*.parquet") if any(p.name.startswith(a) for a in aliases)
@@ -102,7 +115,62 @@ def _load_local(path: Path) -> Any:
             data_files[split] = files
     if not data_files:
         raise UserError(f"data.dataset_name: no parquet files named train*/eval*/test* under {path}")
-    return datasets.load_dataset("parquet", data_files=data_files)
+    return data_files
+
+
+def _files_with_rows(data_files: dict[str, list[str]], source: str) -> dict[str, list[str]]:
+    """The files that hold rows, from their parquet footers (no data read). Before any conversion, so a truncated
+    or corrupt file is named here rather than failing inside `datasets`, which also fails on a zero-row file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    kept: dict[str, list[str]] = {}
+    for split, files in data_files.items():
+        kept[split] = []
+        for file in files:
+            try:
+                rows = pq.read_metadata(file).num_rows
+            except (pa.ArrowException, OSError) as exc:
+                raise UserError(f"{file}: not a readable parquet file ({_first_line(exc)}); it is truncated or "
+                                "corrupt: write or download it again") from None
+            if rows:
+                kept[split].append(file)
+        if not kept[split]:
+            raise UserError(f"data set '{source}' split '{split}' has no rows ({', '.join(files)}); add rows to "
+                            "it or set data.dataset_name to a data set that has them")
+    return kept
+
+
+def _convert(data_files: dict[str, list[str]], source: str) -> Any:
+    """The splits as memory-mapped Arrow, converted once per content of the files.
+
+    `datasets.load_dataset(DIR)` keys its cache on the folder's name alone, so two sets in folders of the same
+    name, or a set written again in place, read the Arrow copy of another. Here the key (the builder's `hash`,
+    the last folder of its cache path) covers each file's resolved path, size and mtime: what is on disk now is
+    read, and an unchanged set is found in the cache, not converted again.
+    """
+    from datasets.exceptions import DatasetGenerationError
+    from datasets.fingerprint import Hasher
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    stamps = []
+    for split, files in sorted(data_files.items()):
+        for file in files:
+            stat = os.stat(file)
+            stamps.append((split, str(Path(file).resolve()), stat.st_size, stat.st_mtime_ns))
+    builder = Parquet(data_files=data_files, hash=Hasher.hash(stamps))
+    try:
+        builder.download_and_prepare()
+    except DatasetGenerationError as exc:
+        cause = exc.__cause__ or exc
+        raise UserError(f"data set '{source}' cannot be converted ({type(cause).__name__}: {_first_line(cause)}); "
+                        "its parquet files need the same columns and types: write the odd ones again") from None
+    return builder.as_dataset()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _load_hub(name: str, revision: str | None) -> Any:
