@@ -7,8 +7,11 @@ Three layers, each a test that a broken task file fails:
 - `sky_problems`: what SkyPilot does not check offline (GPU, spot, job_recovery values, secrets, the config the
   task trains with, where checkpoints survive a preemption).
 - The `run:` sections are executed with bash (as SkyPilot does: `bash -i <script>` in the workdir) with a stand-in
-  `python` that records the trainer's and the cost report's command lines: the tests see exactly the arguments
-  the trainer would get and the exit code SkyPilot would see.
+  `python` that records the trainer's command line and environment: the tests see exactly the arguments and
+  variables the trainer would get and the exit code SkyPilot would see. Each `run:` is one `exec`'d trainer call:
+  the trainer names the run, turns SIGTERM into exit 75 and prints the cost report itself.
+- Tasks are loaded the way `sky launch` / `sky jobs launch` load them (`dag_utils.load_chain_dag_from_yaml` with the
+  `--env` overrides), because an env declared with no value (WELLOCR_REMOTE) is an error without its `--env`.
 
 SkyPilot writes ~/.sky on import and reads ~/.sky/config.yaml and ./.sky.yaml: the `sky` fixture gives it a
 throwaway HOME and empty config files, so a developer's SkyPilot setup changes nothing here.
@@ -30,7 +33,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wellocr.config import load_config
+from wellocr.config import default_run_name, load_config
 from wellocr.errors import UserError
 from wellocr.train import EXIT_OOM, EXIT_PREEMPTED, parse_args
 
@@ -51,6 +54,8 @@ CREDENTIAL_PATTERNS = {
     "a W&B API key": r"\b[0-9a-f]{40}\b",
     "a private key": r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
 }
+SETUP = re.compile(r"^bash scripts/pod_setup\.sh ([A-Za-z0-9_,-]+)$")
+RUN_PREFIX = "exec python -m wellocr.train "
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
 KEY_LIKE = re.compile(r"^[A-Za-z0-9+/=_-]{32,}$")
 
@@ -97,7 +102,8 @@ STAND_IN_PYTHON = textwrap.dedent("""\
     import json, os, signal, sys, time
     args = sys.argv[1:]
     if args[:1] == ["-m"] and args[1:2] and args[1] in ("wellocr.train", "wellocr.cost"):
-        call = {"module": args[1], "args": args[2:], "WELLOCR_CONFIG": os.environ.get("WELLOCR_CONFIG")}
+        call = {"module": args[1], "args": args[2:], "WELLOCR_CONFIG": os.environ.get("WELLOCR_CONFIG"),
+                "env": {k: v for k, v in os.environ.items() if k.startswith(("WELLOCR_", "SKYPILOT_"))}}
         with open(os.environ["STAND_IN_CALLS"], "a") as f:
             f.write(json.dumps(call) + "\\n")
         if args[1] == "wellocr.cost":
@@ -131,11 +137,15 @@ class RunResult:
         """The config the trainer would train with: its file plus the --set flags it was given."""
         return load_config(self.trainer_config_path(), parse_args(self.args_of("wellocr.train")).set)
 
+    def trainer_env(self) -> dict:
+        return next(c["env"] for c in self.calls if c["module"] == "wellocr.train")
+
 
 def start_run_section(task, tmp_path: Path, env: dict | None = None, trainer_exit: int = 0,
                       train_seconds: float | None = None) -> tuple[subprocess.Popen, Path]:
     """Start the task's run: section the way SkyPilot does (`bash -i script` in the workdir, task envs exported),
-    with a stand-in `python` on PATH; returns the process and the file the stand-in records its calls in."""
+    with a stand-in `python` on PATH; returns the process and the file the stand-in records its calls in.
+    `env` is what the pod gets on top of the task's envs (a launch's --env values, SkyPilot's variables)."""
     work = tmp_path / f"run-{time.monotonic_ns()}"
     (work / "bin").mkdir(parents=True)
     (work / "home").mkdir()
@@ -193,7 +203,7 @@ def sky_problems(path: Path, tmp_path: Path) -> list[str]:
     import sky
 
     problems: list[str] = []
-    task = sky.Task.from_yaml(str(path))
+    task = load_task(sky, path)
     data = raw(path)
     text = path.read_text()
     managed = is_managed(path)
@@ -230,8 +240,16 @@ def sky_problems(path: Path, tmp_path: Path) -> list[str]:
     run_text = task.run if isinstance(task.run, str) else ""
     if "python -m wellocr.train" not in run_text:
         problems.append("run must call python -m wellocr.train")
-    if not re.search(r"pip install -e \"?'?\.\[[^\]]*gpu", task.setup or ""):
-        problems.append("setup must install the project with the gpu extra (pip install -e '.[gpu]')")
+    elif len(run_text.strip().splitlines()) != 1 or not run_text.strip().startswith(RUN_PREFIX):
+        problems.append(f"run must be one line, `{RUN_PREFIX}...`: the trainer names the run, turns SIGTERM into "
+                        "exit 75 and prints the cost report")
+    setup = SETUP.match((task.setup or "").strip())
+    extras = setup.group(1).split(",") if setup else []
+    if not setup:
+        problems.append("setup must be one call of scripts/pod_setup.sh (`bash scripts/pod_setup.sh gpu,...`): "
+                        "it retries the package index and does nothing when repeated on the same pod")
+    elif "gpu" not in extras:
+        problems.append("setup must install the gpu extra (bash scripts/pod_setup.sh gpu,...)")
 
     secrets = data.get("secrets") or {}
     for name, value in (secrets.items() if isinstance(secrets, dict) else []):
@@ -270,15 +288,19 @@ def sky_problems(path: Path, tmp_path: Path) -> list[str]:
         if any(r.zone is None for r in task.resources):
             problems.append("a network volume lives in one data center: pin infra: runpod/<region>/<data center>")
     elif managed:
-        if "WELLOCR_REMOTE" not in task.envs:
-            problems.append("declare the WELLOCR_REMOTE env knob (the object-storage URL checkpoints survive in)")
+        envs = data.get("envs") or {}
+        if "WELLOCR_REMOTE" not in envs or envs["WELLOCR_REMOTE"] is not None:
+            problems.append("declare WELLOCR_REMOTE with no value (`WELLOCR_REMOTE: null`): SkyPilot then refuses a "
+                            "launch without --env WELLOCR_REMOTE=<url> (or =none)")
+        elif not any(re.search(r"--env WELLOCR_REMOTE=\S", c) for c in commands):
+            problems.append("the header's launch command must pass --env WELLOCR_REMOTE=<url>")
         try:
             remote = run_section(task, tmp_path, env={"WELLOCR_REMOTE": EXAMPLE_REMOTE}).trainer_config()
         except UserError as exc:
             return problems + [f"with WELLOCR_REMOTE set the config does not load: {exc}"]
         if remote.checkpoint.remote != EXAMPLE_REMOTE:
-            problems.append("the run must pass --set checkpoint.remote=$WELLOCR_REMOTE when WELLOCR_REMOTE is set")
-        if not re.search(r"pip install -e \"?'?\.\[[^\]]*remote", task.setup or ""):
+            problems.append("the run must pass --set checkpoint.remote=\"$WELLOCR_REMOTE\"")
+        if setup and "remote" not in extras:
             problems.append("setup must install the remote extra (s3fs) to sync checkpoints to object storage")
     return problems
 
@@ -303,8 +325,20 @@ def sky(tmp_path_factory):
         yield sky
 
 
-def load_task(sky, path: Path):
-    return sky.Task.from_yaml(str(path))
+def launch_env(path: Path) -> dict[str, str]:
+    """The --env values a launch must give: every env the file declares with no value, set to an example."""
+    envs = raw(path).get("envs") or {}
+    return {k: EXAMPLE_REMOTE if k == "WELLOCR_REMOTE" else "example" for k, v in envs.items() if v is None}
+
+
+def load_task(sky, path: Path, env: dict[str, str] | None = None):
+    """The task as `sky launch` / `sky jobs launch` loads it, with the --env overrides `env` (default: launch_env)."""
+    from sky.utils import dag_utils
+
+    overrides = launch_env(path) if env is None else env
+    dag = dag_utils.load_chain_dag_from_yaml(str(path), env_overrides=list(overrides.items()) or None)
+    assert len(dag.tasks) == 1, dag.tasks
+    return dag.tasks[0]
 
 
 def write_task(tmp_path: Path, text: str) -> Path:
@@ -316,7 +350,7 @@ def write_task(tmp_path: Path, text: str) -> Path:
 
 # A managed job that passes every check; each negative test breaks one thing in it.
 GOOD_JOB = textwrap.dedent("""\
-    # sky jobs launch sky/job.yaml --secret WANDB_API_KEY
+    # sky jobs launch sky/job.yaml --env WELLOCR_REMOTE=s3://wellocr-example-bucket/checkpoints --secret WANDB_API_KEY
     name: job
     resources:
       infra: runpod
@@ -325,11 +359,11 @@ GOOD_JOB = textwrap.dedent("""\
       job_recovery: {strategy: FAILOVER, max_restarts_on_errors: 0, recover_on_exit_codes: [75]}
     envs:
       WELLOCR_CONFIG: configs/train_r16.yaml
-      WELLOCR_REMOTE: ""
+      WELLOCR_REMOTE: null
     secrets:
       WANDB_API_KEY: null
-    setup: pip install -e '.[gpu,remote]'
-    run: python -m wellocr.train --resume-latest ${WELLOCR_REMOTE:+--set checkpoint.remote=$WELLOCR_REMOTE}
+    setup: bash scripts/pod_setup.sh gpu,remote
+    run: exec python -m wellocr.train --resume-latest --set checkpoint.remote="$WELLOCR_REMOTE"
 """)
 
 
@@ -380,29 +414,39 @@ def test_volume_task_mounts_the_shipped_volume_in_its_data_center(sky):
 # ---------------------------------------------------------------- what the run: sections do
 
 
-@pytest.mark.parametrize("code", [0, 2, EXIT_PREEMPTED, EXIT_OOM])
-@pytest.mark.parametrize("path", MANAGED_FILES, ids=[p.name for p in MANAGED_FILES])
-def test_job_exit_code_is_the_trainers_although_the_cost_report_runs_after(sky, path, code, tmp_path):
-    result = run_section(load_task(sky, path), tmp_path, trainer_exit=code)
-    assert result.code == code, result.output
-    assert [c["module"] for c in result.calls] == ["wellocr.train", "wellocr.cost"]
+@pytest.mark.parametrize("path", TASK_FILES, ids=[p.name for p in TASK_FILES])
+def test_setup_is_one_call_of_the_retrying_setup_script(sky, path):
+    """setup: runs again on every launch and recovery, and a failed one is FAILED_SETUP, never retried."""
+    task = load_task(sky, path)
+    match = SETUP.match(task.setup.strip())
+    assert match, f"setup is not one call of scripts/pod_setup.sh: {task.setup!r}"
+    wanted = {"gpu", "remote"} if path in MANAGED_FILES else {"gpu"}
+    assert wanted <= set(match.group(1).split(","))
 
 
 @pytest.mark.parametrize("path", TASK_FILES, ids=[p.name for p in TASK_FILES])
-def test_cost_report_reads_the_run_directory_the_trainer_writes(sky, path, tmp_path):
-    result = run_section(load_task(sky, path), tmp_path)
-    cfg = result.trainer_config()
-    assert result.args_of("wellocr.cost") == ["--run", f"{cfg.run.output_dir}/{cfg.run.run_name}"]
+def test_run_is_one_line_that_execs_the_trainer(sky, path):
+    run = load_task(sky, path).run.strip()
+    assert len(run.splitlines()) == 1 and run.startswith(RUN_PREFIX), run
+
+
+@pytest.mark.parametrize("code", [0, 2, EXIT_PREEMPTED, EXIT_OOM])
+@pytest.mark.parametrize("path", MANAGED_FILES, ids=[p.name for p in MANAGED_FILES])
+def test_job_exit_code_is_the_trainers(sky, path, code, tmp_path):
+    result = run_section(load_task(sky, path), tmp_path, trainer_exit=code)
+    assert result.code == code, result.output
+    assert [c["module"] for c in result.calls] == ["wellocr.train"]  # the trainer prints the cost report itself
 
 
 @pytest.mark.parametrize("path", MANAGED_FILES, ids=[p.name for p in MANAGED_FILES])
 def test_every_recovery_of_a_job_continues_the_run_named_after_its_task_id(sky, path, tmp_path):
     task = load_task(sky, path)
     first, recovery = run_section(task, tmp_path), run_section(task, tmp_path)
-    assert first.trainer_config().run.run_name == TASK_ID
     assert first.args_of("wellocr.train") == recovery.args_of("wellocr.train")
+    assert first.trainer_env()["SKYPILOT_TASK_ID"] == TASK_ID
+    assert default_run_name(first.trainer_config(), first.trainer_env())[0] == TASK_ID
     named = run_section(task, tmp_path, env={"WELLOCR_RUN_NAME": "r16-first"})
-    assert named.trainer_config().run.run_name == "r16-first"
+    assert named.trainer_env()["WELLOCR_RUN_NAME"] == "r16-first"  # the trainer's: a non-empty name wins
 
 
 @pytest.mark.parametrize("path", MANAGED_FILES, ids=[p.name for p in MANAGED_FILES])
@@ -419,11 +463,24 @@ def test_sigterm_to_the_job_shell_reaches_the_trainer_and_the_job_exits_75(sky, 
             proc.kill()
 
 
-def test_object_storage_job_passes_the_remote_only_when_it_is_set(sky, tmp_path):
+def test_object_storage_job_passes_the_remote_and_none_opts_out(sky, tmp_path):
     task = load_task(sky, SKY_DIR / "train_r16.yaml")
-    assert run_section(task, tmp_path).trainer_config().checkpoint.remote is None
+    assert task.envs["WELLOCR_REMOTE"] == EXAMPLE_REMOTE
     with_remote = run_section(task, tmp_path, env={"WELLOCR_REMOTE": EXAMPLE_REMOTE})
     assert with_remote.trainer_config().checkpoint.remote == EXAMPLE_REMOTE
+    opted_out = run_section(load_task(sky, SKY_DIR / "train_r16.yaml", {"WELLOCR_REMOTE": "none"}), tmp_path)
+    assert "checkpoint.remote=none" in opted_out.args_of("wellocr.train")
+    assert opted_out.trainer_config().checkpoint.remote is None
+
+
+def test_skypilot_refuses_the_object_storage_job_without_a_remote(sky):
+    """WELLOCR_REMOTE is declared with no value: SkyPilot's launch path (load_chain_dag_from_yaml, which
+    `sky launch` and `sky jobs launch` call with their --env values) refuses the file until it gets one."""
+    with pytest.raises(ValueError, match=r"Environment variable 'WELLOCR_REMOTE' is None\. Please set a value"):
+        load_task(sky, SKY_DIR / "train_r16.yaml", env={})
+    with pytest.raises(ValueError, match="'WELLOCR_REMOTE' is None"):
+        sky.Task.from_yaml(str(SKY_DIR / "train_r16.yaml"))
+    assert load_task(sky, SKY_DIR / "train_r16.yaml", {"WELLOCR_REMOTE": "none"}).envs["WELLOCR_REMOTE"] == "none"
 
 
 @pytest.mark.parametrize("path", TASK_FILES, ids=[p.name for p in TASK_FILES])
@@ -456,7 +513,7 @@ def test_checks_reject_retrying_out_of_memory(sky, tmp_path):
 
 
 def test_checks_reject_a_credential_in_the_file(sky, tmp_path):
-    path = write_task(tmp_path, GOOD_JOB.replace('WELLOCR_REMOTE: ""', 'WELLOCR_REMOTE: ""\n  HF_TOKEN: hf_'
+    path = write_task(tmp_path, GOOD_JOB.replace('WELLOCR_REMOTE: null', 'WELLOCR_REMOTE: null\n  HF_TOKEN: hf_'
                                                    + "a1B2" * 9))
     problems = sky_problems(path, tmp_path)
     assert any("env HF_TOKEN has a value" in p for p in problems), problems
@@ -471,6 +528,24 @@ def test_checks_reject_a_secret_the_launch_command_does_not_pass(sky, tmp_path):
 
 
 def test_checks_reject_a_managed_job_that_would_lose_its_checkpoints(sky, tmp_path):
-    path = write_task(tmp_path, GOOD_JOB.replace(" ${WELLOCR_REMOTE:+--set checkpoint.remote=$WELLOCR_REMOTE}", ""))
-    assert sky_problems(path, tmp_path) == [
-        "the run must pass --set checkpoint.remote=$WELLOCR_REMOTE when WELLOCR_REMOTE is set"]
+    path = write_task(tmp_path, GOOD_JOB.replace(' --set checkpoint.remote="$WELLOCR_REMOTE"', ""))
+    assert sky_problems(path, tmp_path) == ['the run must pass --set checkpoint.remote="$WELLOCR_REMOTE"']
+
+
+def test_checks_reject_a_remote_with_a_default(sky, tmp_path):
+    path = write_task(tmp_path, GOOD_JOB.replace("WELLOCR_REMOTE: null", 'WELLOCR_REMOTE: ""'))
+    problems = sky_problems(path, tmp_path)
+    assert len(problems) == 1 and "declare WELLOCR_REMOTE with no value" in problems[0], problems
+
+
+def test_checks_reject_a_bash_program_as_run(sky, tmp_path):
+    path = write_task(tmp_path, GOOD_JOB.replace('run: exec python', 'run: |\n  echo starting\n  python'))
+    problems = sky_problems(path, tmp_path)
+    assert len(problems) == 1 and "run must be one line" in problems[0], problems
+
+
+def test_checks_reject_an_inline_pip_setup(sky, tmp_path):
+    path = write_task(tmp_path, GOOD_JOB.replace("setup: bash scripts/pod_setup.sh gpu,remote",
+                                                 "setup: pip install -e '.[gpu,remote]'"))
+    problems = sky_problems(path, tmp_path)
+    assert len(problems) == 1 and "setup must be one call of scripts/pod_setup.sh" in problems[0], problems
