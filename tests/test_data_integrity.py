@@ -1,4 +1,5 @@
-"""What a run reads is what is on disk now, and bad files and empty splits are one-line errors."""
+"""What a run reads is what is on disk now, bad files and empty splits are one-line errors, the scan refuses exactly
+the images the processor refuses, and train, eval and predict hand the processor the same pixels."""
 
 import base64
 import io
@@ -137,3 +138,42 @@ def test_a_bad_data_set_exits_2_with_one_line(make_config, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: data set '{directory}' split 'train' has no rows ({split_path(directory, 'train')}); "
         "add rows to it or set data.dataset_name to a data set that has them")
+
+
+# ---------------------------------------------------------------- images the processor refuses
+
+
+REFUSED = [(600, 1), (1, 600), (250, 1), (3000, 12)]
+TAKEN = [(1, 1), (3, 2), (96, 64), (1700, 20), (4000, 3000)]
+
+
+def test_the_scan_skips_exactly_the_images_the_processor_refuses(tmp_path, tiny_model_dir, caplog):
+    from wellocr.processing import load_processor
+
+    sizes = REFUSED + TAKEN
+    root = tmp_path / "ds"
+    write_rows(root, "train", [row(i, png_b64(*size)) for i, size in enumerate(sizes)])
+    write_rows(root, "eval", [row(0)])
+    cfg = cfg_for(root, max_bad_fraction=1.0)
+    split = D.load_splits(cfg)["train"]
+    assert [b.index for b in split.bad_rows] == list(range(len(REFUSED)))
+    assert all("the processor cannot take it" in b.reason and "aspect ratio" in b.reason for b in split.bad_rows)
+    assert f"train row 0: image is 600x1: the processor cannot take it" in caplog.text
+
+    processor = load_processor(tiny_model_dir, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    rows = D.trainer_dataset(split, cfg)
+    for i in range(len(rows)):  # every kept row goes through the processor as training hands it over
+        assert processor.image_processor(images=rows[i]["images"], return_tensors="pt")["pixel_values"].numel()
+    for width, height in REFUSED:  # and every skipped one would have stopped it
+        with pytest.raises(ValueError):
+            image = Image.new("RGB", D.fit_to_pixel_budget(width, height, cfg.min_pixels, cfg.max_pixels))
+            processor.image_processor(images=[image], return_tensors="pt")
+
+
+def test_the_scan_uses_the_processors_own_resize_rule(tiny_model_dir):
+    import sys
+
+    from wellocr.processing import load_processor
+
+    processor = load_processor(tiny_model_dir)
+    assert D.processor_smart_resize() is sys.modules[type(processor.image_processor).__module__].smart_resize

@@ -5,8 +5,10 @@ splits `train` and `eval`, optionally `test`. Rows reach the trainer in TRL's pr
 which gives answer-only labels with TRL's own vision collator (and Unsloth's), so there is no collator here.
 
 Pixels are decoded one row at a time, when the trainer asks for the row; loading only scans headers. A row that
-fails (bad base64, unreadable image, absurd size, empty answer, too long for `train.max_seq_length`) is skipped
-with a warning naming split and row, counted, and reported; more than `data.max_bad_fraction` bad is an error.
+fails (bad base64, unreadable image, absurd size, an image the processor refuses, empty answer, too long for
+`train.max_seq_length`) is skipped with a warning naming split and row, counted, and reported; more than
+`data.max_bad_fraction` bad is an error. Every image reaches the model through `prepare_image`, in training,
+evaluation and prediction alike.
 """
 
 from __future__ import annotations
@@ -231,7 +233,8 @@ def _header_size(image_base64: Any, max_pixels: int) -> tuple[int, int]:
 
 
 def scan_split(name: str, ds: Any, cfg: DataConfig, subset: int) -> Split:
-    """One cheap pass over a split: keep rows whose image header parses and whose answer is not empty."""
+    """One cheap pass over a split: keep rows whose image header parses into a size the processor takes and whose
+    answer is not empty."""
     if subset > 0:
         ds = ds.select(range(min(subset, len(ds))))
     ds = ds.add_column("row_index", list(range(len(ds))))
@@ -245,7 +248,9 @@ def scan_split(name: str, ds: Any, cfg: DataConfig, subset: int) -> Split:
             try:
                 if not isinstance(answer, str) or not answer.strip():
                     raise ValueError("answer is empty")
-                sizes.append(_header_size(image_b64, cfg.max_image_pixels))
+                size = _header_size(image_b64, cfg.max_image_pixels)
+                prepared_size(*size, cfg.min_pixels, cfg.max_pixels)  # raises for an image the processor refuses
+                sizes.append(size)
                 good.append(index)
             except ValueError as exc:
                 bad.append(BadRow(name, index, str(exc)))
@@ -311,32 +316,54 @@ def fit_to_pixel_budget(width: int, height: int, min_pixels: int, max_pixels: in
     return max(1, int(width * scale)), max(1, int(height * scale))
 
 
-def processor_size(width: int, height: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """The size Qwen3-VL's processor gives an image of `fit_to_pixel_budget` size: sides snapped to its 32-px grid
-    (patch 16 x merge 2). Resizing straight to it spares the processor a second resize of every scan (one
-    interpolation instead of two, too); for a model with another grid the processor still resizes, as before."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+def processor_smart_resize():
+    """`smart_resize` of the image processor `wellocr.processing.load_processor` gives (the torchvision one where
+    torchvision imports, else the PIL one, as `AutoImageProcessor` picks): the scan, the resize before the
+    processor and the processor itself then apply one rule and cannot disagree about an image."""
+    from transformers.utils import is_torchvision_available
 
-    fitted = fit_to_pixel_budget(width, height, min_pixels, max_pixels)
+    if is_torchvision_available():
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    else:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    return smart_resize
+
+
+def prepared_size(width: int, height: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The size an image is resized to, once, before the processor: the pixel budget, then the processor's own
+    `smart_resize` (32-px grid) until the processor keeps it, so it never resizes a second time. Raises ValueError
+    naming the image when `smart_resize` refuses it (aspect ratio over 200, or whatever the installed one checks)."""
+    smart_resize = processor_smart_resize()
+    size = fit_to_pixel_budget(width, height, min_pixels, max_pixels)
     try:
-        h, w = smart_resize(fitted[1], fitted[0], factor=QWEN3_VL_GRID, min_pixels=min_pixels, max_pixels=max_pixels)
-    except ValueError:  # extreme aspect ratios: the processor reports those itself
-        return fitted
-    return w, h
+        for _ in range(4):  # normally twice: to the grid, then the processor's own call, which keeps it
+            h, w = smart_resize(size[1], size[0], factor=QWEN3_VL_GRID, min_pixels=min_pixels, max_pixels=max_pixels)
+            if (w, h) == size:
+                break
+            size = (w, h)
+    except ValueError as exc:
+        raise ValueError(f"image is {width}x{height}: the processor cannot take it ({exc})") from None
+    return size
 
 
-def decode_image(image_base64: str, min_pixels: int, max_pixels: int, snap: bool = True):
-    """Full decode of one row's image: RGB, resized once to the size the processor will use (`snap=False`: to the
-    pixel budget only, without importing transformers, for checks that run before Unsloth is imported)."""
+def prepare_image(image: Any, min_pixels: int, max_pixels: int, snap: bool = True) -> Any:
+    """The one preparation of an image for the model, shared by training, evaluation and prediction: RGB, resized
+    once to `prepared_size`, so the model is shown the pixels it learnt on (`snap=False`: to the pixel budget only,
+    without importing transformers, for checks that run before Unsloth is imported)."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    fit = prepared_size if snap else fit_to_pixel_budget
+    size = fit(image.width, image.height, min_pixels, max_pixels)
+    return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
+
+
+def decode_image(image_base64: str, min_pixels: int, max_pixels: int, snap: bool = True) -> Any:
+    """A data set row's image (base64), decoded and prepared by `prepare_image`."""
     from PIL import Image
 
     with Image.open(io.BytesIO(base64.b64decode(image_base64))) as img:
-        img = img.convert("RGB")
-    fit = processor_size if snap else fit_to_pixel_budget
-    size = fit(img.width, img.height, min_pixels, max_pixels)
-    if size != img.size:
-        img = img.resize(size, Image.Resampling.BICUBIC)
-    return img
+        return prepare_image(img, min_pixels, max_pixels, snap)
 
 
 def prompt_messages(instruction: str) -> list[dict]:
@@ -443,8 +470,7 @@ def sample_lengths(split: Split, cfg: DataConfig, processor: Any) -> list[int]:
         if instruction not in prompt_cache:
             text = processor.apply_chat_template(prompt_messages(instruction), add_generation_prompt=True, tokenize=False)
             prompt_cache[instruction] = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        fitted = fit_to_pixel_budget(w, h, cfg.min_pixels, cfg.max_pixels)
-        image_tokens = count_image_tokens(processor, *fitted)
+        image_tokens = count_image_tokens(processor, *prepared_size(w, h, cfg.min_pixels, cfg.max_pixels))
         # the template's single <|image_pad|> becomes image_tokens; +2 for <|im_end|> and the newline after it
         lengths.append(prompt_cache[instruction] - 1 + image_tokens + len(answer_tokens) + 2)
     return lengths
