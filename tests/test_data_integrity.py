@@ -177,3 +177,35 @@ def test_the_scan_uses_the_processors_own_resize_rule(tiny_model_dir):
 
     processor = load_processor(tiny_model_dir)
     assert D.processor_smart_resize() is sys.modules[type(processor.image_processor).__module__].smart_resize
+
+
+# ---------------------------------------------------------------- one image preparation for every command
+
+
+def test_train_eval_and_predict_give_the_processor_the_same_pixels(tmp_path, tiny_model_dir):
+    import torch
+
+    from wellocr import predict
+    from wellocr.evaluate import row_inputs
+    from wellocr.processing import load_processor
+
+    image, answer = make_sample(seed=3, index=0, width=384)
+    path = tmp_path / "scan.png"
+    image.save(path)
+    data_row = {"image_base64": base64.b64encode(path.read_bytes()).decode(), "instruction": "Read.", "answer": answer}
+    root = tmp_path / "ds"
+    write_rows(root, "train", [data_row])
+    write_rows(root, "eval", [data_row])
+    cfg = Config(data=cfg_for(root))
+    assert image.width * image.height > cfg.data.max_pixels  # so every path resizes
+
+    train_image = D.trainer_dataset(D.load_splits(cfg.data)["train"], cfg.data)[0]["images"][0]
+    eval_image = row_inputs([data_row], cfg)[0][0]
+    predict_image = predict.load_image(path, cfg)
+    processor = load_processor(tiny_model_dir, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    train_pixels, eval_pixels, predict_pixels = (
+        processor.image_processor(images=[im], return_tensors="pt")["pixel_values"]
+        for im in (train_image, eval_image, predict_image)
+    )
+    assert torch.equal(train_pixels, eval_pixels)
+    assert torch.equal(train_pixels, predict_pixels)

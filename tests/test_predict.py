@@ -48,6 +48,19 @@ def test_an_unreadable_image_is_skipped_with_a_warning_naming_it(trained_run, im
     assert f"warning: skipping {broken}" in captured.err and captured.out.count("== ") == 1
 
 
+def test_an_image_the_processor_cannot_take_is_skipped_with_a_warning_naming_it(trained_run, image_folder, tmp_path,
+                                                                                 capsys):
+    from PIL import Image
+
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (600, 1), "white").save(strip)  # aspect ratio 600: Qwen's smart_resize refuses it
+    assert predict.main(["--run", str(trained_run), str(strip), str(image_folder / "a.png")]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: skipping {strip}: cannot decode (ValueError: image is 600x1: the processor cannot take it" \
+        in captured.err
+    assert re.findall(r"^== (.+) ==$", captured.out, flags=re.M) == [str(image_folder / "a.png")]
+
+
 def test_only_unreadable_images_exit_2(trained_run, tmp_path, capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")

@@ -3,8 +3,8 @@
     python -m wellocr.predict --run RUN_DIR IMAGE... [--checkpoint final|best|latest|PATH] [--json]
                               [--batch-size B]
 
-IMAGE is a file or a folder (its *.png, *.jpg, *.jpeg, *.tif, *.tiff, *.webp, sorted by name). Images are scaled
-to the run's pixel budget and prompted exactly as in training, then decoded greedily in batches.
+IMAGE is a file or a folder (its *.png, *.jpg, *.jpeg, *.tif, *.tiff, *.webp, sorted by name). Images are prepared
+(pixel budget, processor grid) and prompted exactly as in training, then decoded greedily in batches.
 
 The prompt: rows of a data set may carry their own instruction (the synthetic set does), and the model learnt
 to answer that one, so the instruction of the first row of the run's training split is used when the data set
@@ -12,7 +12,8 @@ can be read (a local directory, or a hub data set in the local cache); otherwise
 
 Output: `== path ==` then the transcription, per image; with --json one JSON array of
 {"image": path, "text": transcription, "fields": {LABEL: value}} (fields: wellocr.metrics.parse_fields).
-An unreadable image is skipped with a warning; when none can be read the exit code is 2.
+An unreadable image, or one the processor cannot take (say an aspect ratio over 200), is skipped with a warning;
+when none is left the exit code is 2.
 """
 
 from __future__ import annotations
@@ -69,15 +70,14 @@ def readable(paths: list[Path]) -> list[Path]:
 
 
 def load_image(path: Path, cfg: Config) -> Any:
-    """RGB image scaled to the run's pixel budget (as wellocr.data.decode_image does for data set rows)."""
+    """The image prepared exactly as training and evaluation prepare theirs (`wellocr.data.prepare_image`), so the
+    model is shown the pixels it learnt on; ValueError for an image the processor cannot take."""
     from PIL import Image
 
-    from wellocr.data import fit_to_pixel_budget
+    from wellocr.data import prepare_image
 
     with Image.open(path) as img:
-        img = img.convert("RGB")
-    size = fit_to_pixel_budget(img.width, img.height, cfg.data.min_pixels, cfg.data.max_pixels)
-    return img if size == img.size else img.resize(size, Image.Resampling.BICUBIC)
+        return prepare_image(img, cfg.data.min_pixels, cfg.data.max_pixels)
 
 
 def training_instruction(cfg: Config) -> str:
