@@ -298,3 +298,62 @@ def test_cost_callback_is_a_trainer_callback():
     from transformers import TrainerCallback
 
     assert issubclass(C.CostCallback, TrainerCallback)
+
+
+# ---------------------------------------------------------------- the SkyPilot jobs controller
+
+
+def ledger_only_run(tmp_path, env: dict, run_info: dict | None = None) -> Path:
+    """A run directory with two one-hour segments 30 minutes apart (2.5 h from first start to last heartbeat)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rate = cfg(hourly_rate=1.0)
+    first = C.CostLedger.open(run / "cost.json", rate, 1, 0, now=T0, start=T0, host="pod-a", env=env)
+    first.heartbeat(4, now=T0 + 3600, force=True)
+    second = C.CostLedger.open(run / "cost.json", rate, 2, 4, now=T0 + 5400, start=T0 + 5400, host="pod-b", env=env)
+    second.heartbeat(8, now=T0 + 9000, force=True)
+    (run / "run.json").write_text(json.dumps(run_info or {"run_name": "r16", "attempts": []}))
+    (run / "config.yaml").write_text("train: {max_steps: 16}\n")
+    return run
+
+
+def test_a_segment_records_the_managed_job_it_ran_under(tmp_path):
+    managed = C.CostLedger.open(tmp_path / "a.json", cfg(), 1, 0, now=T0, env={"SKYPILOT_MANAGED_JOB_ID": "7"})
+    assert managed.segment["sky_managed_job_id"] == "7"
+    local = C.CostLedger.open(tmp_path / "b.json", cfg(), 1, 0, now=T0, env={"SKYPILOT_TASK_ID": "sky-2026_x_1"})
+    assert local.segment["sky_managed_job_id"] is None
+
+
+def test_report_of_a_managed_job_shows_the_controller_under_the_projection(tmp_path, capsys):
+    run = ledger_only_run(tmp_path, env={"SKYPILOT_MANAGED_JOB_ID": "3"})
+    assert C.main(["--run", str(run), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["managed_job"] is True and report["total_usd"] == pytest.approx(2.0)  # not in the totals
+    assert report["controller_usd_per_hour"] == C.CONTROLLER_USD_PER_HOUR == 0.16
+    assert report["controller_usd_during_run"] == pytest.approx(2.5 * 0.16)
+    assert C.main(["--run", str(run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("jobs controller"))
+    assert lines[at - 1].startswith("projected")
+    assert "$0.16/hour on top, not in the totals: at least $0.40 during this run" in lines[at]
+    assert "sky down" in lines[at]
+
+
+def test_report_of_a_run_outside_managed_jobs_has_no_controller(tmp_path, capsys):
+    run = ledger_only_run(tmp_path, env={})
+    assert C.main(["--run", str(run)]) == 0
+    assert "jobs controller" not in capsys.readouterr().out
+    assert C.cost_report(run)["controller_usd_per_hour"] is None
+
+
+def test_an_older_ledger_is_recognised_by_the_managed_jobs_run_name(tmp_path):
+    info = {"run_name": "sky-managed-2026-11-28-12-00-00-000000_wellocr-r16_7-0", "run_name_from": "SKYPILOT_TASK_ID"}
+    run = ledger_only_run(tmp_path, env={}, run_info=info)
+    ledger = json.loads((run / "cost.json").read_text())
+    for segment in ledger["segments"]:
+        del segment["sky_managed_job_id"]  # written before the field existed
+    (run / "cost.json").write_text(json.dumps(ledger))
+    assert C.cost_report(run)["managed_job"] is True
+    info["run_name"] = "sky-2026-11-28-12-00-00-000000_wellocr-smoke_2-0"  # a `sky launch` cluster, not a job
+    (run / "run.json").write_text(json.dumps(info))
+    assert C.cost_report(run)["managed_job"] is False

@@ -22,7 +22,8 @@ Ledger file `<run dir>/cost.json` (schema version 1)::
           "spot": true,                  # cost.spot_instance
           "start_step": 40,              # optimizer step the attempt resumed from
           "last_step": 95,               # optimizer step at the last heartbeat
-          "host": "c0ffee-pod"           # hostname, to recognise a restart on the same machine
+          "host": "c0ffee-pod",          # hostname, to recognise a restart on the same machine
+          "sky_managed_job_id": "3"      # SKYPILOT_MANAGED_JOB_ID under a SkyPilot managed job, else null
         }
       ]
     }
@@ -102,6 +103,15 @@ RATE_TABLE: dict[str, TableRate] = {
                      "tests and smoke runs on your own machine"),
 }
 _ALIASES = {"A6000": "RTXA6000", "A100": "A10080GB", "H200SXM": "H200", "H100PCIE": "H100"}
+
+
+# The SkyPilot jobs controller, billed on top of the GPU pods and not in the ledger. With only RunPod enabled,
+# `sky jobs launch` starts it on a RunPod CPU pod of 4+ vCPUs and 16 GB (SkyPilot 0.14 jobs/constants.py
+# CONTROLLER_RESOURCES: cpus 4+, memory 4x) and never autostops it on RunPod (cloud_vm_ray_backend.py drops the
+# AUTOSTOP feature for RunPod controllers): it bills until `sky down`. The cheapest catalog match is cpu3g-4-16.
+CONTROLLER_USD_PER_HOUR = 0.16
+CONTROLLER_RATE_SOURCE = f"RunPod cpu3g-4-16, {_SKY}"
+MANAGED_JOB_ENV = "SKYPILOT_MANAGED_JOB_ID"
 
 
 def _table_key(gpu_type: str) -> str:
@@ -209,17 +219,19 @@ class CostLedger:
 
     @classmethod
     def open(cls, path: Path, cost_cfg: Any, attempt: int, start_step: int, now: float | None = None, *,
-             start: float | None = None, host: str | None = None,
+             start: float | None = None, host: str | None = None, env: dict[str, str] | None = None,
              write_interval_s: float = WRITE_INTERVAL_S) -> "CostLedger":
         """Append this attempt's segment and write the ledger.
 
         `start` overrides the billing start that `cost.bill_from` gives (boot or process start); either way a
-        segment never starts before the last heartbeat of an earlier segment on the same host.
+        segment never starts before the last heartbeat of an earlier segment on the same host. `env` (default
+        os.environ) tells whether the attempt runs under a SkyPilot managed job (SKYPILOT_MANAGED_JOB_ID).
         """
         now = time.time() if now is None else now
         rate, rate_source = resolve_rate(cost_cfg)
         data = read_ledger(path)
         host = socket.gethostname() if host is None else host
+        managed_job = (os.environ if env is None else env).get(MANAGED_JOB_ENV, "").strip() or None
         if start is not None:
             source = "explicit"
         elif cost_cfg.bill_from == "boot":
@@ -234,7 +246,7 @@ class CostLedger:
             "attempt": attempt, "start": start, "start_source": source, "last_heartbeat": now,
             "gpu_type": cost_cfg.gpu_type, "gpu_count": cost_cfg.gpu_count, "hourly_rate": rate,
             "rate_source": rate_source, "spot": cost_cfg.spot_instance, "start_step": start_step,
-            "last_step": start_step, "host": host,
+            "last_step": start_step, "host": host, "sky_managed_job_id": managed_job,
         })
         ledger = cls(path, data, write_interval_s)
         ledger.flush(now)
@@ -414,12 +426,31 @@ def cost_report(run_dir: Path) -> dict[str, Any]:
     }
     report["rates"] = [dict(zip(("gpu_type", "gpu_count", "hourly_rate", "rate_source"), r)) for r in report["rates"]]
     report.update(startup_cost(attempts, segments))
+    report.update(controller_cost(run, segments))
     base, final = read_metrics(run_dir / "eval/base/metrics.json"), read_metrics(run_dir / "eval/final/metrics.json")
     if base and final and isinstance(base.get("cer"), (int, float)) and isinstance(final.get("cer"), (int, float)):
         points = (base["cer"] - final["cer"]) * 100
         report.update(cer_base=base["cer"], cer_final=final["cer"], cer_points_gained=points,
                       usd_per_cer_point=total / points if points > 0 else None)
     return report
+
+
+def is_managed_job(run: dict[str, Any], segments: list[dict]) -> bool:
+    """Whether the run ran as a SkyPilot managed job: a segment recorded SKYPILOT_MANAGED_JOB_ID, or (ledgers written
+    before that field) the run is named after a managed job's SKYPILOT_TASK_ID (`sky-managed-...`)."""
+    if any(s.get("sky_managed_job_id") for s in segments):
+        return True
+    return run.get("run_name_from") == "SKYPILOT_TASK_ID" and str(run.get("run_name", "")).startswith("sky-managed-")
+
+
+def controller_cost(run: dict[str, Any], segments: list[dict]) -> dict[str, Any]:
+    """The jobs controller's rate, and what it cost at least over the run (first segment start to last heartbeat:
+    it also runs before, between and after the job's pods, until `sky down`); None when not a managed job."""
+    if not segments or not is_managed_job(run, segments):
+        return {"managed_job": False, "controller_usd_per_hour": None, "controller_usd_during_run": None}
+    hours = max(0.0, max(s["last_heartbeat"] for s in segments) - min(s["start"] for s in segments)) / 3600
+    return {"managed_job": True, "controller_usd_per_hour": CONTROLLER_USD_PER_HOUR,
+            "controller_usd_during_run": hours * CONTROLLER_USD_PER_HOUR}
 
 
 def startup_cost(attempts: list[dict], segments: list[dict]) -> dict[str, Any]:
@@ -452,6 +483,11 @@ def format_report(report: dict[str, Any]) -> str:
                                                           else "")),
         ("budget cap", "none" if not cap else _money(cap)),
     ]
+    if report["managed_job"]:  # right under the projection: it is billed beside it, by the hour
+        rows.insert(7, ("jobs controller",
+                        f"{_money(report['controller_usd_per_hour'])}/hour on top, not in the totals: at least "
+                        f"{_money(report['controller_usd_during_run'])} during this run; SkyPilot never stops it on "
+                        "RunPod (`sky down` it when no job is left)"))
     if report["startup_s"] is not None:
         rows.append(("start-up", f"{report['startup_s']:.0f} s from process start to first step over "
                                  f"{report['startup_attempts']} attempt(s), {_money(report['startup_usd'], 4)}"))
