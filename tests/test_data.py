@@ -189,3 +189,25 @@ def test_offline_mode_is_not_retried_as_a_network_error():
     assert is_transient_network_error(ConnectionError("connection reset by peer"))
     assert is_transient_network_error(TimeoutError())
     assert not is_transient_network_error(FileNotFoundError("x"))
+
+
+def test_a_missing_eval_split_is_a_user_error(tmp_path):
+    write_split(tmp_path / "ds", "train", [good_row(0)])
+    with pytest.raises(UserError, match=r"has no 'eval' split \(found: train\)"):
+        D.load_raw_splits(cfg_for(tmp_path / "ds"))
+
+
+def test_a_file_or_a_folder_without_split_files_is_a_user_error(tmp_path):
+    write_split(tmp_path / "ds", "other", [good_row(0)])
+    with pytest.raises(UserError, match=r"is a file; give the data set directory"):
+        D.load_raw_splits(cfg_for(tmp_path / "ds" / "other-00000-of-00001.parquet"))
+    with pytest.raises(UserError, match=r"no parquet files named train\*/eval\*/test\* under"):
+        D.load_raw_splits(cfg_for(tmp_path / "ds"))
+
+
+def test_rows_that_keep_failing_full_decode_are_a_user_error(tmp_path):
+    jpeg = base64.b64decode(b64_image(300, 200))
+    rows = [{**good_row(i), "image_base64": base64.b64encode(jpeg[: len(jpeg) // 2]).decode()} for i in range(3)]
+    cfg = cfg_for(make_dir(tmp_path, rows))
+    with pytest.raises(UserError, match=r"split 'train': 3 consecutive rows fail to decode"):
+        D.trainer_dataset(D.load_splits(cfg)["train"], cfg)[0]

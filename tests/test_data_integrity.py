@@ -209,3 +209,18 @@ def test_train_eval_and_predict_give_the_processor_the_same_pixels(tmp_path, tin
     )
     assert torch.equal(train_pixels, eval_pixels)
     assert torch.equal(train_pixels, predict_pixels)
+
+
+@pytest.mark.parametrize("suffix, expected", [
+    (".csv", r"declares .*train-00000-of-00001\.csv; wellocr reads parquet files only"),
+    (".none", r"declares splits datasets cannot resolve"),
+])
+def test_a_readme_declaring_files_wellocr_cannot_read_is_a_user_error(tmp_path, hf_cache, suffix, expected):
+    directory = synth(tmp_path / "headers", 1)
+    readme = directory / "README.md"
+    for split in ("train", "eval"):
+        (directory / "data" / f"{split}-00000-of-00001.csv").write_text("answer\nA\n")
+        readme.write_text(readme.read_text().replace(f"path: data/{split}-*", f"path: data/{split}-*{suffix}"))
+    with pytest.raises(UserError, match=expected) as raised:
+        D.load_raw_splits(cfg_for(directory))
+    assert "\n" not in str(raised.value)
