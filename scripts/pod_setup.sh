@@ -10,7 +10,7 @@
 #   - writes a stamp keyed on what it installed (pyproject.toml, the extras, torch, python): run again on the same
 #     pod it checks the stamp and exits within a second or two instead of asking the package index again.
 # pip's download cache is pip's own: set PIP_CACHE_DIR on a volume (sky/train_r16_volume.yaml does) and a new pod
-# takes the wheels from there instead of downloading ~600 MB.
+# can reuse the wheels (~600 MB) an earlier pod downloaded, as far as the package index's caching headers allow.
 #
 # Usage, from the repo root (SkyPilot runs setup in the workdir):  bash scripts/pod_setup.sh [EXTRAS]
 #   EXTRAS   the project's extras, comma-separated (default gpu,remote)
