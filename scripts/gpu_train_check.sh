@@ -37,7 +37,7 @@ for backend in ${BACKENDS//,/ }; do
       --set run.run_name=check-$backend "${extra[@]}" > "$OUT/$backend-$phase.log" 2>&1
     rc=$?
     echo "$backend phase $phase: exit $rc in $(( $(date +%s) - start )) s"
-    grep -E "auto batch|resuming|first optimizer step|training time|final (adapter|eval)|exit:|Error|error" \
+    grep -E "auto batch|resuming|first optimizer step|this attempt|final (adapter|eval)|exit:|Error|error" \
       "$OUT/$backend-$phase.log" | tail -10
   done
   python3 -c "import json; r = json.load(open('$WORK/runs/check-$backend/run.json'));

@@ -91,19 +91,33 @@ def test_resume_refuses_trajectory_changes_naming_the_keys(trained_run_copy, mak
     cfg = make_config(**{"run.run_name": "shared", "run.output_dir": str(trained_run_copy.parent)})
     result = run_train("--config", str(cfg), "--resume-latest", "--set", "lora.r=4", "--set", "learning_rate=1e-3")
     assert result.returncode == 2
-    assert "resuming run changes lora.r, train.learning_rate" in result.stderr
+    assert f"resuming run {trained_run_copy} changes lora.r, train.learning_rate" in result.stderr
 
 
 def test_resume_may_raise_max_steps_and_continues_from_the_last_checkpoint(trained_run_copy, make_config):
     cfg = make_config(**{"run.run_name": "shared", "run.output_dir": str(trained_run_copy.parent)})
-    result = run_train("--config", str(cfg), "--resume-latest", "--set", "max_steps=10", "--set", "eval_steps=5",
-                       "--set", "save_steps=5")
+    result = run_train("--config", str(cfg), "--resume-latest", "--set", "max_steps=10", "--set", "eval_steps=2",
+                       "--set", "save_steps=1", "--set", "checkpoint.keep_recent=5")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming run directory {trained_run_copy}" in result.stdout
     assert "resuming from checkpoint-8 (step 8)" in result.stdout
     assert json.loads((trained_run_copy / "final" / "wellocr_complete.json").read_text())["step"] == 10
     saved = yaml.safe_load((trained_run_copy / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 10
     assert [a["exit_reason"] for a in RunDir(trained_run_copy).read()["attempts"]] == ["finished", "finished"]
+    # The first resumed step follows the new schedule: the old one ended at learning rate 0, which would have
+    # left the adapter of step 9 equal to step 8's.
+    step8, step9 = (load_file(trained_run_copy / f"checkpoint-{n}" / "adapter_model.safetensors") for n in (8, 9))
+    assert any(not torch.equal(step8[k], step9[k]) for k in step8)
+    # The closing numbers are this attempt's: 2 steps over its runtime, the mean loss of steps 9 and 10.
+    line = next(x for x in result.stdout.splitlines() if x.startswith("this attempt:"))
+    seconds, per_second, loss = (float(line.split(" in ")[1].split(" s,")[0]), float(line.split(", ")[1].split()[0]),
+                                 float(line.split("train loss ")[1].split(",")[0]))
+    assert line.startswith("this attempt: steps 9-10 ")
+    assert per_second == pytest.approx(2 / seconds, rel=0.15)  # both printed rounded
+    history = json.loads((trained_run_copy / "checkpoint-10" / "trainer_state.json").read_text())["log_history"]
+    losses = [e["loss"] for e in history if "loss" in e and e["step"] > 8]
+    assert loss == pytest.approx(sum(losses) / len(losses), rel=1e-3)
 
 
 # ---------------------------------------------------------------- preemption
@@ -175,6 +189,36 @@ def test_sigterm_during_loading_exits_75(make_config, tmp_path):
     assert RunDir(tmp_path / "runs" / "early").read()["attempts"][0]["exit_reason"] == "preempted"
 
 
+@pytest.mark.parametrize("delay", [0.0, 2.5, 5.0])
+def test_sigterm_anywhere_in_start_up_exits_75(make_config, tmp_path, delay):
+    """Preflight, imports, model load, data: a stop that was asked for is 75 wherever it lands."""
+    cfg = make_config(**{"run.run_name": "startup"})
+    proc = subprocess.Popen([sys.executable, "-m", "wellocr.train", "--config", str(cfg)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc.stdout.readline()  # the process is up and its handler installed
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 75, output[-3000:]
+    assert "Traceback" not in output
+
+
+def test_sigterm_inside_a_library_that_wraps_exceptions_is_still_a_stop():
+    """transformers' lazy imports turn an Exception raised inside them into a RuntimeError."""
+    from wellocr.preemption import Preempted, StopState, install_sigterm_handler
+
+    restore = install_sigterm_handler(StopState())
+    try:
+        with pytest.raises(Preempted):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            except Exception as exc:  # what a library does
+                raise RuntimeError("Failed to import transformers.models.qwen3_vl") from exc
+    finally:
+        restore()
+
+
 # ---------------------------------------------------------------- out of memory (injected)
 
 
@@ -229,8 +273,8 @@ def test_preflight_only_checks_and_trains_nothing(make_config, capsys, tmp_path)
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.model_name=/nonexistent/model", "model.model_name: '/nonexistent/model' is neither a local directory"),
-        ("data.dataset_name=/nonexistent/data", "data.dataset_name: '/nonexistent/data' is neither a local directory"),
+        ("model.model_name=/nonexistent/model", "model.model_name: /nonexistent/model does not exist"),
+        ("data.dataset_name=/nonexistent/data", "data.dataset_name: /nonexistent/data does not exist"),
     ],
 )
 def test_preflight_failures_are_one_line_errors(make_config, capsys, override, message):

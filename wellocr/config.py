@@ -1,26 +1,29 @@
-"""The experiment config: one typed dataclass tree, loaded from YAML, overridden from the command line.
+"""The experiment config: pydantic models, loaded from YAML, overridden from the command line.
 
 Precedence: defaults < YAML file < `--set section.key=value` (a bare `key=value` works when the key name is
-unique across sections). Values are coerced to the field's type, so YAML's `2e-4` (a string to PyYAML) is a
-float here. Every mistake is a `UserError` naming the file (or `--set`) and the key, with a "did you mean".
+unique across sections). Each field's type, constraint and description live in its model (the one source of
+this module's checks, its error messages and docs/CONFIG.md); values are coerced in pydantic's lax mode, so
+YAML's `2e-4` (a string to PyYAML) is a float here. Every mistake is a one-line `UserError` naming the file (or
+`--set`) and the key, with a "did you mean"; rules that span keys are in `validate`.
 
 `python -m wellocr.config --reference` prints the reference table of every key (docs/CONFIG.md is that output).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import functools
 import os
 import re
 import sys
 import time
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 from wellocr.errors import UserError, run_cli
 
@@ -32,139 +35,183 @@ DEFAULT_INSTRUCTION = (
 )
 
 
-def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A field with its one-line help (for --reference) and, optionally, its allowed values."""
-    meta = {"help": help}
-    if choices:
-        meta["choices"] = choices
-    return field(default=default, metadata=meta)
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads `2e-4` and `1e6` as strings: parse them; a bool is not a number (lax mode would take it)."""
+    if isinstance(value, bool):
+        raise ValueError("a bool is not a number")
+    if isinstance(value, str):
+        try:
+            return float(value.replace("_", ""))
+        except ValueError:
+            pass
+    return value
 
 
-@dataclass
-class ModelConfig:
+def _null_words(value: Any) -> Any:
+    """`none`, `null` or an empty string clear an optional key (WELLOCR_REMOTE=none: no object storage)."""
+    return None if isinstance(value, str) and value.strip().lower() in ("", "none", "null") else value
+
+
+def _row_count(value: int) -> int:
+    if value == 0:
+        raise PydanticCustomError("out_of_range", "0 rows")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_number)]
+Float = Annotated[float, BeforeValidator(_number)]
+OptStr = Annotated[str | None, BeforeValidator(_null_words)]
+OptFloat = Annotated[float | None, BeforeValidator(_number), BeforeValidator(_null_words)]
+Auto = Annotated[Literal["auto"], BeforeValidator(lambda v: v.strip().lower() if isinstance(v, str) else v)]
+RowCount = Annotated[Int, AfterValidator(_row_count)]
+Switch = BeforeValidator(lambda v: str(v).lower() if isinstance(v, bool) else v)  # YAML `true` for "true"
+
+
+def _f(default: Any, description: str, allowed: str | None = None, **constraints: Any) -> Any:
+    """A field: default, one-line description, pydantic constraints; `allowed` words the constraint for users."""
+    return Field(default, description=description, json_schema_extra={"allowed": allowed} if allowed else None,
+                 **constraints)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
     model_name: str = _f("unsloth/Qwen3-VL-2B-Instruct-unsloth-bnb-4bit", "hub id or local directory of the base model")
-    model_revision: str | None = _f(None, "hub revision (branch, tag or commit) to pin; a resumed run loads the same")
-    backend: str = _f("auto", "unsloth (CUDA), hf (transformers+PEFT, CPU or CUDA), or auto", ("auto", "unsloth", "hf"))
+    model_revision: OptStr = _f(None, "hub revision (branch, tag or commit) to pin; a resumed run loads the same")
+    backend: Literal["auto", "unsloth", "hf"] = _f("auto", "unsloth (CUDA), hf (transformers+PEFT, CPU or CUDA), or auto")
     load_in_4bit: bool = _f(True, "QLoRA: load the base weights in 4-bit NF4 (CUDA only; ignored on CPU)")
-    use_gradient_checkpointing: str = _f(
-        "unsloth", "activation checkpointing: unsloth (offloaded), true, or false", ("unsloth", "true", "false")
-    )
+    use_gradient_checkpointing: Annotated[Literal["unsloth", "true", "false"], Switch] = _f(
+        "unsloth", "activation checkpointing: unsloth (offloaded), true, or false")
     build_tiny_if_missing: bool = _f(False, "build the offline tiny random-weight model at model_name when absent")
 
 
-@dataclass
-class LoraConfig:
-    r: int = _f(16, "LoRA rank")
-    lora_alpha: int = _f(16, "LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = _f(0.0, "dropout on the LoRA path")
+class LoraConfig(_Section):
+    r: Int = _f(16, "LoRA rank", gt=0)
+    lora_alpha: Int = _f(16, "LoRA alpha (scale = alpha / r)", gt=0)
+    lora_dropout: Float = _f(0.0, "dropout on the LoRA path", ge=0, lt=1)
     finetune_vision_layers: bool = _f(True, "put LoRA on the vision tower")
     finetune_language_layers: bool = _f(True, "put LoRA on the language model")
     finetune_attention_modules: bool = _f(True, "put LoRA on attention projections")
     finetune_mlp_modules: bool = _f(True, "put LoRA on MLP projections")
 
 
-@dataclass
-class DataConfig:
+class DataConfig(_Section):
     dataset_name: str = _f("wrath/well-log-headers-ocr", "hub id, local data set directory, or parquet file/glob")
-    dataset_revision: str | None = _f(None, "hub revision of the data set to pin")
-    train_subset: int = _f(-1, "use the first N training rows (-1 = all)")
-    eval_subset: int = _f(-1, "use the first N eval rows (-1 = all)")
+    dataset_revision: OptStr = _f(None, "hub revision of the data set to pin")
+    train_subset: RowCount = _f(-1, "use the first N training rows (-1 = all)", "a positive row count or -1 for all",
+                                ge=-1)
+    eval_subset: RowCount = _f(-1, "use the first N eval rows (-1 = all)", "a positive row count or -1 for all",
+                               ge=-1)
     instruction: str = _f(DEFAULT_INSTRUCTION, "prompt used only for rows that have no instruction of their own")
-    min_pixels: int = _f(256 * 32 * 32, "smallest image area after resizing (pixels); 32x32 px = one visual token")
-    max_pixels: int = _f(1280 * 32 * 32, "largest image area after resizing (pixels); caps visual tokens per image")
-    max_image_pixels: int = _f(60_000_000, "reject images whose header claims more pixels (decompression bombs)")
-    max_bad_fraction: float = _f(0.01, "fail when more than this fraction of a split's rows is unreadable")
-    dataset_num_proc: int = _f(4, "processes for data set preparation")
-    dataloader_num_workers: int = _f(4, "DataLoader worker processes (decoding + processor work; about 14 samples/s "
-                                        "each); capped at the machine's CPUs minus one")
+    min_pixels: Int = _f(256 * 32 * 32, "smallest image area after resizing (pixels); 32x32 px = one visual token",
+                         gt=0)
+    max_pixels: Int = _f(1280 * 32 * 32, "largest image area after resizing (pixels); caps visual tokens per image",
+                         gt=0)
+    max_image_pixels: Int = _f(60_000_000, "reject images whose header claims more pixels (decompression bombs)",
+                               gt=0)
+    max_bad_fraction: Float = _f(0.01, "fail when more than this fraction of a split's rows is unreadable", ge=0, le=1)
+    dataset_num_proc: Int = _f(4, "processes for data set preparation", gt=0)
+    dataloader_num_workers: Int = _f(4, "DataLoader worker processes (decoding + processor work; about 14 samples/s "
+                                        "each); capped at the machine's CPUs minus one", ge=0)
     build_synthetic_if_missing: bool = _f(False, "write a synthetic data set at dataset_name when absent")
-    synthetic_train: int = _f(64, "rows of the synthetic train split (with build_synthetic_if_missing)")
-    synthetic_eval: int = _f(16, "rows of the synthetic eval split (with build_synthetic_if_missing)")
-    synthetic_width: int = _f(512, "image width of synthetic samples (with build_synthetic_if_missing)")
+    synthetic_train: Int = _f(64, "rows of the synthetic train split (with build_synthetic_if_missing)", gt=0)
+    synthetic_eval: Int = _f(16, "rows of the synthetic eval split (with build_synthetic_if_missing)", gt=0)
+    synthetic_width: Int = _f(512, "image width of synthetic samples (with build_synthetic_if_missing)", gt=0)
 
 
-@dataclass
-class TrainConfig:
-    max_steps: int = _f(500, "optimizer steps to train")
-    learning_rate: float = _f(2e-4, "peak learning rate")
-    per_device_train_batch_size: int | str = _f(2, "micro-batch size, or auto: the largest that fits the GPU "
-                                                "(2 on CPU), with accumulation keeping effective_batch_size")
-    effective_batch_size: int = _f(8, "samples per optimizer step when per_device_train_batch_size is auto")
-    per_device_eval_batch_size: int = _f(2, "eval batch size")
-    gradient_accumulation_steps: int = _f(4, "micro-batches per optimizer step")
-    warmup_steps: int = _f(5, "linear warm-up steps")
+class TrainConfig(_Section):
+    max_steps: Int = _f(500, "optimizer steps to train", gt=0)
+    learning_rate: Float = _f(2e-4, "peak learning rate", gt=0)
+    per_device_train_batch_size: Annotated[int, Field(gt=0), BeforeValidator(_number)] | Auto = _f(
+        2, "micro-batch size, or auto: the largest that fits the GPU (2 on CPU), with accumulation keeping "
+           "effective_batch_size")
+    effective_batch_size: Int = _f(8, "samples per optimizer step when per_device_train_batch_size is auto", gt=0)
+    per_device_eval_batch_size: Int = _f(2, "eval batch size", gt=0)
+    gradient_accumulation_steps: Int = _f(4, "micro-batches per optimizer step", gt=0)
+    warmup_steps: Int = _f(5, "linear warm-up steps", ge=0)
     optim: str = _f("adamw_8bit", "optimizer (transformers name); adamw_8bit falls back to adamw_torch on CPU")
-    weight_decay: float = _f(0.01, "weight decay")
+    weight_decay: Float = _f(0.01, "weight decay", ge=0)
     lr_scheduler_type: str = _f("linear", "learning-rate schedule (transformers name)")
-    precision: str = _f("auto", "auto picks bf16 where supported, else fp16 on CUDA, fp32 on CPU",
-                        ("auto", "bf16", "fp16", "fp32"))
-    max_seq_length: int = _f(2048, "longest sample (image + prompt + answer tokens); longer samples are reported and skipped")
-    seed: int = _f(3407, "seed for LoRA init, data order and dropout")
-    logging_steps: int = _f(1, "log every N steps")
-    eval_steps: int = _f(50, "evaluate every N steps")
-    save_steps: int = _f(50, "checkpoint every N steps")
-    early_stopping_patience: int = _f(0, "stop after N evaluations without improvement (0 = off)")
-    early_stopping_threshold: float = _f(0.0, "minimum eval-loss improvement that counts")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        "auto", "auto picks bf16 where supported, else fp16 on CUDA, fp32 on CPU")
+    max_seq_length: Int = _f(2048, "longest sample (image + prompt + answer tokens); longer samples are reported "
+                                   "and skipped", gt=0)
+    seed: Int = _f(3407, "seed for LoRA init, data order and dropout")
+    logging_steps: Int = _f(1, "log every N steps", gt=0)
+    eval_steps: Int = _f(50, "evaluate every N steps", gt=0)
+    save_steps: Int = _f(50, "checkpoint every N steps", gt=0)
+    early_stopping_patience: Int = _f(0, "stop after N evaluations without improvement (0 = off)", ge=0)
+    early_stopping_threshold: Float = _f(0.0, "minimum eval-loss improvement that counts")
 
 
-@dataclass
-class EvalConfig:
-    generation_samples: int = _f(8, "fixed eval rows decoded at every evaluation for eval/cer and eval/wer (0 = off)")
-    batch_size: int = _f(8, "samples per generate() call")
-    max_new_tokens: int = _f(512, "generation limit per sample")
-    worst_k: int = _f(10, "worst samples shown in W&B tables and report.html")
+class EvalConfig(_Section):
+    generation_samples: Int = _f(8, "fixed eval rows decoded at every evaluation for eval/cer and eval/wer (0 = off)",
+                                 ge=0)
+    batch_size: Int = _f(8, "samples per generate() call", gt=0)
+    max_new_tokens: Int = _f(512, "generation limit per sample", gt=0)
+    worst_k: Int = _f(10, "worst samples shown in W&B tables and report.html", ge=0)
 
 
-@dataclass
-class CheckpointConfig:
-    keep_best: int = _f(2, "keep the N checkpoints with the lowest eval loss")
-    keep_recent: int = _f(2, "keep the N most recent checkpoints")
-    remote: str | None = _f(None, "object-storage URL the trainer syncs checkpoints to (s3://bucket/prefix, gs://...); "
-                            "S3-compatible stores such as R2 via AWS_ENDPOINT_URL")
-    upload_timeout_s: float = _f(600.0, "at exit, wait at most this long for pending uploads")
+class CheckpointConfig(_Section):
+    keep_best: Int = _f(2, "keep the N checkpoints with the lowest eval loss", ge=0)
+    keep_recent: Int = _f(2, "keep the N most recent checkpoints",
+                          ">= 1 (the latest checkpoint is what a preempted run resumes from)", ge=1)
+    remote: OptStr = _f(None, "object-storage URL the trainer syncs checkpoints to (s3://bucket/prefix, gs://...); "
+                              "S3-compatible stores such as R2 via AWS_ENDPOINT_URL; `none`: no remote",
+                        "an s3://, gs:// (or file://) URL", pattern=r"^(s3|gs|gcs|memory|file)://.+")
+    upload_timeout_s: Float = _f(600.0, "at exit, wait at most this long for pending uploads", ge=0)
 
 
-@dataclass
-class RunConfig:
+class RunConfig(_Section):
     output_dir: str = _f("runs", "parent of run directories (a RunPod network volume path on the cloud)")
-    run_name: str | None = _f(None, "run directory name; default: from SKYPILOT_TASK_ID, else generated once")
-    compile_cache_dir: str | None = _f(None, "compile caches kept across restarts (Unsloth, inductor, Triton; Python "
-                                       "bytecode where torch has none); default <output_dir>/.compile-cache (the environment's own "
-                                       "variables win)")
+    run_name: OptStr = _f(None, "run directory name; default: from SKYPILOT_TASK_ID, else generated once",
+                          "letters, digits, '.', '_' or '-' (it names a directory)",
+                          pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    compile_cache_dir: OptStr = _f(None, "compile caches kept across restarts (Unsloth, inductor, Triton; Python "
+                                         "bytecode where torch has none); default <output_dir>/.compile-cache (the "
+                                         "environment's own variables win)")
 
 
-@dataclass
-class CostConfig:
+class CostConfig(_Section):
     gpu_type: str = _f("RTX4090", "GPU type for the cost ledger's rate table")
-    gpu_count: int = _f(1, "GPUs billed per pod")
+    gpu_count: Int = _f(1, "GPUs billed per pod", ge=1)
     spot_instance: bool = _f(True, "billed at the spot rate")
-    hourly_rate: float | None = _f(None, "USD per GPU-hour; null = the rate table's estimate for gpu_type")
-    bill_from: str = _f("boot", "a segment is billed from the machine's boot (setup and downloads included) or "
-                        "from the process start", ("boot", "process"))
-    budget_cap: float = _f(10.0, "USD over all attempts; at the cap the run saves and stops (exit 0)")
+    hourly_rate: OptFloat = _f(None, "USD per GPU-hour; null = the rate table's estimate for gpu_type", ge=0)
+    bill_from: Literal["boot", "process"] = _f(
+        "boot", "a segment is billed from the machine's boot (setup and downloads included) or from the process start")
+    budget_cap: Float = _f(10.0, "USD over all attempts; at the cap the run saves and stops (exit 0)", ge=0)
 
 
-@dataclass
-class WandbConfig:
+class WandbConfig(_Section):
     enabled: bool = _f(True, "log to Weights & Biases (offline when no credentials)")
     project: str = _f("well-log-ocr", "W&B project")
-    entity: str | None = _f(None, "W&B entity (team or user)")
+    entity: OptStr = _f(None, "W&B entity (team or user)")
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    cost: CostConfig = field(default_factory=CostConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        return self.model_dump(warnings=False)
+
+
+def _sections() -> dict[str, type[_Section]]:
+    return {name: f.annotation for name, f in Config.model_fields.items()}
+
+
+def all_keys() -> dict[str, FieldInfo]:
+    """Every `section.key` with its pydantic field, in declaration order."""
+    return {f"{s}.{name}": info for s, cls in _sections().items() for name, info in cls.model_fields.items()}
 
 
 # Keys a resumed run may change; every other key would change the training trajectory.
@@ -176,26 +223,56 @@ MUTABLE_ON_RESUME = frozenset(
         "model.build_tiny_if_missing", "data.build_synthetic_if_missing",
         "run.output_dir", "run.run_name",
     }
-    | {f"{s}.{f.name}" for s in ("eval", "checkpoint", "cost", "wandb") for f in dataclasses.fields(
-        {"eval": EvalConfig, "checkpoint": CheckpointConfig, "cost": CostConfig, "wandb": WandbConfig}[s])}
+    | {key for key in all_keys() if key.split(".")[0] in ("eval", "checkpoint", "cost", "wandb")}
 )
 
 
-def _sections() -> dict[str, type]:
-    return {f.name: f.type if isinstance(f.type, type) else globals()[f.type] for f in dataclasses.fields(Config)}
+@functools.cache
+def _schema(key: str) -> dict[str, Any]:
+    """The key's JSON-schema property (type, constraints, description, `allowed`), the source of docs and errors."""
+    section, name = key.split(".", 1)
+    return _sections()[section].model_json_schema()["properties"][name]
 
 
-def all_keys() -> dict[str, dataclasses.Field]:
-    """Every `section.key` with its dataclass field, in declaration order."""
-    keys = {}
-    for section, cls in _sections().items():
-        for f in dataclasses.fields(cls):
-            keys[f"{section}.{f.name}"] = f
-    return keys
+def _members(prop: dict[str, Any]) -> list[dict[str, Any]]:
+    return prop.get("anyOf", [prop])
 
 
-def _field_type(section: str, name: str) -> Any:
-    return typing.get_type_hints(_sections()[section])[name]
+_KINDS = {"integer": ("int", "an integer"), "number": ("float", "a number"), "boolean": ("bool", "true or false"),
+          "string": ("str", "a string"), "null": ("null", "null")}
+_LIMITS = {"exclusiveMinimum": ">", "minimum": ">=", "exclusiveMaximum": "<", "maximum": "<="}
+_CONSTRAINT_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "literal_error",
+                      "string_pattern_mismatch", "out_of_range"}
+
+
+def _constraint(prop: dict[str, Any]) -> str:
+    """The allowed values of a JSON-schema property in words: `> 0`, `one of a, b`, `> 0 or auto`, or ''."""
+    if prop.get("allowed"):
+        return prop["allowed"]
+    words = []
+    for member in _members(prop):
+        if "const" in member:
+            words.append(str(member["const"]))
+        elif "enum" in member:
+            words.append(f"one of {', '.join(map(str, member['enum']))}")
+        elif limits := [f"{op} {_number_text(member[k])}" for k, op in _LIMITS.items() if k in member]:
+            words.append(" and ".join(limits))
+    return " or ".join(words)
+
+
+def _number_text(number: Any) -> str:
+    return str(int(number)) if float(number).is_integer() else str(number)
+
+
+def _problem(key: str, error: dict[str, Any], value: Any) -> str:
+    """A pydantic error (the first of a ValidationError) as the rest of `FILE: key ...`, on one line."""
+    prop = _schema(key)
+    if value is None:
+        return "must not be empty"
+    if error["type"] in _CONSTRAINT_ERRORS:
+        return f"must be {_constraint(prop)}, got {value!r}"
+    expected = [m.get("const") or _KINDS[m["type"]][1] for m in _members(prop) if m.get("type") != "null"]
+    return f"must be {' or '.join(expected)}, got {value!r}"
 
 
 def _resolve_key(key: str, source: str) -> str:
@@ -213,64 +290,6 @@ def _resolve_key(key: str, source: str) -> str:
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise UserError(f"{source}: unknown key '{key}'{hint}")
-
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
-    """Convert a YAML or command-line value to the field's declared type, or fail naming the key."""
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
-    if set(args) == {int, str}:  # an int or the literal "auto"
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            return "auto"
-        return _coerce(value, int, key, source)
-    if value is None or (optional and isinstance(value, str) and value.strip().lower() in {"", "none", "null"}):
-        if optional:
-            return None
-        raise UserError(f"{source}: {key} must not be empty")
-
-    def bad(expected: str) -> UserError:
-        return UserError(f"{source}: {key} must be {expected}, got {value!r}")
-
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, (str, int)) and str(value).strip().lower() in _TRUE | _FALSE:
-            return str(value).strip().lower() in _TRUE
-        raise bad("true or false")
-    if base is int:
-        if isinstance(value, bool):
-            raise bad("an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                number = float(value.replace("_", ""))
-            except ValueError:
-                raise bad("an integer") from None
-            if number.is_integer():
-                return int(number)
-        raise bad("an integer")
-    if base is float:
-        if isinstance(value, bool):
-            raise bad("a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        try:
-            return float(str(value).replace("_", ""))
-        except ValueError:
-            raise bad("a number") from None
-    if base is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad("a string")
-    raise TypeError(f"unsupported config type {hint} for {key}")
 
 
 def _parse_scalar(text: str) -> Any:
@@ -326,15 +345,14 @@ def find_config_path(path: str | None) -> Path:
 
 
 def apply_values(cfg: Config, values: dict[str, Any], source: str, origins: dict[str, str]) -> None:
-    """Set `section.key` values on cfg, coerced to type; record where each came from."""
+    """Set `section.key` values on cfg, validated by the field's type and constraint; record where each came from."""
     for key, value in values.items():
         section, name = key.split(".", 1)
-        hint = _field_type(section, name)
-        coerced = _coerce(value, hint, key, source)
-        choices = all_keys()[key].metadata.get("choices")
-        if choices and coerced not in choices:
-            raise UserError(f"{source}: {key} must be one of {', '.join(map(str, choices))}, got {coerced!r}")
-        setattr(getattr(cfg, section), name, coerced)
+        model = getattr(cfg, section)
+        try:
+            type(model).__pydantic_validator__.validate_assignment(model, name, value)
+        except ValidationError as exc:
+            raise UserError(f"{source}: {key} {_problem(key, exc.errors()[0], value)}") from None
         origins[key] = source
 
 
@@ -356,6 +374,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     apply_values(cfg, _flatten_yaml(_read_yaml(config_path), str(config_path)), str(config_path), origins)
     apply_values(cfg, parse_overrides(overrides or []), "--set", origins)
     validate(cfg, origins, default_source=str(config_path))
+    # The offline assets are built only at the path the config file itself names: a mistyped --set (or a
+    # default) must fail on the missing path, not train on a freshly written synthetic set.
+    if origins.get("data.dataset_name") != str(config_path):
+        cfg.data.build_synthetic_if_missing = False
+    if origins.get("model.model_name") != str(config_path):
+        cfg.model.build_tiny_if_missing = False
     return cfg
 
 
@@ -369,27 +393,24 @@ def config_from_dict(data: dict, source: str) -> Config:
 
 
 def validate(cfg: Config, origins: dict[str, str], default_source: str) -> None:
-    """Reject impossible values, naming the file (or --set) the offending key came from."""
+    """Reject impossible values, naming the file (or --set) the offending key came from.
+
+    Each field is checked again against its model (values assigned in code bypass `apply_values`; the checked
+    values are kept, so `checkpoint.remote: none` becomes None), then the rules that span keys."""
 
     def fail(key: str, problem: str) -> None:
         raise UserError(f"{origins.get(key, default_source)}: {key} {problem}")
 
+    for section in Config.model_fields:
+        model = getattr(cfg, section)
+        try:
+            checked = type(model).model_validate(dict(model.__dict__))
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            key = f"{section}.{error['loc'][0]}"
+            fail(key, _problem(key, error, getattr(model, str(error["loc"][0]))))
+        model.__dict__.update(checked.__dict__)
     t, lora, data = cfg.train, cfg.lora, cfg.data
-    positive = {
-        "train.max_steps": t.max_steps, "train.effective_batch_size": t.effective_batch_size,
-        "train.per_device_train_batch_size": 1 if t.per_device_train_batch_size == "auto" else t.per_device_train_batch_size,
-        "train.per_device_eval_batch_size": t.per_device_eval_batch_size,
-        "train.gradient_accumulation_steps": t.gradient_accumulation_steps, "train.logging_steps": t.logging_steps,
-        "train.eval_steps": t.eval_steps, "train.save_steps": t.save_steps, "train.max_seq_length": t.max_seq_length,
-        "lora.r": lora.r, "lora.lora_alpha": lora.lora_alpha, "data.min_pixels": data.min_pixels,
-        "data.max_pixels": data.max_pixels, "data.dataset_num_proc": data.dataset_num_proc,
-        "eval.batch_size": cfg.eval.batch_size, "eval.max_new_tokens": cfg.eval.max_new_tokens,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            fail(key, f"must be > 0, got {value}")
-    if t.learning_rate <= 0:
-        fail("train.learning_rate", f"must be > 0, got {t.learning_rate}")
     for key in ("train.eval_steps", "train.save_steps"):
         value = getattr(t, key.split(".")[1])
         if value > t.max_steps:
@@ -397,39 +418,12 @@ def validate(cfg: Config, origins: dict[str, str], default_source: str) -> None:
             if origins.get("train.max_steps") == "--set":
                 origins = {**origins, key: "--set"}
             fail(key, f"({value}) must not exceed train.max_steps ({t.max_steps}); lower it too")
-    non_negative = {
-        "train.warmup_steps": t.warmup_steps, "train.weight_decay": t.weight_decay,
-        "train.early_stopping_patience": t.early_stopping_patience, "eval.generation_samples":
-        cfg.eval.generation_samples, "eval.worst_k": cfg.eval.worst_k, "checkpoint.keep_best": cfg.checkpoint.keep_best,
-        "data.dataloader_num_workers": data.dataloader_num_workers, "cost.budget_cap": cfg.cost.budget_cap,
-        "cost.hourly_rate": cfg.cost.hourly_rate or 0.0, "checkpoint.upload_timeout_s": cfg.checkpoint.upload_timeout_s,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            fail(key, f"must be >= 0, got {value}")
-    if cfg.cost.gpu_count < 1:
-        fail("cost.gpu_count", f"must be >= 1, got {cfg.cost.gpu_count}")
-    remote = cfg.checkpoint.remote
-    if remote is not None and not re.match(r"^(s3|gs|gcs|memory|file)://.+", remote):
-        fail("checkpoint.remote", f"must be an s3://, gs:// (or file://) URL, got {remote!r}")
-    if cfg.checkpoint.keep_recent < 1:
-        fail("checkpoint.keep_recent", "must be >= 1 (the latest checkpoint is what a preempted run resumes from)")
-    if not 0 <= lora.lora_dropout < 1:
-        fail("lora.lora_dropout", f"must be in [0, 1), got {lora.lora_dropout}")
-    if not 0 <= data.max_bad_fraction <= 1:
-        fail("data.max_bad_fraction", f"must be in [0, 1], got {data.max_bad_fraction}")
-    for key in ("data.train_subset", "data.eval_subset"):
-        value = getattr(data, key.split(".")[1])
-        if value == 0 or value < -1:
-            fail(key, f"must be a positive row count or -1 for all, got {value}")
     if data.min_pixels > data.max_pixels:
         fail("data.min_pixels", f"({data.min_pixels}) must not exceed data.max_pixels ({data.max_pixels})")
     if not (lora.finetune_vision_layers or lora.finetune_language_layers):
         fail("lora.finetune_language_layers", "and lora.finetune_vision_layers are both false: nothing to train")
     if not (lora.finetune_attention_modules or lora.finetune_mlp_modules):
         fail("lora.finetune_attention_modules", "and lora.finetune_mlp_modules are both false: nothing to train")
-    if cfg.run.run_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.run.run_name):
-        fail("run.run_name", f"must be letters, digits, '.', '_' or '-' (it names a directory), got {cfg.run.run_name!r}")
 
 
 def save_config(cfg: Config, path: Path) -> None:
@@ -471,35 +465,26 @@ def default_run_name(cfg: Config, env: dict[str, str] | None = None, now: float 
     return f"{model_short}-r{cfg.lora.r}-lr{cfg.train.learning_rate:.0e}-s{cfg.train.max_steps}-{stamp}", "generated"
 
 
-def _type_name(hint: Any) -> str:
-    if set(typing.get_args(hint)) == {int, str}:
-        return "int or auto"
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if args else hint
-    name = getattr(base, "__name__", str(base))
-    return f"{name} or null" if type(None) in typing.get_args(hint) else name
-
-
 def reference_markdown() -> str:
-    """The config reference table, generated from the dataclasses (docs/CONFIG.md; a test keeps it in sync)."""
+    """The config reference table, generated from the models' JSON schema (docs/CONFIG.md; a test keeps it in sync)."""
     lines = [
         "# Config reference",
         "",
-        "Generated by `python -m wellocr.config --reference > docs/CONFIG.md` from `wellocr/config.py`.",
-        "Set keys in a YAML file (`train: {max_steps: 20}`) or on the command line (`--set train.max_steps=20`,",
-        "or `--set max_steps=20` when the key name is unique).",
+        "Generated by `python -m wellocr.config --reference > docs/CONFIG.md` from the pydantic models in",
+        "`wellocr/config.py`. Set keys in a YAML file (`train: {max_steps: 20}`) or on the command line",
+        "(`--set train.max_steps=20`, or `--set max_steps=20` when the key name is unique). `allowed` is checked",
+        "when the config is loaded; so are the rules that span keys (`eval_steps` and `save_steps` at most",
+        "`max_steps`, `min_pixels` at most `max_pixels`, LoRA on at least one part of the model).",
         "",
-        "| key | type | default | meaning |",
-        "|---|---|---|---|",
+        "| key | type | default | allowed | meaning |",
+        "|---|---|---|---|---|",
     ]
     defaults = _flat(Config())
-    for key, f in all_keys().items():
-        section, name = key.split(".", 1)
-        choices = f.metadata.get("choices")
-        meaning = f.metadata["help"] + (f" (one of: {', '.join(choices)})" if choices else "")
-        default = defaults[key]
+    for key in all_keys():
+        prop, default = _schema(key), defaults[key]
+        kind = " or ".join(m.get("const") or _KINDS[m["type"]][0] for m in _members(prop))
         shown = "null" if default is None else (repr(default) if isinstance(default, str) else str(default))
-        lines.append(f"| `{key}` | {_type_name(_field_type(section, name))} | `{shown}` | {meaning} |")
+        lines.append(f"| `{key}` | {kind} | `{shown}` | {_constraint(prop)} | {prop['description']} |")
     return "\n".join(lines) + "\n"
 
 

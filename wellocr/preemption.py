@@ -11,8 +11,11 @@ from typing import Any, Callable
 SIGTERM_GRACE_S = 5.0  # RunPod's notice before SIGKILL
 
 
-class Preempted(Exception):
-    """SIGTERM arrived outside the training loop (loading, evaluating): nothing to save, exit 75."""
+class Preempted(BaseException):
+    """SIGTERM arrived outside the training loop (loading, evaluating): nothing to save, exit 75.
+
+    A BaseException, like KeyboardInterrupt: libraries wrap what their `except Exception` catches (transformers'
+    lazy imports turn it into a RuntimeError), and a stop that was asked for must stay a stop wherever it lands."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 
 from wellocr.config import Config
 from wellocr.errors import UserError
-from wellocr.retry import network_retry
+from wellocr.retry import is_transient_network_error, network_retry, unreachable
 
 log = logging.getLogger("wellocr")
 
@@ -48,8 +48,11 @@ def read_model_config(name: str, revision: str | None) -> dict[str, Any]:
         if not path.is_file():
             raise UserError(f"model.model_name: {local} has no config.json (not a saved model directory)")
         return json.loads(path.read_text())
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         path = network_retry()(hf_hub_download)(name, "config.json", revision=revision)
@@ -58,10 +61,18 @@ def read_model_config(name: str, revision: str | None) -> dict[str, Any]:
                         "(check the name, HF_TOKEN for gated models)") from None
     except RevisionNotFoundError:
         raise UserError(f"model.model_revision: revision '{revision}' not found for '{name}'") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+        if not constants.HF_HUB_OFFLINE:  # not cached, and the hub could not be asked
+            raise unreachable(f"model.model_name: the hub for '{name}'", exc) from None
+        raise UserError(f"model.model_name: '{name}' is not in the local HF cache and HF_HUB_OFFLINE=1 forbids "
+                        f"downloading it; unset HF_HUB_OFFLINE, download it once (hf download {name}), or set "
+                        "model.model_name to a local directory") from None
     except EntryNotFoundError:
         raise UserError(f"model.model_name: '{name}' has no config.json") from None
-    except (ConnectionError, OSError) as exc:
-        raise UserError(f"model.model_name: cannot reach the hub for '{name}': {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - a network failure that outlived the retries, in one line
+        if is_transient_network_error(exc) or isinstance(exc, OSError):
+            raise unreachable(f"model.model_name: the hub for '{name}'", exc) from None
+        raise
     return json.loads(Path(path).read_text())
 
 

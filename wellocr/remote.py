@@ -128,6 +128,7 @@ class RemoteStore:
         self.retries = max(1, retries)
         self.retry_wait, self.retry_wait_max = retry_wait, retry_wait_max
         self.failures: list[str] = []
+        self.uploaded = 0  # files this process put into the store: progress, for the no-progress retry rule
         self._pool = _Pool(max(1, max_workers))
         self._lock = threading.Lock()
         self._last: dict[str, cf.Future] = {}  # key -> newest operation, so one key's operations run in order
@@ -204,6 +205,8 @@ class RemoteStore:
             if self.local:
                 self.fs.makedirs(self.fs._parent(target), exist_ok=True)
             self.fs.put_file(str(local), target)
+            with self._lock:
+                self.uploaded += 1
 
         self._retry(put)
 
@@ -277,8 +280,34 @@ class RemoteStore:
         return self._latest_remote(self._listing(), quiet=True)[0]
 
     def exists(self) -> bool:
-        """Whether anything of this run is stored remotely (a new run must not reuse the name)."""
+        """Whether anything of this run is stored remotely."""
         return bool(self._listing())
+
+    def has_progress(self) -> bool:
+        """Whether the remote holds a complete checkpoint or final/ of this run (a new run must not reuse the
+        name then; a run that only uploaded its config before failing may be started again)."""
+        listing = self._listing()
+        return (self._latest_remote(listing, quiet=True)[0] is not None
+                or self._complete_remote(listing, "final")[0] is not None)
+
+    def missing(self, local_run_dir: Path) -> list[str]:
+        """What of a finished run the remote does not hold as it is here, read back from the store: final/
+        complete with the local marker's step, and every file of eval/ at its local size. Empty: complete."""
+        local_run_dir = Path(local_run_dir)
+        listing = self._listing()
+        missing = []
+        local_final = read_marker(local_run_dir / "final") or {}
+        marker, reason = self._complete_remote(listing, "final")
+        if marker is None:
+            missing.append(f"final/ ({reason})")
+        elif marker.get("step") != local_final.get("step"):
+            missing.append(f"final/ (step {marker.get('step')} there, {local_final.get('step')} here)")
+        eval_dir = local_run_dir / "eval"
+        for file in sorted(p for p in eval_dir.rglob("*") if p.is_file()) if eval_dir.is_dir() else []:
+            rel = file.relative_to(local_run_dir).as_posix()
+            if listing.get(rel, {}).get("size") != file.stat().st_size:
+                missing.append(rel)
+        return missing
 
     def restore(self, local_run_dir: Path) -> str | None:
         """Bring the local run directory up to date from the remote copy; the restored checkpoint's name or None.

@@ -8,7 +8,10 @@ aware). On CUDA it is TRL's (or Unsloth's patched) loss, unchanged.
 
 from __future__ import annotations
 
-from transformers import Trainer
+import json
+from pathlib import Path
+
+from transformers import Trainer, TrainerCallback
 from trl import SFTTrainer
 
 
@@ -16,11 +19,57 @@ def fused_loss_supported(device_type: str) -> bool:
     return device_type in ("cuda", "xpu")
 
 
+class ResumeCallback(TrainerCallback):
+    """A resumed run follows its own config from the resumed step, not the checkpoint's.
+
+    - Learning rate: the optimizer state in a checkpoint carries the learning rate of the run that wrote it; when
+      a resume raises max_steps, that is the old schedule's last value (0 at the old end for a linear decay), and
+      the first step would use it. The scheduler is rebuilt for the new max_steps with the checkpoint's step
+      count, so its value at that step is the right one: put it into the optimizer before the first step.
+    - Intervals: transformers takes logging/eval/save steps from the checkpoint's trainer_state.json; the run's
+      config may change them on resume (they do not change the trajectory), so the config's values win.
+    """
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if state.global_step == 0:
+            return
+        for name in ("logging_steps", "eval_steps", "save_steps"):
+            if isinstance(getattr(args, name, None), int):
+                setattr(state, name, getattr(args, name))
+        if optimizer is None or lr_scheduler is None:
+            return
+        lambdas, bases = getattr(lr_scheduler, "lr_lambdas", None), getattr(lr_scheduler, "base_lrs", None)
+        if not lambdas or not bases:
+            return
+        lrs = [base * fn(lr_scheduler.last_epoch) for base, fn in zip(bases, lambdas)]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        lr_scheduler._last_lr = lrs  # what the trainer logs as the current learning rate
+
+
 class WellocrSFTTrainer(SFTTrainer):
     """`generation_eval(model, step) -> dict` (optional) adds generation-based metrics (eval/cer, eval/wer) to
-    every evaluation: the eval loss alone says little about transcription quality."""
+    every evaluation: the eval loss alone says little about transcription quality. A resumed run's closing
+    metrics (steps/s, samples/s, train loss) are this process's own, not averaged over steps it did not train."""
 
     generation_eval = None
+    start_step = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(ResumeCallback())
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self.start_step = 0
+        if isinstance(resume_from_checkpoint, (str, Path)):
+            state = Path(resume_from_checkpoint) / "trainer_state.json"
+            self.start_step = json.loads(state.read_text()).get("global_step", 0) if state.is_file() else 0
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def log(self, logs, *args, **kwargs):
+        if "train_runtime" in logs:
+            _this_process_only(logs, self.start_step, self.state.global_step, self.state.max_steps)
+        return super().log(logs, *args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
         metrics = super().evaluate(*args, **kwargs)
@@ -38,3 +87,16 @@ class WellocrSFTTrainer(SFTTrainer):
         inputs = {**inputs, "use_cache": False}
         return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+
+def _this_process_only(metrics: dict, start_step: int, end_step: int, max_steps: int) -> None:
+    """transformers' closing metrics count max_steps samples over this process's runtime and divide this
+    process's summed loss by the global step: rescale both to the steps this process trained."""
+    trained = end_step - start_step
+    runtime = metrics.get("train_runtime") or 0
+    if max_steps > 0 and runtime > 0:
+        for key in ("train_samples_per_second", "train_steps_per_second"):
+            if key in metrics:
+                metrics[key] = round(metrics[key] * trained / max_steps, 3)
+    if "train_loss" in metrics:
+        metrics["train_loss"] = metrics["train_loss"] * end_step / trained if trained > 0 else float("nan")

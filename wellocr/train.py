@@ -7,8 +7,10 @@ The recipe: config → preflight → model → data → trainer → train → sa
 `--resume-latest` is what SkyPilot re-runs after a preemption: it continues from the newest complete checkpoint
 of the run, starts fresh when there is none, and does nothing (exit 0) when the run is already done.
 
-Exit codes: 0 finished / early-stopped / budget cap / nothing to do · 2 user error · 75 SIGTERM (retryable) ·
-76 out of memory after adaptation (not retryable) · 1 anything else (traceback in logs/attempt-<n>.log).
+Exit codes: 0 finished / early-stopped / budget cap / nothing to do · 2 user error · 69 the hub or a bucket
+unreachable after the bounded retries (not retried) · 70 three retryable exits in a row without progress (not
+retried) · 75 SIGTERM or uploads unfinished (retryable) · 76 out of memory after adaptation (not retryable) ·
+1 anything else (traceback in logs/attempt-<n>.log).
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ from wellocr.rundir import PREEMPTED_REASONS, RunDir, RunLock, resolve_run_name
 
 log = logging.getLogger("wellocr")
 
-EXIT_OK, EXIT_ERROR, EXIT_USER, EXIT_PREEMPTED, EXIT_OOM = 0, 1, 2, 75, 76
+EXIT_OK, EXIT_ERROR, EXIT_USER, EXIT_UNREACHABLE, EXIT_NO_PROGRESS, EXIT_PREEMPTED, EXIT_OOM = 0, 1, 2, 69, 70, 75, 76
 MAX_OOM_ADAPTATIONS = 2
+MAX_RETRIES_WITHOUT_PROGRESS = 3  # retryable exits in a row with no new step and no upload: then exit 70
 
 
 class OutOfMemory(Exception):
@@ -84,6 +87,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, RunDir, str, Any]:
     may change only what does not alter the training trajectory (steps, intervals, budget, W&B, ...)."""
     if args.resume:
         checkpoint = Path(args.resume)
+        if RunDir(checkpoint).exists() or (checkpoint / "config.yaml").is_file():
+            newest = latest_complete_checkpoint(checkpoint, quiet=True)
+            hint = f"--resume {newest}" if newest is not None else "a checkpoint-<step> directory"
+            raise UserError(f"--resume {checkpoint}: this is a run directory, not a checkpoint; pass {hint}, or "
+                            "--resume-latest with the run's config to continue from its newest complete checkpoint")
         if incomplete_reason(checkpoint) is not None:
             raise UserError(f"--resume {checkpoint}: not a complete checkpoint ({incomplete_reason(checkpoint)})")
         run = RunDir(checkpoint.parent)
@@ -91,10 +99,12 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, RunDir, str, Any]:
             raise UserError(f"--resume {checkpoint}: {run.config_file} is missing")
         saved = _saved_config(run)
         requested = _requested_config(args, fallback=saved)
-        cfg = _merge_resumed(saved, requested)
+        cfg = _merge_resumed(saved, requested, run)
+        print(f"resuming run directory {run.path} from {checkpoint.name}", flush=True)
         return cfg, run, "--resume", RemoteStore.from_config(cfg.checkpoint, run.path.name)
     config_path = find_config_path(args.config)
     requested = load_config(config_path, args.set)
+    make_output_dir(requested.run.output_dir)
     name, how = resolve_run_name(requested, config_path, resume=args.resume_latest)
     run = RunDir(Path(requested.run.output_dir) / name)
     remote = RemoteStore.from_config(requested.checkpoint, name)
@@ -102,15 +112,37 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, RunDir, str, Any]:
         # A fresh machine has an empty disk: fetch the run (config, run.json with the W&B id, cost ledger,
         # newest complete checkpoint) before deciding anything. Failing here beats restarting from step 0.
         remote.restore(run.path)
-    elif remote is not None and not run.config_file.is_file() and remote.exists():
+    elif remote is not None and not run.config_file.is_file() and remote.has_progress():
         raise UserError(f"run {name} already exists at {requested.checkpoint.remote}; continue it with "
                         "--resume-latest or set run.run_name to start a new run")
     if run.config_file.is_file():
+        if not has_progress(run, remote):
+            # A start that failed before its first checkpoint (a wrong data path, say) must not block the
+            # corrected one: nothing was trained, so the new config replaces the old.
+            print(f"run directory {run.path} never reached a checkpoint: starting it again with this config",
+                  flush=True)
+            return requested, run, how, remote
         if not args.resume_latest:
             raise UserError(f"run directory {run.path} already exists; continue it with --resume-latest or set "
                             "run.run_name to start a new run")
-        return _merge_resumed(_saved_config(run), requested), run, how, remote
+        print(f"resuming run directory {run.path}", flush=True)
+        return _merge_resumed(_saved_config(run), requested, run), run, how, remote
     return requested, run, how, remote
+
+
+def make_output_dir(output_dir: str) -> None:
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"run.output_dir: cannot create {output_dir} ({exc.strerror or exc}); choose a writable "
+                        "directory, e.g. --set run.output_dir=runs") from None
+
+
+def has_progress(run: RunDir, remote: Any) -> bool:
+    """Whether the run trained anything worth keeping: a complete checkpoint or final/, here or in the remote."""
+    if latest_complete_checkpoint(run.path, quiet=True) is not None or incomplete_reason(run.final_dir) is None:
+        return True
+    return remote is not None and remote.has_progress()
 
 
 def _saved_config(run: RunDir) -> Config:
@@ -129,7 +161,7 @@ def _requested_config(args: argparse.Namespace, fallback: Config) -> Config:
     return load_config(path, args.set)
 
 
-def _merge_resumed(saved: Config, requested: Config) -> Config:
+def _merge_resumed(saved: Config, requested: Config, run: RunDir) -> Config:
     """The requested config, once it agrees with the saved one on every trajectory key.
 
     The saved copy has secrets masked, so the comparison is made on the masked request; the merged config keeps
@@ -140,8 +172,8 @@ def _merge_resumed(saved: Config, requested: Config) -> Config:
     changed = trajectory_differences(saved, masked)
     if changed:
         raise UserError(
-            f"resuming run changes {', '.join(changed)} (they would change the training trajectory); "
-            "keep the run's values (see its config.yaml) or start a new run with another run.run_name"
+            f"resuming run {run.path} changes {', '.join(changed)} (they would change the training trajectory); "
+            f"keep the run's values (see {run.config_file}) or start a new run with another run.run_name"
         )
     return requested
 
@@ -166,8 +198,19 @@ def print_summary(cfg: Config, run: RunDir, backend: Backend) -> None:
         print(f"  {key:<8} {value}", flush=True)
 
 
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id (`org/name`): absolute, relative with ./ ../ ~, or several levels deep."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
 def ensure_local_assets(cfg: Config) -> None:
-    """Build the offline tiny model / synthetic data the config asks for, when absent (before preflight)."""
+    """Build the offline tiny model / synthetic data the config asks for, when absent (before preflight); a
+    missing local path that is not to be built is an error naming it."""
+    for key, name, build in (("model.model_name", cfg.model.model_name, cfg.model.build_tiny_if_missing),
+                             ("data.dataset_name", cfg.data.dataset_name, cfg.data.build_synthetic_if_missing)):
+        if looks_like_path(name) and not build and not Path(name).expanduser().exists():
+            raise UserError(f"{key}: {name} does not exist (the offline tiny model and synthetic data are built "
+                            "only at the path the config file itself names); check the path")
     if cfg.model.build_tiny_if_missing and not Path(cfg.model.model_name).exists():
         from wellocr.tiny import build_tiny_model
 
@@ -480,11 +523,15 @@ def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, a
     removed = remove_incomplete(run.path)
     resume_from = Path(args.resume) if args.resume else latest_complete_checkpoint(run.path)
     start_step = checkpoint_step(resume_from) or 0 if resume_from is not None else 0
+    if resume_from is not None and start_step > cfg.train.max_steps:
+        raise UserError(f"{resume_from} is at step {start_step}, past train.max_steps {cfg.train.max_steps}: to "
+                        f"continue the run raise it (--set train.max_steps=N with N > {start_step})")
     if resume_from is not None:
         print(f"resuming from {resume_from.name} (step {start_step})", flush=True)
     elif removed or args.resume_latest:
         print("no complete checkpoint: starting from step 0", flush=True)
 
+    run.update_attempt(attempt, start_step=start_step)
     ledger = CostLedger.open(run.cost_file, cfg.cost, attempt, start_step=start_step)
     over_budget = budget_exhausted(ledger, cfg.cost)
     if over_budget:
@@ -538,16 +585,15 @@ def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, a
         reason = "finished" if step >= cfg.train.max_steps else "early-stopped"
         run.update(status=reason)
         if remote is not None:
-            remote.upload_path(final)
+            remote.upload_path(final)  # now, in the background, while the final evaluation runs
         elapsed = time.time() - started
         metrics = result.metrics if result is not None else {}
-        print(f"training time {metrics.get('train_runtime', elapsed):.0f} s, "
-              f"{metrics.get('train_steps_per_second', 0):.2f} steps/s, "
-              f"peak memory {peak_memory_gb(backend.device):.1f} GB", flush=True)
+        print(f"this attempt: steps {start_step + 1}-{step} in {metrics.get('train_runtime', elapsed):.1f} s, "
+              f"{metrics.get('train_steps_per_second', 0):.2f} steps/s, train loss "
+              f"{metrics.get('train_loss', float('nan')):.4f}, peak memory {peak_memory_gb(backend.device):.1f} GB",
+              flush=True)
         print(f"final adapter: {final}", flush=True)
         evaluate_final(cfg, run, trainer.model, processor, data, tracker)
-        if remote is not None:
-            remote.upload_path(run.eval_dir)
         print(f"cost: ${ledger.total_usd():.4f} over {len(ledger.segments)} attempt(s) "
               f"(python -m wellocr.cost --run {run.path})", flush=True)
         return Outcome(reason, EXIT_OK, step)
@@ -563,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     restore_handler = install_sigterm_handler(stop)
     lock = run = remote = None
     try:
+        refuse_an_empty_remote()
         cfg, run, how, remote = resolve_config(args)
         try:
             run.create(run.path.name, how)
@@ -576,11 +623,12 @@ def main(argv: list[str] | None = None) -> int:
         done = run_is_done(cfg, run)
         if done and not args.preflight_only:
             print(f"wellocr: run {run.path} is already done ({done}); nothing to do", flush=True)
-            return EXIT_OK
+            if remote is None:
+                return _release(lock, restore_handler, EXIT_OK)
         attempt = run.start_attempt(sys.argv if argv is None else ["python", "-m", "wellocr.train", *argv])
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        return _release(lock, restore_handler, EXIT_USER)
+        return _release(lock, restore_handler, exc.exit_code)
     except Preempted:
         return _release(lock, restore_handler, EXIT_PREEMPTED)
     except RuntimeError as exc:  # the remote store failed to restore: never silently restart from step 0
@@ -592,37 +640,109 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with run.console_log(attempt) as log_path:
             try:
-                outcome = train(cfg, run, args, stop, attempt, remote)
+                outcome = attempt_outcome(cfg, run, args, stop, attempt, remote, done)
             except UserError as exc:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
-                outcome = Outcome("user-error", EXIT_USER)
+                outcome = Outcome("unreachable" if exc.exit_code == EXIT_UNREACHABLE else "user-error", exc.exit_code)
             except Preempted:
                 outcome = Outcome("preempted", EXIT_PREEMPTED)
             except OutOfMemory as exc:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
                 outcome = Outcome("out-of-memory", EXIT_OOM)
             except Exception:  # noqa: BLE001 - the traceback goes to the attempt log, the code to SkyPilot
-                traceback.print_exc()
-                outcome = Outcome("crashed", EXIT_ERROR)
+                if stop.reason == "preempted":  # SIGTERM surfaced as another error (a library wrapped it)
+                    outcome = Outcome("preempted", EXIT_PREEMPTED)
+                else:
+                    traceback.print_exc()
+                    outcome = Outcome("crashed", EXIT_ERROR)
             print(f"exit: {outcome.reason} (code {outcome.code})", flush=True)
     except Preempted:  # SIGTERM between the attempt log closing and here
         outcome = Outcome("preempted", EXIT_PREEMPTED)
     finally:
         run.end_attempt(attempt, exit_reason=outcome.reason, exit_code=outcome.code, step=outcome.step)
         if remote is not None:
-            for path in (run.config_file, run.run_json, run.cost_file):
-                if path.is_file():
-                    remote.upload_path(path)
-            if log_path is not None:
-                remote.upload_path(log_path, f"logs/{log_path.name}")
-            # RunPod kills 5 s after SIGTERM; otherwise wait for the uploads (checkpoints, final, eval)
-            finished = remote.close(2.0 if outcome.reason == "preempted" else cfg.checkpoint.upload_timeout_s)
-            if not finished and outcome.code == EXIT_OK and outcome.reason in ("finished", "early-stopped"):
-                print("error: uploads to checkpoint.remote did not finish; exiting 75 so the job retries "
-                      "(the run is complete locally)", file=sys.stderr, flush=True)
-                outcome = Outcome("upload-incomplete", EXIT_PREEMPTED, outcome.step)
+            outcome = sync_remote(cfg, run, remote, outcome, log_path)
+            run.update_attempt(attempt, exit_reason=outcome.reason, exit_code=outcome.code,
+                               uploaded_files=remote.uploaded)
+        print_cost_report(run, outcome)
         _release(lock, restore_handler, outcome.code)
     return outcome.code
+
+
+def refuse_an_empty_remote() -> None:
+    """The object-storage job declares WELLOCR_REMOTE; given empty, every preemption would restart from step 0."""
+    if os.environ.get("WELLOCR_REMOTE", None) == "":
+        raise UserError("WELLOCR_REMOTE is empty: give the bucket the checkpoints survive in "
+                        "(--env WELLOCR_REMOTE=s3://bucket/prefix), or WELLOCR_REMOTE=none to run without one "
+                        "(a preemption then restarts from step 0)")
+
+
+def attempt_outcome(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, attempt: int,
+                    remote: Any, done: str | None) -> Outcome:
+    """Train, unless the run is done (then only its uploads are finished) or stuck in retries."""
+    stuck = retries_without_progress(run.read().get("attempts", [])[:-1])
+    if stuck:
+        print(f"error: {stuck}", file=sys.stderr, flush=True)
+        return Outcome("no-progress", EXIT_NO_PROGRESS)
+    if done and not args.preflight_only:
+        step = (read_marker(run.final_dir) or {}).get("step")
+        run.update_attempt(attempt, start_step=step)
+        return Outcome("nothing-to-do", EXIT_OK, step)
+    return train(cfg, run, args, stop, attempt, remote)
+
+
+def retries_without_progress(attempts: list[dict], limit: int = MAX_RETRIES_WITHOUT_PROGRESS) -> str | None:
+    """Why to stop retrying: the last `limit` attempts all exited retryable (75, other than a SIGTERM
+    preemption, which SkyPilot recovers without limit) with no new step and no file uploaded."""
+    recent = attempts[-limit:]
+    if len(recent) < limit:
+        return None
+    for a in recent:
+        stalled = a.get("step") is not None and a.get("step") == a.get("start_step") and not a.get("uploaded_files")
+        if a.get("exit_code") != EXIT_PREEMPTED or a.get("exit_reason") == "preempted" or not stalled:
+            return None
+    return (f"the last {limit} attempts exited {EXIT_PREEMPTED} ({recent[-1].get('exit_reason')}) without a new "
+            f"step or a file uploaded; stopping (exit {EXIT_NO_PROGRESS}, not retried): check checkpoint.remote, "
+            "its credentials and the network, then launch again")
+
+
+def sync_remote(cfg: Config, run: RunDir, remote: Any, outcome: Outcome, log_path: Path | None) -> Outcome:
+    """Upload what the attempt leaves and wait for it; a finished run is done only once the store holds its
+    final/ and eval/ as they are here (read back), else exit 75 so the job retries."""
+    finished = outcome.code == EXIT_OK and outcome.reason in ("finished", "early-stopped", "nothing-to-do")
+    if finished:
+        for path in (run.final_dir, run.eval_dir):
+            if path.exists():
+                remote.upload_path(path)
+    for path in (run.config_file, run.run_json, run.cost_file):
+        if path.is_file():
+            remote.upload_path(path)
+    if log_path is not None:
+        remote.upload_path(log_path, f"logs/{log_path.name}")
+    # RunPod kills 5 s after SIGTERM; otherwise wait for the uploads (checkpoints, final, eval)
+    all_done = remote.close(2.0 if outcome.reason == "preempted" else cfg.checkpoint.upload_timeout_s)
+    if not finished:
+        return outcome
+    missing = remote.missing(run.path)
+    if all_done and not missing:
+        print(f"remote: final/ and eval/ verified at {remote.where}", flush=True)
+        return outcome
+    print(f"error: uploads to checkpoint.remote did not finish ({', '.join(missing[:4]) or 'still pending'}); "
+          "exiting 75 so the job retries (the run is complete locally)", file=sys.stderr, flush=True)
+    return Outcome("upload-incomplete", EXIT_PREEMPTED, outcome.step)
+
+
+def print_cost_report(run: RunDir, outcome: Outcome) -> None:
+    """The closing cost report of every attempt that trained (it is what `sky jobs logs` ends with)."""
+    if not run.cost_file.is_file():
+        return
+    from wellocr.cost import cost_report, format_report
+
+    try:
+        print(format_report(cost_report(run.path)), flush=True)
+    except Exception as exc:  # noqa: BLE001 - a report must never change the exit code
+        log.warning("cost report unavailable: %s", exc)
+    print(f"wellocr: trainer exit code {outcome.code} ({outcome.reason})", flush=True)
 
 
 def _release(lock: Any, restore_handler: Any, code: int) -> int:
