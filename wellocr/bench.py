@@ -25,14 +25,8 @@ Numbers (JSON at --out: `configs` has one object per backend x batch; `backends`
 - load_s (model load + LoRA), first_step_s (train() call to the end of step 1: dataloader start, compile),
   step_s (per repeat the median over the timed steps; median, min, max over repeats), samples_per_s, tokens_per_s
   (attention-mask tokens fed to the language model, visual tokens included), visual tokens = patches / 4.
-- Model FLOPs per step, counted from the model's parameters (4-bit weights at their unpacked size; LoRA left out):
-  2 x linear_fwd + 3 x attn_fwd, i.e. forward + activation gradients (the frozen base gets no weight gradients),
-  where linear_fwd = 2 x (vision tower params x patches + merger params x visual tokens + (language layers +
-  lm_head, tied embeddings counted once) x LM tokens), and attn_fwd = 4 x width x depth x sum(patches_img^2)
-  (vision, full attention per image) + 2 x width x layers x sum(len_seq^2) (language, causal).
-  MFU = model FLOPs / step time / 790e12 (the H200's measured bf16 rate). HFU adds the gradient-checkpointing
-  recompute, one more forward of the checkpointed layers: 2 x (vision + language params) x their tokens + attn_fwd
-  (not lm_head, mergers or embeddings). Both null on CPU (tflops_per_s is still reported).
+- Model FLOPs per step and MFU / HFU: `wellocr.flops` (its docstring has the formulas), against the H200's
+  measured bf16 rate (790 TFLOP/s). Both null on CPU (tflops_per_s is still reported).
 - peak allocated / reserved GB per configuration (reset in between; null on CPU).
 - checkpoint: the Trainer's own `_save_checkpoint` (adapter + optimizer + scheduler + RNG + state), seconds, MB.
 - resume: a new process from its launch (the orchestrator's timestamp, before the interpreter starts) to the end of
@@ -81,7 +75,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-PEAK_FLOPS = 790e12  # H200 dense bf16, measured on the lent machine
+from wellocr.flops import H200_BF16_FLOPS as PEAK_FLOPS
+from wellocr.flops import arch_dims, param_groups, step_flops
+
 GB = 2**30
 SHARE = {"unsloth": 2.0, "hf": 1.0}  # relative time each backend needs (Unsloth compiles ~85 s)
 RESUME_RESERVE_S = {"unsloth": 90.0, "hf": 45.0}
@@ -102,54 +98,6 @@ def summary(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def _numel(param: Any) -> int:
-    """Parameters of a tensor; bitsandbytes 4-bit weights count at their unpacked shape."""
-    quant_state = getattr(param, "quant_state", None)
-    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
-        return math.prod(quant_state.shape)
-    return param.numel()
-
-
-def param_groups(model: Any) -> dict[str, int]:
-    """Frozen-base parameters by what they multiply: vision tower (x patches), mergers (x visual tokens), language
-    layers and lm_head (x LM tokens); embeddings (lookups, no FLOPs) and LoRA reported apart."""
-    counts = dict.fromkeys(("vision", "merger", "language", "lm_head", "embedding", "lora"), 0)
-    for name, param in model.named_parameters():
-        dotted = f".{name}"
-        n = _numel(param)
-        if "lora_" in name:
-            counts["lora"] += n
-        elif ".visual." in dotted:
-            counts["merger" if "merger" in name else "embedding" if "pos_embed" in name else "vision"] += n
-        elif ".language_model." in dotted:
-            counts["embedding" if "embed_tokens" in name else "language"] += n
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    counts["lm_head"] = _numel(base.get_output_embeddings().weight)  # a tied head once, as a matmul
-    return counts
-
-
-def arch_dims(model: Any) -> dict[str, int]:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    text, vision = base.config.text_config, base.config.vision_config
-    return {"text_layers": text.num_hidden_layers, "text_width": text.num_attention_heads * text.head_dim,
-            "vision_depth": vision.depth, "vision_width": vision.hidden_size,
-            "merge": vision.spatial_merge_size ** 2}
-
-
-def step_flops(lm_lengths: list[int], image_patches: list[int], params: dict, dims: dict,
-               recompute: bool) -> tuple[float, float]:
-    """(model FLOPs, hardware FLOPs) of one optimizer step over these sequences and images (module docstring)."""
-    patches, tokens = sum(image_patches), sum(lm_lengths)
-    vision = params["vision"] * patches
-    language = params["language"] * tokens
-    linear_fwd = 2 * (vision + params["merger"] * patches / dims["merge"] + language + params["lm_head"] * tokens)
-    attn_fwd = (4 * dims["vision_width"] * dims["vision_depth"] * sum(n * n for n in image_patches)
-                + 2 * dims["text_width"] * dims["text_layers"] * sum(s * s for s in lm_lengths))
-    model = 2 * linear_fwd + 3 * attn_fwd
-    recomputed = 2 * (vision + language) + attn_fwd if recompute else 0.0
-    return float(model), float(model + recomputed)
 
 
 # ---------------------------------------------------------------- instrumentation of the project's trainer
