@@ -1,4 +1,5 @@
-"""`python -m wellocr.bench`: the FLOP accounting, and the whole bench on CPU with the tiny model so it cannot rot."""
+"""`python benchmarks/bench.py` (not in the wheel): its options and data reuse, and the whole bench on CPU with the
+tiny model so it cannot rot. The FLOP accounting it reports is wellocr.flops (tests/test_flops.py)."""
 
 import json
 import os
@@ -8,7 +9,9 @@ import sys
 import pytest
 
 from conftest import REPO
-from wellocr import bench
+
+sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of the repository, not an installed package
+from benchmarks import bench  # noqa: E402
 
 
 def test_summary_and_bad_arguments():
@@ -80,7 +83,7 @@ def test_tiny_bench_on_cpu(tiny_model_dir, synth_data_dir, tmp_path):
     mega.mkdir()
     (mega / "bundle.bin").write_bytes(bytes(2**20))
     result = subprocess.run(
-        [sys.executable, "-m", "wellocr.bench", "--tiny", "--backend", "unsloth,hf", "--model", str(tiny_model_dir),
+        [sys.executable, str(REPO / "benchmarks" / "bench.py"), "--tiny", "--backend", "unsloth,hf", "--model", str(tiny_model_dir),
          "--data", str(synth_data_dir), "--work", str(tmp_path / "work"), "--out", str(out), "--budget-s", "300",
          "--batch", "1,2", "--batch-hf", "2", "--profile-batch", "2", "--cap-gb", "24", "--resume-profile", "--resumes", "2",
          "--resume-env", f"UNSLOTH_MEGA_CACHE_DIR={mega}"],
@@ -141,9 +144,7 @@ def test_tiny_bench_on_cpu(tiny_model_dir, synth_data_dir, tmp_path):
 def test_cache_log_keeps_why_torch_compile_caches_missed():
     import logging
 
-    from wellocr.bench import CacheLog
-
-    log = CacheLog()
+    log = bench.CacheLog()
     try:
         logging.getLogger("torch._functorch._aot_autograd.autograd_cache").info(
             "Bypassing autograd cache due to: %s", "Cannot pickle saved tensor hooks")

@@ -1,16 +1,16 @@
-"""`python -m wellocr.bench` — training speed of both backends on a random-weight Qwen3-VL, through the project code.
+"""`python benchmarks/bench.py` — training speed of both backends on a random-weight Qwen3-VL, through the project code.
 
 GPU run (one H200, offline, after the wheel install and the env of /work/shared/gpu/README.md steps 2-3). One
 10-minute call does not hold everything; docs/BENCHMARKS.md has the five calls of the last run, e.g.:
 
-    python3 -m wellocr.bench --backend unsloth --batch 2,8,16 --steps 20 --warmup 4 --repeats 3 --cap-gb 24 \
+    python3 benchmarks/bench.py --backend unsloth --batch 2,8,16 --steps 20 --warmup 4 --repeats 3 --cap-gb 24 \
         --skip profile,autobatch --gen-tokens 32 --image 1024x768 --work /tmp/wb --budget-s 550 --out $OUT/bench.json
-    python3 -m wellocr.bench --backend hf --batch 2,8 --steps 20 --warmup 3 --repeats 2 --cap-gb 24 \
+    python3 benchmarks/bench.py --backend hf --batch 2,8 --steps 20 --warmup 3 --repeats 2 --cap-gb 24 \
         --skip checkpoint,resume,profile,generate,autobatch --work /tmp/wb --budget-s 200 --out $OUT/bench-hf.json
 
 --budget-s hard-stops the whole bench (each backend gets a share, optional phases are skipped when short of time).
 
-CPU (what tests/test_bench.py runs): `python -m wellocr.bench --tiny`; data pipeline alone: `--data-only`.
+CPU (what tests/test_bench.py runs): `python benchmarks/bench.py --tiny`; data pipeline alone: `--data-only`.
 
 What it does, offline: builds a random-weight model of the real Qwen3-VL-2B architecture (`wellocr.tiny`, built
 ON the GPU in bf16 in a subprocess, so the init is not the 100 s CPU init) and synthetic 27-field headers at the
@@ -77,6 +77,8 @@ from typing import Any
 
 from wellocr.flops import H200_BF16_FLOPS as PEAK_FLOPS
 from wellocr.flops import arch_dims, param_groups, step_flops
+
+SCRIPT = Path(__file__).resolve()  # workers run this file again, as a script (wellocr is installed, this is not)
 
 GB = 2**30
 SHARE = {"unsloth": 2.0, "hf": 1.0}  # relative time each backend needs (Unsloth compiles ~85 s)
@@ -322,7 +324,7 @@ class Worker:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
             torch.set_num_threads(1)  # on shared CPU cores 2 OpenMP threads can be 50x slower than 1
-        self.backend = Backend(self.args.worker, device, "wellocr.bench")
+        self.backend = Backend(self.args.worker, device, "benchmarks/bench.py")
         import_backend(self.backend)  # Unsloth before transformers/TRL/PEFT
         import peft  # noqa: F401 - imported here so import_s counts them
         import trl  # noqa: F401
@@ -585,7 +587,7 @@ def bench_config(args: argparse.Namespace, backend: str) -> Any:
     cfg.wandb.enabled = False
     t = cfg.train
     t.max_steps = t.eval_steps = t.save_steps = args.warmup + args.steps
-    validate(cfg, {}, "wellocr.bench")
+    validate(cfg, {}, "benchmarks/bench.py")
     return cfg
 
 
@@ -731,9 +733,9 @@ def ensure_data(args: argparse.Namespace) -> None:
 
 def spawn(args: argparse.Namespace, extra: list[str], log: Path, timeout: float | None,
           env: dict | None = None) -> int | None:
-    """`python -m wellocr.bench EXTRA` in a new process group, output to log; killed (with its DataLoader
+    """`python benchmarks/bench.py EXTRA` in a new process group, output to log; killed (with its DataLoader
     workers) at timeout. Returns the exit code (None when killed)."""
-    command = [sys.executable, "-m", "wellocr.bench", *common_args(args), "--launched-at", repr(time.time()), *extra]
+    command = [sys.executable, str(SCRIPT), *common_args(args), "--launched-at", repr(time.time()), *extra]
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
@@ -781,7 +783,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                               "configs": [], "backends": {}, "data_pipeline": None}
     build = None
     if not (Path(args.model) / "wellocr_build.json").is_file():
-        command = [sys.executable, "-m", "wellocr.bench", "--worker", "build", *common_args(args), "--launched-at", "0"]
+        command = [sys.executable, str(SCRIPT), "--worker", "build", *common_args(args), "--launched-at", "0"]
         with open(logs / "build.log", "w") as log:
             build = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     ensure_data(args)
@@ -884,7 +886,7 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def print_table(report: dict) -> None:
-    print(f"\nwellocr.bench on {report['meta']['device']} ({report['meta']['arch']}, {report['meta']['image']} "
+    print(f"\nbenchmarks/bench.py on {report['meta']['device']} ({report['meta']['arch']}, {report['meta']['image']} "
           "images); medians [min-max over repeats]")
     header = ("backend", "batch", "load s", "first s", "s/step", "samples/s", "tokens/s", "MFU", "HFU",
               "alloc GB", "resv GB", "data/step 1 worker")
@@ -979,7 +981,7 @@ def env_assignments(text: str) -> dict[str, str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m wellocr.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n")[0])
     p.add_argument("--backend", help="comma list: unsloth,hf (GPU default both; --tiny: hf)")
     p.add_argument("--batch", help="comma list of micro-batch sizes, accumulation 1 (default 2,8)")
     p.add_argument("--batch-hf", help="the hf backend's micro-batch sizes (default: --batch)")
