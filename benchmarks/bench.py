@@ -1,14 +1,12 @@
 """`python benchmarks/bench.py` — training speed of both backends on a random-weight Qwen3-VL, through the project code.
 
-GPU run (one H200, offline, after the wheel install and the env of /work/shared/gpu/README.md steps 2-3). One
-10-minute call does not hold everything; docs/BENCHMARKS.md has the five calls of the last run, e.g.:
+On a GPU, from the repository root with the gpu extra installed (offline: it needs no download), e.g.:
 
-    python3 benchmarks/bench.py --backend unsloth --batch 2,8,16 --steps 20 --warmup 4 --repeats 3 --cap-gb 24 \
-        --skip profile,autobatch --gen-tokens 32 --image 1024x768 --work /tmp/wb --budget-s 550 --out $OUT/bench.json
-    python3 benchmarks/bench.py --backend hf --batch 2,8 --steps 20 --warmup 3 --repeats 2 --cap-gb 24 \
-        --skip checkpoint,resume,profile,generate,autobatch --work /tmp/wb --budget-s 200 --out $OUT/bench-hf.json
+    python benchmarks/bench.py --backend unsloth,hf --batch 2,8,16 --steps 20 --warmup 4 --repeats 3 --cap-gb 24 \
+        --gen-tokens 32 --image 1024x768 --work /tmp/wb --out bench.json
 
---budget-s hard-stops the whole bench (each backend gets a share, optional phases are skipped when short of time).
+--skip leaves phases out (--skip profile,autobatch; --skip resume:hf for one backend). docs/BENCHMARKS.md has the
+commands behind its numbers.
 
 CPU (what tests/test_bench.py runs): `python benchmarks/bench.py --tiny`; data pipeline alone: `--data-only`.
 
@@ -51,9 +49,7 @@ Numbers (JSON at --out: `configs` has one object per backend x batch; `backends`
   accumulation at the same effective batch, under that cap, each --repeats times.
 - --cap-gb caps every timed configuration the same way (24: an RTX 4090); --batch-hf gives hf its own sizes.
 
-Time budget (--budget-s): each backend gets a share of what is left (Unsloth twice hf's), its worker stops
-optional phases (profile, autobatch, generation) that would not fit before its share minus the resume reserve,
-and every process is killed at the end of its share. Results are written after every phase.
+Results are written after every phase, so a bench stopped with Ctrl-C keeps what it measured.
 """
 
 from __future__ import annotations
@@ -62,10 +58,8 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -81,8 +75,7 @@ from wellocr.flops import arch_dims, param_groups, step_flops
 SCRIPT = Path(__file__).resolve()  # workers run this file again, as a script (wellocr is installed, this is not)
 
 GB = 2**30
-SHARE = {"unsloth": 2.0, "hf": 1.0}  # relative time each backend needs (Unsloth compiles ~85 s)
-RESUME_RESERVE_S = {"unsloth": 90.0, "hf": 45.0}
+BACKENDS = ("unsloth", "hf")
 GEN_BATCH = 8
 PHASES = ("train", "checkpoint", "resume", "profile", "autobatch", "generate")
 DEFAULTS = {  # GPU run / --tiny (CPU)
@@ -291,18 +284,11 @@ class Worker:
         tmp.write_text(json.dumps(self.result, indent=1, default=str))
         os.replace(tmp, path)
 
-    def time_left(self) -> float:
-        return self.args.deadline - time.time() if self.args.deadline else math.inf
-
-    def attempt(self, name: str, fn, *args, needs_s: float = 0.0) -> None:
-        """Run one phase unless skipped or short of time; an exception is recorded and the worker moves on."""
-        skipped = name.split()[0] in self.args.skip or f"{name.split()[0]}:{self.args.worker}" in self.args.skip
-        reason = "--skip" if skipped else None
-        if reason is None and self.time_left() < needs_s:
-            reason = f"{self.time_left():.0f} s left < {needs_s:.0f} s needed"
-        if reason is not None:
-            self.result["skipped"].append(f"{name} ({reason})")
-            print(f"bench: skipping {name}: {reason}", flush=True)
+    def attempt(self, name: str, fn, *args) -> None:
+        """Run one phase unless --skip names it; an exception is recorded and the worker moves on."""
+        if name.split()[0] in self.args.skip or f"{name.split()[0]}:{self.args.worker}" in self.args.skip:
+            self.result["skipped"].append(f"{name} (--skip)")
+            print(f"bench: skipping {name}: --skip", flush=True)
             return
         started = time.time()
         print(f"bench: {self.args.worker}: {name}", flush=True)
@@ -414,11 +400,6 @@ class Worker:
         out: dict[str, Any] = {"batch": micro * accumulation, "micro_batch": micro,
                                "gradient_accumulation_steps": accumulation, "repeats": []}
         for r in range(repeats):
-            if r:  # the next repeat takes the last one's time less its first step's compile (later: a few steps)
-                last = out["repeats"][-1]
-                if self.time_left() < 1.5 * (last["seconds"] - last["first_step_s"] + 5 * last["step_s"]):
-                    self.result["skipped"].append(f"batch {micro}x{accumulation} repeat {r + 1} (deadline)")
-                    break
             started = time.perf_counter()
             self.last_trainer, rec = self.train(micro, accumulation, warmup + steps)
             stats = self.step_stats(rec.steps[warmup:])
@@ -436,6 +417,9 @@ class Worker:
         out["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / GB if cuda else None
         out["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / GB if cuda else None
         return out
+
+    def train_config(self, micro: int) -> None:
+        self.result["configs"].append({**self.measure(micro), "load_s": self.result["load_s"]})
 
     def checkpoint(self) -> None:
         from wellocr.checkpoint import mark_complete
@@ -557,17 +541,13 @@ class Worker:
             self.attempt("resume", self.resume)
             return
         for micro in self.args.batches if self.args.worker != "hf" else self.args.batches_hf:
-            self.attempt(f"train batch {micro}", lambda m=micro: self.result["configs"].append(
-                {**self.measure(m), "load_s": self.result["load_s"]}))
+            self.attempt(f"train batch {micro}", self.train_config, micro)
         self.result["compile"] = compile_stats(self.cache_log)
-        step_s = max((c["step_s"]["median"] for c in self.result["configs"]), default=1.0)
         if getattr(self, "last_trainer", None) is not None:
-            self.attempt("checkpoint", self.checkpoint, needs_s=10)
-        self.attempt("profile", self.profile, self.args.profile_batch or self.args.batches[0], needs_s=20 + 6 * step_s)
-        compile_s = 80 if self.args.worker == "unsloth" else 0  # two first calls (batch sizes) that compile
-        self.attempt("generate", self.generation,
-                     needs_s=10 + compile_s + self.args.gen_samples * self.args.gen_tokens * 0.03)
-        self.attempt("autobatch", self.autobatch, needs_s=30 + 12 * step_s)
+            self.attempt("checkpoint", self.checkpoint)
+        self.attempt("profile", self.profile, self.args.profile_batch or self.args.batches[0])
+        self.attempt("generate", self.generation)
+        self.attempt("autobatch", self.autobatch)
 
 
 def bench_config(args: argparse.Namespace, backend: str) -> Any:
@@ -731,20 +711,12 @@ def ensure_data(args: argparse.Namespace) -> None:
         write_dataset(args.data, train=rows, eval=eval_rows, seed=0, width=args.image_size[0])
 
 
-def spawn(args: argparse.Namespace, extra: list[str], log: Path, timeout: float | None,
-          env: dict | None = None) -> int | None:
-    """`python benchmarks/bench.py EXTRA` in a new process group, output to log; killed (with its DataLoader
-    workers) at timeout. Returns the exit code (None when killed)."""
+def spawn(args: argparse.Namespace, extra: list[str], log: Path, env: dict | None = None) -> int:
+    """`python benchmarks/bench.py EXTRA` in a new process, output to log; returns its exit code."""
     command = [sys.executable, str(SCRIPT), *common_args(args), "--launched-at", repr(time.time()), *extra]
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return None
+        return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}).returncode
 
 
 def common_args(args: argparse.Namespace) -> list[str]:
@@ -769,10 +741,7 @@ def write_json(path: Path, data: dict) -> None:
 def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from wellocr.model import COMPILE_CACHE_SETTINGS, compile_cache_env
-
     started = time.time()
-    deadline = started + args.budget_s if args.budget_s else None
     cuda = torch.cuda.is_available()
     work, logs = Path(args.work), Path(args.logs)
     work.mkdir(parents=True, exist_ok=True)
@@ -796,7 +765,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"bench: model build failed, see {logs / 'build.log'}")
     model_4bit = []
     if args.prequantized and cuda and "unsloth" in args.backends:
-        code = spawn(args, ["--worker", "quantize"], logs / "quantize.log", None)
+        code = spawn(args, ["--worker", "quantize"], logs / "quantize.log")
         if code == 0 and (quantized_dir(args) / "config.json").is_file():
             model_4bit = ["--model", str(quantized_dir(args))]
         report["meta"]["prequantized"] = str(quantized_dir(args)) if model_4bit else f"failed (exit {code})"
@@ -804,65 +773,64 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     write_json(Path(args.out), report)
     backends = [b for b in args.backends if b != "unsloth" or cuda]
     report["meta"]["skipped_backends"] = [b for b in args.backends if b not in backends]
-    for i, backend in enumerate(backends):
-        share_end = None
-        if deadline is not None:
-            weights = [SHARE[b] for b in backends[i:]]
-            share_end = time.time() + (deadline - time.time()) * weights[0] / sum(weights)
-        cache = work / backend / "compile-cache"
-        env = compile_cache_env(cache)  # as wellocr.train sets it; settings exported to the bench win
-        env.update({name: os.environ[name] for name in COMPILE_CACHE_SETTINGS if name in os.environ})
-        result_file = work / f"{backend}-result.json"
-        result_file.unlink(missing_ok=True)
-        resumes = not {"resume", f"resume:{backend}"} & args.skip
-        worker_deadline = share_end - RESUME_RESERVE_S[backend] * resumes if share_end else 0.0
-        model = model_4bit if backend == "unsloth" else []
-        code = spawn(args, ["--worker", backend, "--result", str(result_file), "--deadline", repr(worker_deadline),
-                            *model], logs / f"{backend}.log", max(share_end - time.time(), 30) if share_end else None,
-                     {**env, **fresh_pod(work, backend, "train")})
-        result = json.loads(result_file.read_text()) if result_file.is_file() else {"errors": {}}
-        result["exit_code"] = code
-        checkpoint = (result.get("checkpoint") or {}).get("path")
-        if checkpoint and resumes:
-            resume_file = work / f"{backend}-resume.json"
-            resume_file.unlink(missing_ok=True)
-            micro = str(result["checkpoint"]["micro_batch"])
-            resume = ["--worker", backend, "--result", str(resume_file), "--resume-from", checkpoint, "--batch", micro,
-                      *model]
-
-            def resumed(name: str, extra: list[str], variables: dict | None = None) -> dict:  # on a new, empty pod
-                resume_file.unlink(missing_ok=True)
-                code = spawn(args, [*resume, *extra], logs / f"{backend}-{name}.log",
-                             max(share_end - time.time(), 30) if share_end else None,
-                             {**env, **fresh_pod(work, backend, name), **(variables or {})})
-                out = json.loads(resume_file.read_text()) if resume_file.is_file() else {}
-                return out.get("resume") or {"error": out.get("errors") or f"exit {code}"}
-
-            def room_for_another() -> bool:
-                return not share_end or share_end - time.time() >= RESUME_RESERVE_S[backend]
-
-            result["resumes"] = []
-            for n in range(args.resumes):  # one after the other: a later one finds what the earlier ones compiled
-                if n and not room_for_another():
-                    break
-                result["resumes"].append(resumed(f"resume{n or ''}", []))
-            result["resume"] = result["resumes"][0]
-            for n, variables in enumerate(args.resume_env):  # then one resume per --resume-env, in order
-                if not room_for_another():
-                    break
-                resumed_with = resumed(f"resume-env{n + 1}", [], variables)
-                result["resumes"].append({"env": variables, **resumed_with})
-            if args.resume_profile and (not share_end or share_end - time.time() > 60):
-                profile = logs / f"{backend}-resume-profile.txt"
-                result["resume_profiled"] = resumed("resume-profiled", ["--profile-to", str(profile)])
-        for config in result.pop("configs", []):
-            report["configs"].append({"backend": backend, **config})
-        report["backends"][backend] = result
+    for backend in backends:
+        report["backends"][backend] = result = run_backend(args, backend, model_4bit)
+        report["configs"] += [{"backend": backend, **config} for config in result.pop("configs", [])]
         write_json(Path(args.out), report)
     add_data_fraction(report)
     report["meta"]["wall_s"] = time.time() - started
     write_json(Path(args.out), report)
     return report
+
+
+def worker_env(work: Path, backend: str) -> dict[str, str]:
+    """The compile caches where wellocr.train keeps them (on the volume); settings exported to the bench win."""
+    from wellocr.model import COMPILE_CACHE_SETTINGS, compile_cache_env
+
+    env = compile_cache_env(work / backend / "compile-cache")
+    env.update({name: os.environ[name] for name in COMPILE_CACHE_SETTINGS if name in os.environ})
+    return env
+
+
+def run_backend(args: argparse.Namespace, backend: str, model_4bit: list[str]) -> dict[str, Any]:
+    """One backend's worker process (the timed phases), then its resumes, each a new process on an empty pod."""
+    work, logs = Path(args.work), Path(args.logs)
+    env = worker_env(work, backend)
+    result_file = work / f"{backend}-result.json"
+    result_file.unlink(missing_ok=True)
+    model = model_4bit if backend == "unsloth" else []
+    code = spawn(args, ["--worker", backend, "--result", str(result_file), *model], logs / f"{backend}.log",
+                 {**env, **fresh_pod(work, backend, "train")})
+    result = json.loads(result_file.read_text()) if result_file.is_file() else {"errors": {}}
+    result["exit_code"] = code
+    checkpoint = (result.get("checkpoint") or {}).get("path")
+    if not checkpoint or {"resume", f"resume:{backend}"} & args.skip:
+        return result
+    resume = ["--worker", backend, "--resume-from", checkpoint, "--batch", str(result["checkpoint"]["micro_batch"]),
+              *model]
+    result["resumes"] = []
+    for n in range(args.resumes):  # one after the other: a later one finds what the earlier ones compiled
+        result["resumes"].append(resumed(args, backend, f"resume{n or ''}", resume, env))
+    result["resume"] = result["resumes"][0]
+    for n, variables in enumerate(args.resume_env):  # then one resume per --resume-env, in order
+        result["resumes"].append({"env": variables,
+                                  **resumed(args, backend, f"resume-env{n + 1}", resume, {**env, **variables})})
+    if args.resume_profile:
+        profile = logs / f"{backend}-resume-profile.txt"
+        result["resume_profiled"] = resumed(args, backend, "resume-profiled",
+                                            [*resume, "--profile-to", str(profile)], env)
+    return result
+
+
+def resumed(args: argparse.Namespace, backend: str, name: str, command: list[str], env: dict[str, str]) -> dict:
+    """One resume worker on a new, empty pod; its `resume` result, or what went wrong."""
+    work = Path(args.work)
+    resume_file = work / f"{backend}-resume.json"
+    resume_file.unlink(missing_ok=True)
+    code = spawn(args, [*command, "--result", str(resume_file)], Path(args.logs) / f"{backend}-{name}.log",
+                 {**env, **fresh_pod(work, backend, name)})
+    out = json.loads(resume_file.read_text()) if resume_file.is_file() else {}
+    return out.get("resume") or {"error": out.get("errors") or f"exit {code}"}
 
 
 def add_data_fraction(report: dict) -> None:
@@ -885,6 +853,10 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _percent(value: dict | None) -> dict | None:
+    return None if value is None else {k: 100 * v for k, v in value.items()}
+
+
 def print_table(report: dict) -> None:
     print(f"\nbenchmarks/bench.py on {report['meta']['device']} ({report['meta']['arch']}, {report['meta']['image']} "
           "images); medians [min-max over repeats]")
@@ -892,11 +864,10 @@ def print_table(report: dict) -> None:
               "alloc GB", "resv GB", "data/step 1 worker")
     rows = [header]
     for c in report["configs"]:
-        pct = lambda v: None if v is None else {k: 100 * v[k] for k in v}  # noqa: E731
         rows.append((c["backend"], str(c["batch"]), _fmt(c.get("load_s"), 1), _fmt(c.get("first_step_s"), 1),
                      _fmt(c.get("step_s"), 3), _fmt(c.get("samples_per_s")), _fmt(c.get("tokens_per_s"), 0),
-                     _fmt(pct(c.get("mfu")), 1) + ("%" if c.get("mfu") else ""),
-                     _fmt(pct(c.get("hfu")), 1) + ("%" if c.get("hfu") else ""),
+                     _fmt(_percent(c.get("mfu")), 1) + ("%" if c.get("mfu") else ""),
+                     _fmt(_percent(c.get("hfu")), 1) + ("%" if c.get("hfu") else ""),
                      _fmt(c.get("peak_allocated_gb"), 1), _fmt(c.get("peak_reserved_gb"), 1),
                      _fmt(c.get("data_fraction_of_step_1worker"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -999,7 +970,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", default="/tmp/wellocr-bench", help="model, data, runs and compile caches")
     p.add_argument("--model", help="model directory (default: built under --work)")
     p.add_argument("--data", help="data set directory (default: written under --work)")
-    p.add_argument("--budget-s", type=float, help="wall-clock budget for the whole bench (GPU: fit the lease)")
     p.add_argument("--gen-samples", type=int, help="samples for the generation comparison (default 8)")
     p.add_argument("--gen-tokens", type=int, help="max_new_tokens there (default 64)")
     p.add_argument("--autobatch-gb", type=float, default=24.0, help="memory cap for the auto micro-batch part")
@@ -1018,7 +988,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-to", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--launched-at", type=float, default=0.0, help=argparse.SUPPRESS)
-    p.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--resume-from", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.tiny].items():
@@ -1035,8 +1004,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.model = args.model or str(work / ("tiny-qwen3-vl" if args.tiny else "qwen3-vl-2b-random"))
     args.data = args.data or data_dir(work, args.image_size[0], *data_rows(args))
     args.logs = args.logs or str(Path(args.out).absolute().parent)
-    bad = [b for b in args.backends if b not in SHARE] + [
-        s for s in args.skip if s.partition(":")[0] not in PHASES or s.partition(":")[2] not in ("", *SHARE)]
+    bad = [b for b in args.backends if b not in BACKENDS] + [
+        s for s in args.skip if s.partition(":")[0] not in PHASES or s.partition(":")[2] not in ("", *BACKENDS)]
     if bad:
         p.error(f"unknown backend(s) or phase(s): {', '.join(bad)}")
     if min(args.batches) < 1 or min(args.steps, args.warmup, args.repeats) < 1:

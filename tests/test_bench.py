@@ -84,7 +84,7 @@ def test_tiny_bench_on_cpu(tiny_model_dir, synth_data_dir, tmp_path):
     (mega / "bundle.bin").write_bytes(bytes(2**20))
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench.py"), "--tiny", "--backend", "unsloth,hf", "--model", str(tiny_model_dir),
-         "--data", str(synth_data_dir), "--work", str(tmp_path / "work"), "--out", str(out), "--budget-s", "300",
+         "--data", str(synth_data_dir), "--work", str(tmp_path / "work"), "--out", str(out),
          "--batch", "1,2", "--batch-hf", "2", "--profile-batch", "2", "--cap-gb", "24", "--resume-profile", "--resumes", "2",
          "--resume-env", f"UNSLOTH_MEGA_CACHE_DIR={mega}"],
         capture_output=True, text=True, cwd=REPO, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -64,3 +64,71 @@ def test_an_empty_wellocr_remote_is_refused_and_none_opts_out(make_config, monke
     monkeypatch.setenv("WELLOCR_REMOTE", "none")
     assert load_config(cfg, ["checkpoint.remote=none"]).checkpoint.remote is None
     assert T.main(["--config", str(cfg), "--set", "checkpoint.remote=none", "--preflight-only"]) == 0
+
+
+TASK_ID = "sky-managed-2026-11-29-10-00-00-000001_wellocr-r16_7-0"  # as SkyPilot 0.14 builds it
+RESTARTED = "sky-managed-2026-11-29-12-30-00-000002_wellocr-r16_7-0"  # same job, the controller started again
+
+
+@pytest.mark.parametrize("case, task_id, finished, chosen", [
+    ("recovery", TASK_ID, True, "wellocr-r16-job7"),
+    ("controller restart", RESTARTED, False, "wellocr-r16-job7"),
+    ("recreated controller", RESTARTED, True, "wellocr-r16-job7-20261129123000000002"),
+])
+def test_the_run_stays_the_jobs_across_recoveries_and_controller_restarts_and_never_an_older_jobs(
+        trained_run_copy, make_config, monkeypatch, capsys, case, task_id, finished, chosen):
+    """A recovery keeps the task id; a restarted jobs controller gives the same job id a new task id (the run
+    is unfinished: continue it); a recreated controller starts job ids again (the run of that id is finished:
+    a new run, never the older job's checkpoints)."""
+    run = trained_run_copy.rename(trained_run_copy.parent / "wellocr-r16-job7")
+    RunDir(run).update(skypilot={"managed_job_id": "7", "task_ids": [TASK_ID]})
+    if not finished:
+        shutil.rmtree(run / "final")
+        RunDir(run).update(status="running")
+    before = RunDir(run).read()
+    monkeypatch.setenv("SKYPILOT_TASK_ID", task_id)
+    monkeypatch.setenv("SKYPILOT_MANAGED_JOB_ID", "7")
+    cfg = make_config(**{"run.output_dir": str(run.parent)})
+    assert T.main(["--config", str(cfg), "--resume-latest", "--preflight-only"]) == 0
+    out = capsys.readouterr().out
+    target = run.parent / chosen
+    if chosen == run.name:
+        assert f"resuming run directory {target}" in out
+        assert RunDir(run).read()["skypilot"]["task_ids"] == sorted({TASK_ID, task_id})
+    else:
+        assert f"run directory {run} is not this job's: it is a finished run of an earlier job" in out
+        assert RunDir(target).read()["skypilot"]["task_ids"] == [task_id]
+        assert RunDir(run).read() == before  # the older job's run is left as it was
+
+
+def test_an_explicit_wellocr_run_name_wins_over_the_jobs_name(make_config, monkeypatch, tmp_path):
+    monkeypatch.setenv("SKYPILOT_TASK_ID", TASK_ID)
+    monkeypatch.setenv("WELLOCR_RUN_NAME", "r16-first")
+    assert T.main(["--config", str(make_config()), "--preflight-only"]) == 0
+    assert RunDir(tmp_path / "runs" / "r16-first").exists()
+
+
+def test_the_rehearsal_stops_once_after_a_checkpoint_recovers_from_the_bucket_and_passes(make_config, tmp_path):
+    bucket, runs = tmp_path / "bucket", tmp_path / "runs"
+    cfg = make_config(**{"run.run_name": "rehearsal", "checkpoint.remote": f"file://{bucket}",
+                         "train.max_steps": 6, "train.save_steps": 2, "train.eval_steps": 6})
+    first = run_train("--config", str(cfg), "--resume-latest", "--rehearse-preemption")
+    assert first.returncode == 75, first.stderr[-2000:]
+    assert "rehearsal: stopping after checkpoint-2 with exit 75" in first.stdout
+    assert "rehearsal: PASS" not in first.stdout + first.stderr
+    shutil.rmtree(runs)  # the recovery lands on a new pod: an empty disk
+    second = run_train("--config", str(cfg), "--resume-latest", "--rehearse-preemption")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming from checkpoint-2 (step 2)" in second.stdout
+    verdict = next(line for line in second.stdout.splitlines() if line.startswith("rehearsal:"))
+    assert verdict.startswith("rehearsal: PASS: stopped after checkpoint-2, relaunched and resumed from it"), verdict
+    assert f"read back from file://{bucket}/rehearsal" in verdict and "cost $" in verdict
+    assert json.loads((bucket / "rehearsal" / "final" / MARKER).read_text())["step"] == 6
+
+
+def test_a_rehearsal_that_never_stopped_or_had_no_bucket_fails(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.path.mkdir()
+    run.update(attempts=[{"attempt": 1, "exit_reason": "finished", "start_step": 0, "started_at": 0, "ended_at": 9}])
+    verdict = T.rehearsal_verdict(run, None, T.Outcome("finished", 0, 6))
+    assert verdict.startswith("rehearsal: FAIL: the run never stopped after a checkpoint; no checkpoint.remote")

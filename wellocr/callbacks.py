@@ -151,3 +151,23 @@ class CheckpointCallback(TrainerCallback):
                     self.remote.upload_path(self.run_dir / name)
             self.remote.upload_compile_cache()  # when it changed: the next pod starts warm
         return control
+
+
+class RehearsalCallback(TrainerCallback):
+    """`--rehearse-preemption`: stop once, right after the run's first complete checkpoint, with the exit a
+    preemption gives (75), so that a real job shows its recovery (relaunch, restore, resume) for a few cents.
+    run.json remembers the stop, so the relaunched attempt trains to the end."""
+
+    def __init__(self, run: Any, stop: StopState):
+        self.run, self.stop = run, stop
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.run.read().get("rehearsal") or state.global_step >= state.max_steps:
+            return control
+        self.run.update(rehearsal={"stopped_after": f"checkpoint-{state.global_step}", "step": state.global_step,
+                                   "at": time.time()})
+        print(f"wellocr: rehearsal: stopping after checkpoint-{state.global_step} with exit 75, as a preemption "
+              "would; the job's recovery resumes from it", flush=True)
+        self.stop.request("rehearsal")
+        control.should_training_stop = True
+        return control

@@ -23,11 +23,13 @@ import json
 import logging
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
@@ -49,12 +51,78 @@ TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "acceler
                     "unsloth_zoo", "wandb", "jiwer", "skypilot")
 
 
+RUN_NAME_ENV = "WELLOCR_RUN_NAME"
+RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# SKYPILOT_TASK_ID of a managed job: sky-managed-<controller start time>_<job name>_<job id>-<task index>
+MANAGED_TASK_ID = re.compile(r"^sky-managed-(?P<stamp>[0-9-]+)_(?P<name>.+)_(?P<job>\d+)-(?P<task>\d+)$")
+
+
+@dataclass(frozen=True)
+class ManagedJob:
+    """The SkyPilot managed job this process runs in. Its task id carries the jobs controller's start time, so a
+    controller restart gives the same job a new task id; the job id stays, but starts again from 1 when the
+    controller is recreated. The run is named after name and job id; its run.json keeps the task ids seen."""
+
+    job_id: str
+    task_id: str
+    name: str
+    stamp: str
+
+    @classmethod
+    def from_env(cls, env: dict) -> "ManagedJob | None":
+        task_id = env.get("SKYPILOT_TASK_ID", "").strip()
+        match = MANAGED_TASK_ID.match(task_id)
+        if not match:
+            return None
+        job_id = env.get("SKYPILOT_MANAGED_JOB_ID", "").strip() or match["job"]
+        return cls(job_id, task_id, match["name"], match["stamp"])
+
+    @property
+    def run_name(self) -> str:
+        return _safe_name(f"{self.name}-job{self.job_id}")
+
+    @property
+    def later_run_name(self) -> str:
+        """The name of this job's run when an earlier job with the same id left a finished run."""
+        return _safe_name(f"{self.name}-job{self.job_id}-{self.stamp.replace('-', '')}")
+
+    def earlier_job(self, run_json: dict) -> str | None:
+        """Why the run with this job's name belongs to an earlier job (None: it is this job's, or new).
+
+        The same task id is a recovery; another task id with the run unfinished is this job after a controller
+        restart; another task id with the run finished is a new job whose id a recreated controller reused."""
+        seen = run_json.get("skypilot", {}).get("task_ids", [])
+        if not seen or self.task_id in seen or run_json.get("status") not in ("finished", "early-stopped"):
+            return None
+        return f"it is a finished run of an earlier job with the same id ({seen[-1]})"
+
+    def record(self, run: "RunDir") -> None:
+        seen = run.read().get("skypilot", {}).get("task_ids", [])
+        if self.task_id not in seen:
+            run.update(skypilot={"managed_job_id": self.job_id, "task_ids": [*seen, self.task_id]})
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "sky-job"
+
+
 def resolve_run_name(cfg: Config, config_path: Path | None, resume: bool, env: dict | None = None) -> tuple[str, str]:
-    """The run name, stable across restarts: config > SKYPILOT_TASK_ID > the name generated for this config file.
+    """The run name, stable across restarts: $WELLOCR_RUN_NAME > run.run_name > the SkyPilot managed job (name
+    and job id) > SKYPILOT_TASK_ID > the name generated for this config file.
 
     A generated name is remembered per config file under `<output_dir>/.wellocr/`, so `--resume-latest`
     without a name finds the same run again; a run started without `--resume-latest` gets a new name.
     """
+    env = os.environ if env is None else env
+    explicit = env.get(RUN_NAME_ENV, "").strip()
+    if explicit:
+        if not RUN_NAME_PATTERN.fullmatch(explicit):
+            raise UserError(f"{RUN_NAME_ENV} must be letters, digits, '.', '_' or '-' (it names a directory), "
+                            f"got {explicit!r}")
+        return explicit, RUN_NAME_ENV
+    job = ManagedJob.from_env(env)
+    if not cfg.run.run_name and job is not None:
+        return job.run_name, "managed job"
     name, how = default_run_name(cfg, env)
     if how != "generated":
         return name, how
@@ -64,8 +132,12 @@ def resolve_run_name(cfg: Config, config_path: Path | None, resume: bool, env: d
         remembered = pointer.read_text().strip()
         if remembered and (Path(cfg.run.output_dir) / remembered).is_dir():
             return remembered, f"last run of {config_path}"
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    pointer.write_text(name + "\n")
+    try:
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        pointer.write_text(name + "\n")
+    except OSError as exc:
+        raise UserError(f"run.output_dir: cannot write to {cfg.run.output_dir} ({exc.strerror or exc}); choose a "
+                        "writable directory, e.g. --set run.output_dir=runs") from None
     return name, "generated"
 
 

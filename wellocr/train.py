@@ -46,7 +46,7 @@ from wellocr.model import (
 )
 from wellocr.preflight import run_preflight
 from wellocr.remote import RemoteStore
-from wellocr.rundir import PREEMPTED_REASONS, RunDir, RunLock, resolve_run_name
+from wellocr.rundir import PREEMPTED_REASONS, ManagedJob, RunDir, RunLock, resolve_run_name
 
 log = logging.getLogger("wellocr")
 
@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="continue this run from its newest complete checkpoint (fresh start if none)")
     resume.add_argument("--resume", metavar="CHECKPOINT_DIR", help="continue from this checkpoint")
     parser.add_argument("--preflight-only", action="store_true", help="run the preflight checks and exit")
+    parser.add_argument("--rehearse-preemption", action="store_true",
+                        help="stop once right after the first checkpoint with exit 75 (as a preemption would), "
+                             "then, relaunched, finish and print a PASS/FAIL verdict of the recovery")
     return parser.parse_args(argv)
 
 
@@ -106,12 +109,14 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, RunDir, str, Any]:
     requested = load_config(config_path, args.set)
     make_output_dir(requested.run.output_dir)
     name, how = resolve_run_name(requested, config_path, resume=args.resume_latest)
-    run = RunDir(Path(requested.run.output_dir) / name)
-    remote = RemoteStore.from_config(requested.checkpoint, name)
-    if remote is not None and args.resume_latest:
-        # A fresh machine has an empty disk: fetch the run (config, run.json with the W&B id, cost ledger,
-        # newest complete checkpoint) before deciding anything. Failing here beats restarting from step 0.
-        remote.restore(run.path)
+    run, remote = open_run(requested, name, args.resume_latest)
+    job = ManagedJob.from_env(os.environ) if how == "managed job" else None
+    earlier = job.earlier_job(run.read()) if job is not None else None
+    if earlier:
+        print(f"run directory {run.path} is not this job's: {earlier}; this job's run is {job.later_run_name}",
+              flush=True)
+        name = job.later_run_name
+        run, remote = open_run(requested, name, args.resume_latest)
     elif remote is not None and not run.config_file.is_file() and remote.has_progress():
         raise UserError(f"run {name} already exists at {requested.checkpoint.remote}; continue it with "
                         "--resume-latest or set run.run_name to start a new run")
@@ -128,6 +133,17 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, RunDir, str, Any]:
         print(f"resuming run directory {run.path}", flush=True)
         return _merge_resumed(_saved_config(run), requested, run), run, how, remote
     return requested, run, how, remote
+
+
+def open_run(cfg: Config, name: str, resume: bool) -> tuple[RunDir, Any]:
+    """The run directory and its remote store; on resume, brought up to date from the store first (a fresh
+    machine has an empty disk: config, run.json with the W&B id, the ledger and the newest complete checkpoint
+    come before anything is decided; failing here beats restarting from step 0)."""
+    run = RunDir(Path(cfg.run.output_dir) / name)
+    remote = RemoteStore.from_config(cfg.checkpoint, name)
+    if remote is not None and resume:
+        remote.restore(run.path)
+    return run, remote
 
 
 def make_output_dir(output_dir: str) -> None:
@@ -515,7 +531,7 @@ def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, a
 
     import_backend(backend)  # Unsloth before transformers/TRL/PEFT
     startup_marks = {"imports": time.time()}
-    from wellocr.callbacks import CheckpointCallback, StartupCallback, StopCallback
+    from wellocr.callbacks import CheckpointCallback, RehearsalCallback, StartupCallback, StopCallback
     from wellocr.cost import CostCallback, CostLedger, budget_exhausted
     from wellocr.tracking import Tracker, TrackingCallback
 
@@ -559,6 +575,8 @@ def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, a
             CostCallback(ledger, stop, cfg.cost, cfg.train.max_steps),
             StartupCallback(run, attempt, startup_marks),
         ]
+        if args.rehearse_preemption:
+            callbacks.append(RehearsalCallback(run, stop))
         generation_eval = generation_eval_hook(cfg, processor, data, tracker)
 
         def make_trainer(micro_batch: int, accumulation: int) -> Any:
@@ -576,6 +594,8 @@ def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, a
         step = trainer.state.global_step
         if stop.reason == "preempted":
             return Outcome("preempted", EXIT_PREEMPTED, step)
+        if stop.reason == "rehearsal":
+            return Outcome("rehearsal-stop", EXIT_PREEMPTED, step)
         if stop.reason == "budget":
             print(f"wellocr: {stop.message}", flush=True)
             run.update(status="budget")
@@ -617,6 +637,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"run.output_dir: cannot create {run.path}: {exc.strerror or exc}") from None
         lock = RunLock(run.path)
         lock.acquire()
+        job = ManagedJob.from_env(os.environ)
+        if job is not None:
+            job.record(run)
         save_config(cfg, run.config_file)
         if remote is not None:
             remote.upload_path(run.config_file)
@@ -665,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
             run.update_attempt(attempt, exit_reason=outcome.reason, exit_code=outcome.code,
                                uploaded_files=remote.uploaded)
         print_cost_report(run, outcome)
+        if args.rehearse_preemption and outcome.code != EXIT_PREEMPTED:
+            print(rehearsal_verdict(run, remote, outcome), flush=True)
         _release(lock, restore_handler, outcome.code)
     return outcome.code
 
@@ -730,6 +755,34 @@ def sync_remote(cfg: Config, run: RunDir, remote: Any, outcome: Outcome, log_pat
     print(f"error: uploads to checkpoint.remote did not finish ({', '.join(missing[:4]) or 'still pending'}); "
           "exiting 75 so the job retries (the run is complete locally)", file=sys.stderr, flush=True)
     return Outcome("upload-incomplete", EXIT_PREEMPTED, outcome.step)
+
+
+def rehearsal_verdict(run: RunDir, remote: Any, outcome: Outcome) -> str:
+    """PASS when the run stopped once after a checkpoint, was relaunched, resumed from that checkpoint, finished,
+    and (with a remote) the store holds final/ and eval/; with what it cost and how long the recovery took."""
+    info = run.read()
+    stop, attempts = info.get("rehearsal") or {}, info.get("attempts", [])
+    stopped = next((a for a in attempts if a.get("exit_reason") == "rehearsal-stop"), None)
+    resumed = next((a for a in attempts if stopped and a["attempt"] > stopped["attempt"]
+                    and a.get("start_step") == stop.get("step")), None)
+    problems = []
+    if stopped is None:
+        problems.append("the run never stopped after a checkpoint")
+    elif resumed is None:
+        problems.append(f"no attempt resumed from {stop.get('stopped_after')}")
+    if outcome.reason not in ("finished", "early-stopped", "nothing-to-do") or outcome.code != EXIT_OK:
+        problems.append(f"the last attempt ended {outcome.reason} (exit {outcome.code})")
+    if remote is None:
+        problems.append("no checkpoint.remote: nothing was read back from a bucket")
+    from wellocr.cost import read_ledger, segment_usd
+
+    cost = sum(segment_usd(seg) for seg in read_ledger(run.cost_file)["segments"])
+    if problems:
+        return f"rehearsal: FAIL: {'; '.join(problems)} (cost so far ${cost:.2f})"
+    recovery = resumed["started_at"] + resumed.get("first_step_s", 0) - stopped["ended_at"]
+    return (f"rehearsal: PASS: stopped after {stop['stopped_after']}, relaunched and resumed from it "
+            f"{recovery:.0f} s later (stop to first resumed step), finished at step {outcome.step}, final/ and "
+            f"eval/ read back from {remote.where}; cost ${cost:.2f} over {len(attempts)} attempts")
 
 
 def print_cost_report(run: RunDir, outcome: Outcome) -> None:
