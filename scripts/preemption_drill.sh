@@ -287,6 +287,10 @@ with open(sys.argv[3], "w") as f:
     for key, value in (task.get("envs") or {}).items():
         if key == "HF_HOME":  # a cache on the pod's volume (/checkpoints/...): here, under the work directory
             value = f"{sys.argv[4]}/hf-home"
+        if key == "WELLOCR_REMOTE" and value is None:  # declared with no value: the launch must give one; without
+            value = "none"                             # --remote the drill gives what a launch without a bucket does
+        if key == "PIP_CACHE_DIR":  # setup's cache on the volume; the drill runs no setup
+            continue
         f.write(f"export {key}={shlex.quote('' if value is None else str(value))}\n")
 print(task.get("name") or "task")
 PY
@@ -308,8 +312,9 @@ write_pod_script() {  # $1 script path, $2 WELLOCR_OUTPUT_DIR of this pod
     echo "export PYTHONUNBUFFERED=1"
     printf 'cd %q\n' "$REPO"
     cat "$WORK/task_envs.sh"
+    [ -n "$REMOTE" ] && printf 'export %s=%q\n' WELLOCR_REMOTE "$REMOTE"  # the launch's --env WELLOCR_REMOTE
     printf 'export %s=%q\n' WELLOCR_CONFIG "${DRILL_CONFIG:-configs/cpu_smoke.yaml}" WELLOCR_OUTPUT_DIR "$2" \
-      WELLOCR_EXTRA_ARGS "$EXTRA" WELLOCR_REMOTE "$REMOTE" \
+      WELLOCR_EXTRA_ARGS "$EXTRA" \
       SKYPILOT_TASK_ID "$TASK_ID" SKYPILOT_TASK_IDS "$TASK_ID" SKYPILOT_MANAGED_JOB_ID 1 \
       SKYPILOT_NODE_RANK 0 SKYPILOT_NUM_NODES 1 SKYPILOT_NODE_IPS 127.0.0.1 SKYPILOT_NUM_GPUS_PER_NODE 0 \
       SKYPILOT_CLUSTER_INFO "{\"cluster_name\": \"${TASK_NAME}-1\", \"cloud\": \"RunPod\", \"num_nodes\": 1}"

@@ -33,8 +33,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wellocr.config import default_run_name, load_config
+from wellocr.config import load_config
 from wellocr.errors import UserError
+from wellocr.rundir import resolve_run_name
 from wellocr.train import EXIT_OOM, EXIT_PREEMPTED, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -443,8 +444,13 @@ def test_every_recovery_of_a_job_continues_the_run_named_after_its_task_id(sky, 
     task = load_task(sky, path)
     first, recovery = run_section(task, tmp_path), run_section(task, tmp_path)
     assert first.args_of("wellocr.train") == recovery.args_of("wellocr.train")
-    assert first.trainer_env()["SKYPILOT_TASK_ID"] == TASK_ID
-    assert default_run_name(first.trainer_config(), first.trainer_env())[0] == TASK_ID
+    assert first.trainer_env()["SKYPILOT_TASK_ID"] == recovery.trainer_env()["SKYPILOT_TASK_ID"] == TASK_ID
+
+    def run_name(result: RunResult) -> tuple[str, str]:  # the trainer's own naming, from what the pod hands it
+        return resolve_run_name(result.trainer_config(), result.trainer_config_path(), resume=True,
+                                env=result.trainer_env())
+
+    assert run_name(first) == run_name(recovery) and run_name(first)[1] != "generated"
     named = run_section(task, tmp_path, env={"WELLOCR_RUN_NAME": "r16-first"})
     assert named.trainer_env()["WELLOCR_RUN_NAME"] == "r16-first"  # the trainer's: a non-empty name wins
 
