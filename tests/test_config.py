@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import AfterValidator, BeforeValidator
 
 from wellocr import config as C
 from wellocr.errors import UserError
@@ -187,3 +188,88 @@ def test_config_reference_doc_is_in_sync():
 def test_lowering_max_steps_below_default_eval_steps_blames_the_override(tmp_path):
     with pytest.raises(UserError, match=r"^--set: train.eval_steps \(50\) must not exceed train.max_steps \(20\)"):
         C.load_config(write(tmp_path, ""), ["max_steps=20"])
+
+
+def test_every_key_in_the_reference_has_a_description_and_its_constraint():
+    rows = {line.split("|")[1].strip(" `"): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in Path("docs/CONFIG.md").read_text().splitlines() if line.startswith("| `")}
+    assert list(rows) == list(C.all_keys())
+    for key, info in C.all_keys().items():
+        kind, _default, allowed, meaning = rows[key]
+        assert meaning and meaning == info.description, key
+        constraints = [m for m in info.metadata if not isinstance(m, (BeforeValidator, AfterValidator))]
+        constrained = constraints or "Literal" in str(info.annotation) or "auto" in kind
+        assert bool(allowed) == bool(constrained), f"{key}: constraint {info.metadata} but allowed {allowed!r}"
+    assert rows["train.max_steps"][2] == "> 0" and rows["model.backend"][2] == "one of auto, unsloth, hf"
+    assert rows["train.per_device_train_batch_size"][:1] == ["int or auto"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("data:\n  max_pixels: abc\n", r"data.max_pixels must be an integer, got 'abc'"),
+        ("train:\n  max_steps: true\n", r"train.max_steps must be an integer, got True"),
+        ("lora:\n  lora_dropout: 1\n", r"lora.lora_dropout must be >= 0 and < 1, got 1"),
+        ("model:\n  model_name: null\n", r"model.model_name must not be empty"),
+        ("model:\n  load_in_4bit: maybe\n", r"model.load_in_4bit must be true or false, got 'maybe'"),
+        ("run:\n  run_name: a/b\n", r"run.run_name must be letters, digits, '.', '_' or '-'"),
+        ("checkpoint:\n  remote: http://x\n", r"checkpoint.remote must be an s3://, gs:// \(or file://\) URL"),
+        ("checkpoint:\n  keep_recent: 0\n", r"checkpoint.keep_recent must be >= 1 \(the latest checkpoint"),
+        ("train:\n  per_device_train_batch_size: lots\n", r"per_device_train_batch_size must be an integer or auto"),
+        ("lora:\n  finetune_mlp_modules: false\n  finetune_attention_modules: false\n", r"nothing to train"),
+        ("data:\n  min_pixels: 4096\n  max_pixels: 1024\n", r"data.min_pixels \(4096\) must not exceed data.max_"),
+        ("train: 3\n", r"section 'train' must be a mapping"),
+        ("lora_alpha: 8\nrun:\n  nme: x\n", r"unknown key 'run.nme' \(did you mean 'run_name'\?\)"),
+    ],
+)
+def test_file_mistakes_are_one_line_errors_naming_the_file(tmp_path, text, message):
+    with pytest.raises(UserError, match=message) as info:
+        C.load_config(write(tmp_path, text))
+    assert "\n" not in str(info.value) and str(info.value).startswith(str(tmp_path / "exp.yaml") + ": ")
+
+
+def test_lax_coercion_of_yaml_and_set_values(tmp_path):
+    cfg = C.load_config(write(tmp_path, "data:\n  max_pixels: 1e6\n  min_pixels: 1_024\nmodel:\n"
+                                        "  use_gradient_checkpointing: false\n"),
+                        ["per_device_train_batch_size=AUTO", "gpu_type=4090", "hourly_rate=null", "enabled=no"])
+    assert (cfg.data.max_pixels, cfg.data.min_pixels) == (1_000_000, 1024)
+    assert cfg.model.use_gradient_checkpointing == "false"
+    assert (cfg.train.per_device_train_batch_size, cfg.cost.gpu_type, cfg.cost.hourly_rate) == ("auto", "4090", None)
+    assert cfg.wandb.enabled is False and isinstance(cfg.data.max_pixels, int)
+
+
+@pytest.mark.parametrize("value", ["none", "None", "", "null"])
+def test_remote_opt_out_means_no_remote(tmp_path, value):
+    assert C.load_config(write(tmp_path, ""), [f"checkpoint.remote={value}"]).checkpoint.remote is None
+    cfg = C.Config()
+    cfg.checkpoint.remote = value
+    C.validate(cfg, {}, "x")
+    assert cfg.checkpoint.remote is None
+
+
+def test_values_assigned_in_code_are_checked_by_validate_naming_the_default_source():
+    cfg = C.Config()
+    section = cfg.eval
+    cfg.eval.max_new_tokens = 0
+    with pytest.raises(UserError, match=r"^wellocr.bench: eval.max_new_tokens must be > 0, got 0$"):
+        C.validate(cfg, {}, "wellocr.bench")
+    cfg.eval.max_new_tokens, cfg.cost.budget_cap = "64", 5
+    C.validate(cfg, {}, "wellocr.bench")
+    assert (cfg.eval.max_new_tokens, cfg.cost.budget_cap, cfg.eval is section) == (64, 5.0, True)
+
+
+def test_offline_builders_only_for_the_paths_the_file_names(tmp_path):
+    path = write(tmp_path, "data:\n  build_synthetic_if_missing: true\n  dataset_name: d\n"
+                           "model:\n  build_tiny_if_missing: true\n")
+    cfg = C.load_config(path)
+    assert (cfg.data.build_synthetic_if_missing, cfg.model.build_tiny_if_missing) == (True, False)
+    assert C.load_config(path, ["dataset_name=typo"]).data.build_synthetic_if_missing is False
+
+
+def test_sections_refuse_unknown_fields_and_constructed_configs_compare_by_value():
+    with pytest.raises(Exception):
+        C.DataConfig(bogus=1)
+    assert C.Config(data=C.DataConfig(train_subset=5)) == C.Config(data=C.DataConfig(train_subset="5"))
+    assert C.Config().to_dict()["train"]["max_steps"] == 500
+    assert "train.max_steps" in C.MUTABLE_ON_RESUME and "lora.r" not in C.MUTABLE_ON_RESUME
+    assert {"eval.batch_size", "cost.budget_cap", "wandb.enabled", "checkpoint.remote"} <= C.MUTABLE_ON_RESUME

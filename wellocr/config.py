@@ -80,7 +80,8 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     model_name: str = _f("unsloth/Qwen3-VL-2B-Instruct-unsloth-bnb-4bit", "hub id or local directory of the base model")
     model_revision: OptStr = _f(None, "hub revision (branch, tag or commit) to pin; a resumed run loads the same")
-    backend: Literal["auto", "unsloth", "hf"] = _f("auto", "unsloth (CUDA), hf (transformers+PEFT, CPU or CUDA), or auto")
+    backend: Literal["auto", "unsloth", "hf"] = _f(
+        "auto", "unsloth (CUDA), hf (transformers+PEFT, CPU or CUDA), or auto")
     load_in_4bit: bool = _f(True, "QLoRA: load the base weights in 4-bit NF4 (CUDA only; ignored on CPU)")
     use_gradient_checkpointing: Annotated[Literal["unsloth", "true", "false"], Switch] = _f(
         "unsloth", "activation checkpointing: unsloth (offloaded), true, or false")
@@ -255,13 +256,9 @@ def _constraint(prop: dict[str, Any]) -> str:
             words.append(str(member["const"]))
         elif "enum" in member:
             words.append(f"one of {', '.join(map(str, member['enum']))}")
-        elif limits := [f"{op} {_number_text(member[k])}" for k, op in _LIMITS.items() if k in member]:
+        elif limits := [f"{op} {member[k]:g}" for k, op in _LIMITS.items() if k in member]:
             words.append(" and ".join(limits))
     return " or ".join(words)
-
-
-def _number_text(number: Any) -> str:
-    return str(int(number)) if float(number).is_integer() else str(number)
 
 
 def _problem(key: str, error: dict[str, Any], value: Any) -> str:
