@@ -1,12 +1,13 @@
 """`python benchmarks/bench.py` — training speed of both backends on a random-weight Qwen3-VL, through the project code.
 
-On a GPU, from the repository root with the gpu extra installed (offline: it needs no download), e.g.:
+Lab tooling, kept out of the installed package; run it from a checkout with wellocr installed (the gpu extra for
+Unsloth; pyinstrument for --resume-profile). On a GPU, offline (it downloads nothing), e.g.:
 
-    python benchmarks/bench.py --backend unsloth,hf --batch 2,8,16 --steps 20 --warmup 4 --repeats 3 --cap-gb 24 \
+    python benchmarks/bench.py --backend unsloth,hf --batch 2,8,16 --steps 20 --warmup 4 --repeats 3 --cap-gb 24 \\
         --gen-tokens 32 --image 1024x768 --work /tmp/wb --out bench.json
 
---skip leaves phases out (--skip profile,autobatch; --skip resume:hf for one backend). docs/BENCHMARKS.md has the
-commands behind its numbers.
+--skip leaves phases out (--skip profile,autobatch; --skip resume:hf for one backend); --peak-tflops sets the rate
+MFU is measured against (default: the H200's 790). docs/BENCHMARKS.md has the commands behind its numbers.
 
 CPU (what tests/test_bench.py runs): `python benchmarks/bench.py --tiny`; data pipeline alone: `--data-only`.
 
@@ -16,30 +17,35 @@ ON the GPU in bf16 in a subprocess, so the init is not the 100 s CPU init) and s
 backend (Unsloth patches transformers/TRL/PEFT at import) loads it with `wellocr.model.load_for_training`
 (4-bit like the real run), prepares data with `wellocr.train.prepare_data` and trains with
 `wellocr.train.build_trainer` (WellocrSFTTrainer, the project's config: LoRA r16, adamw_8bit, bf16, gradient
-checkpointing, `data.dataloader_num_workers` 2). Per micro-batch (accumulation 1), `--repeats` fresh trainers
-each run --warmup + --steps optimizer steps. A second worker process per backend resumes from the checkpoint.
+checkpointing, `data.dataloader_num_workers` workers). Per micro-batch (accumulation 1), `--repeats` fresh trainers
+each run --warmup + --steps optimizer steps. Restarts are then measured on the product's own entry point,
+`python -m wellocr.train`, in new processes.
 
 Numbers (JSON at --out: `configs` has one object per backend x batch; `backends` the per-backend parts):
 - load_s (model load + LoRA), first_step_s (train() call to the end of step 1: dataloader start, compile),
   step_s (per repeat the median over the timed steps; median, min, max over repeats), samples_per_s, tokens_per_s
   (attention-mask tokens fed to the language model, visual tokens included), visual tokens = patches / 4.
-- Model FLOPs per step and MFU / HFU: `wellocr.flops` (its docstring has the formulas), against the H200's
-  measured bf16 rate (790 TFLOP/s). Both null on CPU (tflops_per_s is still reported).
+- Model FLOPs per step and MFU / HFU: `wellocr.flops` (its docstring has the formulas), against --peak-tflops.
+  Both null on CPU (tflops_per_s is still reported).
 - peak allocated / reserved GB per configuration (reset in between; null on CPU).
-- checkpoint: the Trainer's own `_save_checkpoint` (adapter + optimizer + scheduler + RNG + state), seconds, MB.
-- resume: a new process from its launch (the orchestrator's timestamp, before the interpreter starts) to the end of
-  the first optimizer step of `trainer.train(resume_from_checkpoint=...)`. Every worker starts on an empty "pod"
-  (fresh HOME and TMPDIR): it finds only the compile caches under --work, as wellocr.train keeps them on the volume
-  (`wellocr.model.COMPILE_CACHE_ENV`: Unsloth's generated code and mega-cache, inductor, Triton; Python bytecode
-  where torch has none, `bytecode_env`).
-  --resumes N runs N of them one after the other; compile cache hits and misses are reported per resume;
-  --resume-env adds resumes with extra environment variables; --resume-profile one under pyinstrument.
+- checkpoint: a one-step trainer asked to save at its end (the Trainer's own save: adapter + optimizer +
+  scheduler + RNG + state), timed from the step's end to the on_save callback; seconds, MB.
+- restarts (`first_run`, `resumes`): `python -m wellocr.train --config W/BACKEND/restart.yaml` for one step, then
+  --resumes processes of `--resume-latest --set train.max_steps=N+1`, one after the other, each one step further.
+  Every process starts on an empty "pod" (fresh HOME and TMPDIR) and finds only the compile caches on the "volume"
+  (`run.compile_cache_dir`: the worker's, under --work). Reported from the run's run.json, as wellocr.train records
+  every attempt: seconds from process start to the end of its first optimizer step (`to_first_step_s`), split into
+  imports, model load, data, auto batch and the rest (`startup`), and torch.compile's cache hits and misses;
+  compile_cache_mb is the size of each cache afterwards. --resume-env adds resumes with extra environment
+  variables; --resume-profile one under pyinstrument (LOGS/BACKEND-resume-profile.txt, and the .pyisession).
   --prequantized loads a saved 4-bit copy, as the real run loads Unsloth's pre-quantised checkpoint.
-- profile (approximate: every boundary is a torch.cuda.synchronize, which itself costs time): forward of the
-  vision tower and of the language model (module hooks), loss_and_rest (rest of compute_loss: embeddings, lm_head,
-  cross-entropy), backward (all of it, recompute included), optimizer (on_pre_optimizer_step → on_optimizer_step),
-  data_wait (time in Trainer.get_batch_samples), other; vision_est / language_est scale the two forwards by the
-  step's (forward + backward) / forward ratio.
+- profile (approximate): one warm-up step, then 3 steps under torch.profiler with record_function ranges (entered
+  and left after a device sync, which itself costs time) around the forward of the vision tower and of the
+  language model (module hooks), compute_loss, training_step (forward + backward), the optimizer step
+  (on_pre_optimizer_step → on_optimizer_step) and the data fetch (Trainer.get_batch_samples); loss_and_rest is the
+  rest of compute_loss (embeddings, lm_head, cross-entropy), backward the rest of training_step (recompute
+  included), other the rest of the step; vision_est / language_est scale the two forwards by the step's
+  (forward + backward) / forward ratio. The trace goes to LOGS/BACKEND-profile-trace.json (Perfetto, chrome://tracing).
 - data_pipeline (CPU, no model): row fetch (parquet + base64 + image decode + resize) and TRL's vision collator
   with the 2B processor, samples/s in one process = one DataLoader worker; fraction of each GPU step it equals.
 - generation: `wellocr.evaluate.generate_with_counts`, batch 8 vs a batch-1 loop over the same samples, each after
@@ -56,8 +62,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import importlib.util
 import json
-import logging
 import os
 import shutil
 import statistics
@@ -65,12 +72,11 @@ import subprocess
 import sys
 import time
 import traceback
-from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from wellocr.flops import H200_BF16_FLOPS as PEAK_FLOPS
-from wellocr.flops import arch_dims, param_groups, step_flops
+from wellocr.flops import H200_BF16_FLOPS, arch_dims, param_groups, step_flops, utilization
 
 SCRIPT = Path(__file__).resolve()  # workers run this file again, as a script (wellocr is installed, this is not)
 
@@ -85,7 +91,7 @@ DEFAULTS = {  # GPU run / --tiny (CPU)
 }
 
 
-# ---------------------------------------------------------------- FLOPs and statistics (pure)
+# ---------------------------------------------------------------- statistics (pure)
 
 
 def summary(values: list[float]) -> dict[str, float] | None:
@@ -99,21 +105,25 @@ def summary(values: list[float]) -> dict[str, float] | None:
 
 
 class Recorder:
-    """Per optimizer step: seconds (step end to step end), data wait, the shapes fed; with profile, the split."""
+    """Per optimizer step: seconds (step end to step end, after a device sync), data wait, the shapes fed.
 
-    def __init__(self, device: str, profile: bool = False):
+    With `phases`, it also opens torch.profiler ranges (record_function) around the parts of a step, each entered
+    and left after a device sync so that its span on the profiler's timeline covers its GPU work: the profile
+    phase reads the split from the profiler's events (`phase_split`), not from timers of its own."""
+
+    def __init__(self, device: str, phases: bool = False):
         import torch
 
-        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        self.profile = profile
+        self.sync = torch.cuda.synchronize if device == "cuda" else _no_sync
+        self.phases = phases
         self.steps: list[dict] = []
         self.current = self._new()
         self.last = 0.0
-        self.started: dict[str, float] = {}
+        self.open: dict[str, Any] = {}
 
     @staticmethod
     def _new() -> dict:
-        return {"lm_lengths": [], "image_patches": [], "samples": 0, "parts": defaultdict(float)}
+        return {"lm_lengths": [], "image_patches": [], "samples": 0, "data_wait": 0.0}
 
     def start(self) -> None:
         self.sync()
@@ -130,14 +140,26 @@ class Recorder:
             self.current["image_patches"] += [int(n) for n in grid.prod(-1).tolist()]
 
     def begin(self, part: str) -> None:
-        if self.profile:
+        """Open the profiler range PHASE_PREFIX + part (with `phases` only)."""
+        if self.phases and part not in self.open:
+            from torch.profiler import record_function
+
             self.sync()
-            self.started[part] = time.perf_counter()
+            self.open[part] = record_function(PHASE_PREFIX + part)
+            self.open[part].__enter__()
 
     def end(self, part: str) -> None:
-        if self.profile and part in self.started:
+        if part in self.open:
             self.sync()
-            self.current["parts"][part] += time.perf_counter() - self.started.pop(part)
+            self.open.pop(part).__exit__(None, None, None)
+
+    @contextlib.contextmanager
+    def phase(self, part: str) -> Iterator[None]:
+        self.begin(part)
+        try:
+            yield
+        finally:
+            self.end(part)
 
     def step_end(self) -> None:
         self.sync()
@@ -150,45 +172,72 @@ class Recorder:
         self.current = self._new()
 
 
-def instrument(trainer: Any, rec: Recorder) -> list:
-    """Wrap the trainer instance's own methods (training_step, compute_loss, get_batch_samples) and, with
-    rec.profile, hook the vision tower and the language model. Returns hook handles to remove."""
-    step, loss, fetch = trainer.training_step, trainer.compute_loss, trainer.get_batch_samples
+def _no_sync() -> None:
+    pass
 
-    def training_step(model, inputs, *args, **kwargs):
-        rec.batch(inputs)
-        rec.begin("fwd_bwd")
-        out = step(model, inputs, *args, **kwargs)
-        rec.end("fwd_bwd")
-        rec.current["loss"] = out.detach() + rec.current.get("loss", 0.0)  # a tensor: read at step_end, no sync here
+
+PHASE_PREFIX = "bench/"
+PROFILE_PARTS = ("vision_fwd", "language_fwd", "forward", "fwd_bwd", "optimizer", "data_wait")
+
+
+def phase_split(events: Any, steps: int) -> dict[str, float]:
+    """Seconds per step of each bench range in a torch.profiler trace (mean over `steps`): the CPU span of each
+    `record_function` range, which covers its GPU work because the Recorder syncs at both ends."""
+    totals = dict.fromkeys(PROFILE_PARTS, 0.0)
+    for event in events:
+        if event.name.startswith(PHASE_PREFIX) and event.name[len(PHASE_PREFIX):] in totals:
+            totals[event.name[len(PHASE_PREFIX):]] += event.cpu_time_total / 1e6  # 0 for the GPU-side copies
+    return {part: seconds / steps for part, seconds in totals.items()}
+
+
+class Instrumented:
+    """The trainer instance's own training_step, compute_loss and get_batch_samples, wrapped to feed a Recorder;
+    with rec.phases, forward hooks on the vision tower and the language model open and close their ranges."""
+
+    def __init__(self, trainer: Any, rec: Recorder):
+        self.rec = rec
+        self.step, self.loss, self.fetch = trainer.training_step, trainer.compute_loss, trainer.get_batch_samples
+        trainer.training_step, trainer.compute_loss = self.training_step, self.compute_loss
+        trainer.get_batch_samples = self.get_batch_samples
+        self.handles = []
+        if rec.phases:
+            modules = dict(trainer.model.named_modules())
+            for part, suffix in (("vision_fwd", "visual"), ("language_fwd", "language_model")):
+                module = modules[min((n for n in modules if n.endswith(suffix)), key=len)]
+                self.handles.append(module.register_forward_pre_hook(functools.partial(self._enter, part)))
+                self.handles.append(module.register_forward_hook(functools.partial(self._exit, part)))
+
+    def _enter(self, part: str, *_: Any) -> None:
+        self.rec.begin(part)
+
+    def _exit(self, part: str, *_: Any) -> None:
+        self.rec.end(part)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        self.rec.batch(inputs)
+        with self.rec.phase("fwd_bwd"):
+            out = self.step(model, inputs, *args, **kwargs)
+        self.rec.current["loss"] = out.detach() + self.rec.current.get("loss", 0.0)  # a tensor: read at step_end
         return out
 
-    def compute_loss(*args, **kwargs):
-        rec.begin("forward")
-        out = loss(*args, **kwargs)
-        rec.end("forward")
-        return out
+    def compute_loss(self, *args, **kwargs):
+        with self.rec.phase("forward"):
+            return self.loss(*args, **kwargs)
 
-    def get_batch_samples(*args, **kwargs):
+    def get_batch_samples(self, *args, **kwargs):
         started = time.perf_counter()
-        out = fetch(*args, **kwargs)
-        rec.current["parts"]["data_wait"] += time.perf_counter() - started
-        rec.current["fetches"] = rec.current.get("fetches", 0) + 1
+        with self.rec.phase("data_wait"):
+            out = self.fetch(*args, **kwargs)
+        self.rec.current["data_wait"] += time.perf_counter() - started
+        self.rec.current["fetches"] = self.rec.current.get("fetches", 0) + 1
         return out
 
-    trainer.training_step, trainer.compute_loss = training_step, compute_loss
-    trainer.get_batch_samples = get_batch_samples
-    handles = []
-    if rec.profile:
-        modules = dict(trainer.model.named_modules())
-        for part, suffix in (("vision_fwd", "visual"), ("language_fwd", "language_model")):
-            name = min((n for n in modules if n.endswith(suffix)), key=len)
-            handles.append(modules[name].register_forward_pre_hook(lambda *_, p=part: rec.begin(p)))
-            handles.append(modules[name].register_forward_hook(lambda *_, p=part: rec.end(p)))
-    return handles
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
-def timing_callback(rec: Recorder) -> Any:
+def timing_callback(rec: Recorder, profiler: Any = None) -> Any:
     from transformers import TrainerCallback
 
     class Timing(TrainerCallback):
@@ -200,66 +249,31 @@ def timing_callback(rec: Recorder) -> Any:
 
         def on_step_end(self, args, state, control, **kwargs):
             rec.step_end()
+            if profiler is not None:
+                profiler.step()
             control.should_evaluate = control.should_save = False  # neither belongs in a timed run
             return control
 
     return Timing()
 
 
-CACHE_LOGGERS = ("torch._functorch._aot_autograd.autograd_cache", "torch._inductor.codecache", "torch._dynamo.package")
+def save_timer(sync: Any, out: dict) -> Any:
+    """A callback that asks the Trainer to save at the end of each step and times it, as save_steps would: from
+    the step's end to on_save (the Trainer's own path: adapter, optimizer, scheduler, RNG, state)."""
+    from transformers import TrainerCallback
 
+    class SaveTimer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            out["started"] = time.perf_counter()
+            control.should_save, control.should_evaluate = True, False
+            return control
 
-class CacheLog(logging.Handler):
-    """Why torch.compile's caches missed or were bypassed (their loggers say so at INFO; Unsloth sets torch's
-    logging to CRITICAL at import, so call after it)."""
+        def on_save(self, args, state, control, **kwargs):
+            out.update(seconds=time.perf_counter() - out.pop("started"), step=state.global_step,
+                       path=str(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
 
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-        for name in CACHE_LOGGERS:
-            logger = logging.getLogger(name)
-            logger.setLevel(logging.INFO)
-            logger.addHandler(self)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if any(word in message for word in ("Bypass", "bypass", "unable", "miss", "Failed", "No package")):
-            self.messages.append(message[:300])
-            print(f"bench: compile cache: {message[:300]}", flush=True)
-
-
-def compile_stats(cache_log: CacheLog | None = None) -> dict[str, Any]:
-    """What torch.compile did in this process: cache hits and misses, graphs, seconds per phase; cache sizes."""
-    import torch
-
-    from wellocr.model import COMPILE_CACHE_ENV
-
-    counters = torch._dynamo.utils.counters
-    keep = {"inductor": ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass"),
-            "aot_autograd": ("autograd_cache_hit", "autograd_cache_miss", "autograd_cache_bypass"),
-            "stats": ("unique_graphs", "calls_captured"), "frames": ("total", "ok"),
-            "dynamo_cache": ("dynamo_cache_hit", "dynamo_cache_miss", "dynamo_cache_error")}  # TORCH_CACHING_PRECOMPILE
-    out: dict[str, Any] = {f"{group}.{name}": counters[group][name] for group, names in keep.items() for name in names}
-    out["compile_s"] = compile_seconds()
-    try:
-        from unsloth_zoo.compile_cache import _STATE
-
-        out["unsloth_mega_cache_hit"] = _STATE.get("hit")
-    except ImportError:
-        pass
-    out["cache_mb"] = {variable: _tree_mb(os.environ.get(variable)) for variable in (*COMPILE_CACHE_ENV,
-                                                                                     "PYTHONPYCACHEPREFIX")}
-    out["cache_messages"] = sorted(set(cache_log.messages))[:20] if cache_log is not None else []
-    return out
-
-
-def compile_seconds(top: int = 25) -> dict[str, list[float]]:
-    """torch.compile's timed phases in this process, the costliest first: {phase: [calls, total s, max s]}."""
-    from torch._dynamo.utils import compilation_time_metrics
-
-    rows = {name: [len(times), round(sum(times), 3), round(max(times), 3)]
-            for name, times in compilation_time_metrics.items() if times}
-    return dict(sorted(rows.items(), key=lambda row: -row[1][1])[:top])
+    return SaveTimer()
 
 
 def _tree_mb(directory: str | Path | None) -> float | None:
@@ -315,8 +329,6 @@ class Worker:
         import peft  # noqa: F401 - imported here so import_s counts them
         import trl  # noqa: F401
 
-        self.cache_log = CacheLog()
-
         from wellocr.model import load_for_training, resolve_precision
         from wellocr.rundir import RunDir
         from wellocr.train import prepare_data
@@ -324,8 +336,7 @@ class Worker:
         self.result["import_s"] = time.time() - self.args.launched_at
         self.cfg = bench_config(self.args, self.args.worker)
         self.precision = resolve_precision(self.cfg.train.precision, device)
-        kind = "resume" if self.args.resume_from else "run"
-        self.run = RunDir(Path(self.args.work) / f"{self.args.worker}-{kind}")
+        self.run = RunDir(Path(self.args.work) / f"{self.args.worker}-run")
         started = time.perf_counter()
         self.model, self.processor = load_for_training(self.cfg, self.backend, self.precision)
         self.result["load_s"] = time.perf_counter() - started
@@ -342,26 +353,27 @@ class Worker:
         self.recompute = self.cfg.model.use_gradient_checkpointing != "false"
         self.save()
 
-    def trainer(self, micro: int, accumulation: int, steps: int, rec: Recorder | None = None) -> tuple[Any, list]:
-        """A trainer from the project's build_trainer (instrumented when given a recorder) and its hook handles."""
+    def trainer(self, micro: int, accumulation: int, steps: int, callbacks: list) -> Any:
+        """A trainer from the project's build_trainer for `steps` optimizer steps."""
         from wellocr.train import build_trainer
 
         t = self.cfg.train
         t.max_steps = t.eval_steps = t.save_steps = steps
-        callbacks = [timing_callback(rec)] if rec is not None else []
-        trainer = build_trainer(self.cfg, self.run, self.backend, self.precision, self.model, self.processor,
-                                self.data, self.max_length, micro, accumulation, callbacks)
-        return trainer, instrument(trainer, rec) if rec is not None else []
+        return build_trainer(self.cfg, self.run, self.backend, self.precision, self.model, self.processor,
+                             self.data, self.max_length, micro, accumulation, callbacks)
 
-    def train(self, micro: int, accumulation: int, steps: int, profile: bool = False) -> tuple[Any, Recorder]:
-        """A fresh trainer for `steps` optimizer steps; rec.steps[0]["seconds"] runs from the train() call."""
-        rec = Recorder(self.backend.device, profile)
-        trainer, handles = self.trainer(micro, accumulation, steps, rec)
+    def train(self, micro: int, accumulation: int, steps: int, profiler: Any = None) -> Recorder:
+        """A fresh, instrumented trainer for `steps` optimizer steps; rec.steps[0]["seconds"] runs from the
+        train() call. With a profiler: its ranges are opened and profiler.step() is called at every step end."""
+        rec = Recorder(self.backend.device, phases=profiler is not None)
+        trainer = self.trainer(micro, accumulation, steps, [timing_callback(rec, profiler)])
+        instrumented = Instrumented(trainer, rec)
         rec.start()
-        trainer.train()
-        for handle in handles:
-            handle.remove()
-        return trainer, rec
+        try:
+            trainer.train()
+        finally:
+            instrumented.remove()
+        return rec
 
     def step_stats(self, steps: list[dict]) -> dict[str, Any]:
         """Throughput over timed steps: medians per step, sums for rates."""
@@ -369,14 +381,15 @@ class Worker:
         flops = [step_flops(s["lm_lengths"], s["image_patches"], self.result["params"], self.dims, self.recompute)
                  for s in steps]
         cuda = self.backend.device == "cuda"
+        peak = self.args.peak_tflops * 1e12
         return {
             "step_s": statistics.median(s["seconds"] for s in steps),
             "samples_per_s": sum(s["samples"] for s in steps) / seconds,
             "tokens_per_s": sum(sum(s["lm_lengths"]) for s in steps) / seconds,
             "tflops_per_s": sum(f[0] for f in flops) / seconds / 1e12,
-            "mfu": sum(f[0] for f in flops) / seconds / PEAK_FLOPS if cuda else None,
-            "hfu": sum(f[1] for f in flops) / seconds / PEAK_FLOPS if cuda else None,
-            "data_wait_s": statistics.median(s["parts"]["data_wait"] for s in steps)
+            "mfu": utilization(sum(f[0] for f in flops), seconds, peak) if cuda else None,
+            "hfu": utilization(sum(f[1] for f in flops), seconds, peak) if cuda else None,
+            "data_wait_s": statistics.median(s["data_wait"] for s in steps)
             if all(s.get("fetches") for s in steps) else None,  # None: the loop never called get_batch_samples
             "lm_tokens_per_step": statistics.median(sum(s["lm_lengths"]) for s in steps),
             "patches_per_step": statistics.median(sum(s["image_patches"]) for s in steps),
@@ -385,23 +398,21 @@ class Worker:
 
     # -- phases
 
-    def measure(self, micro: int, accumulation: int = 1, repeats: int | None = None, steps: int | None = None,
-                warmup: int | None = None) -> dict[str, Any]:
+    def measure(self, micro: int, accumulation: int = 1) -> dict[str, Any]:
         import torch
 
         from wellocr.autobatch import free_memory
 
-        repeats = repeats or self.args.repeats
-        steps, warmup = steps or self.args.steps, warmup if warmup is not None else self.args.warmup
+        steps, warmup = self.args.steps, self.args.warmup
         cuda = self.backend.device == "cuda"
         if cuda:
             free_memory()
             torch.cuda.reset_peak_memory_stats()
         out: dict[str, Any] = {"batch": micro * accumulation, "micro_batch": micro,
                                "gradient_accumulation_steps": accumulation, "repeats": []}
-        for r in range(repeats):
+        for r in range(self.args.repeats):
             started = time.perf_counter()
-            self.last_trainer, rec = self.train(micro, accumulation, warmup + steps)
+            rec = self.train(micro, accumulation, warmup + steps)
             stats = self.step_stats(rec.steps[warmup:])
             stats.update(first_step_s=rec.steps[0]["seconds"], seconds=time.perf_counter() - started)
             out["repeats"].append(stats)
@@ -421,36 +432,43 @@ class Worker:
     def train_config(self, micro: int) -> None:
         self.result["configs"].append({**self.measure(micro), "load_s": self.result["load_s"]})
 
-    def checkpoint(self) -> None:
-        from wellocr.checkpoint import mark_complete
+    def checkpoint(self, micro: int) -> None:
+        """A one-step trainer that saves at its end through the Trainer's own path: seconds and size."""
+        saved: dict[str, Any] = {}
+        trainer = self.trainer(micro, 1, 1, [save_timer(Recorder(self.backend.device).sync, saved)])
+        trainer.train()
+        self.result["checkpoint"] = {**saved, "mb": _tree_mb(saved.get("path")), "micro_batch": micro}
 
-        trainer = self.last_trainer
-        started = time.perf_counter()
-        trainer._save_checkpoint(trainer.model, trial=None)  # what save_steps runs: adapter, optimizer, RNG, state
-        seconds = time.perf_counter() - started
-        path = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-        mark_complete(path, trainer.state.global_step)
-        self.result["checkpoint"] = {"path": str(path), "step": trainer.state.global_step, "seconds": seconds,
-                                     "mb": _tree_mb(path), "micro_batch": trainer.args.per_device_train_batch_size}
+    def profile(self, micro: int, steps: int = 3) -> None:
+        """One step to warm up, then `steps` under torch.profiler; the split comes from its record_function
+        ranges, and the whole trace goes to LOGS/BACKEND-profile-trace.json (chrome://tracing, Perfetto)."""
+        from torch.profiler import ProfilerActivity, profile, schedule
 
-    def profile(self, micro: int) -> None:
-        _, rec = self.train(micro, 1, 1 + 3, profile=True)
-        steps = rec.steps[1:]
-        part = {k: statistics.median(s["parts"][k] for s in steps)
-                for k in ("vision_fwd", "language_fwd", "forward", "fwd_bwd", "optimizer", "data_wait")}
-        total = statistics.median(s["seconds"] for s in steps)
-        ratio = part["fwd_bwd"] / part["forward"] if part["forward"] else 0.0
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.backend.device == "cuda" else [])
+        trace = Path(self.args.logs) / f"{self.args.worker}-profile-trace.json"
+        split: dict[str, float] = {}
+
+        def ready(prof: Any) -> None:
+            split.update(phase_split(prof.events(), steps))
+            prof.export_chrome_trace(str(trace))
+
+        with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps),
+                     on_trace_ready=ready) as prof:
+            rec = self.train(micro, 1, 1 + steps, profiler=prof)
+        total = statistics.fmean(s["seconds"] for s in rec.steps[1:])  # the profiled steps, as the split
+        ratio = split["fwd_bwd"] / split["forward"] if split["forward"] else 0.0
         self.result["profile"] = {
-            "micro_batch": micro, "step_s": total, "vision_fwd_s": part["vision_fwd"],
-            "language_fwd_s": part["language_fwd"],
-            "loss_and_rest_fwd_s": part["forward"] - part["vision_fwd"] - part["language_fwd"],
-            "backward_s": part["fwd_bwd"] - part["forward"], "optimizer_s": part["optimizer"],
-            "data_wait_s": part["data_wait"],
-            "other_s": total - part["fwd_bwd"] - part["optimizer"] - part["data_wait"],
-            "vision_est_s": part["vision_fwd"] * ratio, "language_est_s": part["language_fwd"] * ratio,
-            "note": "approximate: synchronised boundaries; *_est scale forward by (forward+backward)/forward",
+            "micro_batch": micro, "steps": steps, "step_s": total, "vision_fwd_s": split["vision_fwd"],
+            "language_fwd_s": split["language_fwd"],
+            "loss_and_rest_fwd_s": split["forward"] - split["vision_fwd"] - split["language_fwd"],
+            "backward_s": split["fwd_bwd"] - split["forward"], "optimizer_s": split["optimizer"],
+            "data_wait_s": split["data_wait"],
+            "other_s": total - split["fwd_bwd"] - split["optimizer"] - split["data_wait"],
+            "vision_est_s": split["vision_fwd"] * ratio, "language_est_s": split["language_fwd"] * ratio,
+            "trace": str(trace),
+            "note": "approximate: torch.profiler ranges with a device sync at each end, mean over the profiled "
+                    "steps; *_est scale forward by (forward+backward)/forward",
         }
-
     def autobatch(self) -> None:
         import torch
 
@@ -516,38 +534,17 @@ class Worker:
         out["speedup"] = out["batched"]["samples_per_s"] / out["loop"]["samples_per_s"]
         self.result["generation"] = out
 
-    def resume(self) -> None:
-        """In this new process: train(resume_from_checkpoint) to the end of its first optimizer step."""
-        checkpoint = Path(self.args.resume_from)
-        step = int(checkpoint.name.rsplit("-", 1)[1])
-        started = time.perf_counter()
-        rec = Recorder(self.backend.device)
-        trainer, handles = self.trainer(self.args.batches[0], 1, step + 1, rec)
-        trainer_s = time.perf_counter() - started
-        rec.start()
-        trainer.train(resume_from_checkpoint=str(checkpoint))
-        first = rec.steps[0]
-        self.result["resume"] = {
-            "checkpoint": str(checkpoint), "resumed_at_step": step, "ended_at_step": trainer.state.global_step,
-            "resume_to_first_step_s": first["wall_end"] - self.args.launched_at,
-            "import_s": self.result["import_s"], "load_s": self.result["load_s"], "data_s": self.result["data_s"],
-            "trainer_s": trainer_s, "train_to_first_step_s": first["seconds"], "loss": first.get("loss"),
-            "compile": compile_stats(self.cache_log),
-        }
-
     def run_all(self) -> None:
         self.setup()
-        if self.args.resume_from:
-            self.attempt("resume", self.resume)
-            return
         for micro in self.args.batches if self.args.worker != "hf" else self.args.batches_hf:
             self.attempt(f"train batch {micro}", self.train_config, micro)
-        self.result["compile"] = compile_stats(self.cache_log)
-        if getattr(self, "last_trainer", None) is not None:
-            self.attempt("checkpoint", self.checkpoint)
+        self.attempt("checkpoint", self.checkpoint, self.args.batches_hf[0] if self.args.worker == "hf"
+                     else self.args.batches[0])
         self.attempt("profile", self.profile, self.args.profile_batch or self.args.batches[0])
         self.attempt("generate", self.generation)
         self.attempt("autobatch", self.autobatch)
+
+
 
 
 def bench_config(args: argparse.Namespace, backend: str) -> Any:
@@ -727,7 +724,8 @@ def common_args(args: argparse.Namespace) -> list[str]:
            "--gen-tokens", str(args.gen_tokens), "--autobatch-gb", str(args.autobatch_gb),
            "--effective-batch", str(args.effective_batch), "--skip", ",".join(args.skip),
            "--batch-hf", ",".join(map(str, args.batches_hf)), "--cap-gb", str(args.cap_gb or 0),
-           "--profile-batch", str(args.profile_batch or 0)]
+           "--profile-batch", str(args.profile_batch or 0), "--logs", str(args.logs),
+           "--peak-tflops", repr(args.peak_tflops)]
     return out + (["--tiny"] if args.tiny else [])
 
 
@@ -748,7 +746,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     logs.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"meta": {"command": sys.argv, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
                                        "torch": torch.__version__, "arch": args.arch, "image": args.image,
-                                       "peak_flops": PEAK_FLOPS, "started": started},
+                                       "peak_flops": args.peak_tflops * 1e12, "started": started},
                               "configs": [], "backends": {}, "data_pipeline": None}
     build = None
     if not (Path(args.model) / "wellocr_build.json").is_file():
@@ -793,44 +791,124 @@ def worker_env(work: Path, backend: str) -> dict[str, str]:
 
 
 def run_backend(args: argparse.Namespace, backend: str, model_4bit: list[str]) -> dict[str, Any]:
-    """One backend's worker process (the timed phases), then its resumes, each a new process on an empty pod."""
+    """One backend's worker process (the timed phases), then its restarts through `python -m wellocr.train`."""
     work, logs = Path(args.work), Path(args.logs)
-    env = worker_env(work, backend)
     result_file = work / f"{backend}-result.json"
     result_file.unlink(missing_ok=True)
     model = model_4bit if backend == "unsloth" else []
     code = spawn(args, ["--worker", backend, "--result", str(result_file), *model], logs / f"{backend}.log",
-                 {**env, **fresh_pod(work, backend, "train")})
+                 {**worker_env(work, backend), **fresh_pod(work, backend, "train")})
     result = json.loads(result_file.read_text()) if result_file.is_file() else {"errors": {}}
     result["exit_code"] = code
-    checkpoint = (result.get("checkpoint") or {}).get("path")
-    if not checkpoint or {"resume", f"resume:{backend}"} & args.skip:
-        return result
-    resume = ["--worker", backend, "--resume-from", checkpoint, "--batch", str(result["checkpoint"]["micro_batch"]),
-              *model]
-    result["resumes"] = []
-    for n in range(args.resumes):  # one after the other: a later one finds what the earlier ones compiled
-        result["resumes"].append(resumed(args, backend, f"resume{n or ''}", resume, env))
-    result["resume"] = result["resumes"][0]
-    for n, variables in enumerate(args.resume_env):  # then one resume per --resume-env, in order
-        result["resumes"].append({"env": variables,
-                                  **resumed(args, backend, f"resume-env{n + 1}", resume, {**env, **variables})})
-    if args.resume_profile:
-        profile = logs / f"{backend}-resume-profile.txt"
-        result["resume_profiled"] = resumed(args, backend, "resume-profiled",
-                                            [*resume, "--profile-to", str(profile)], env)
+    if {"resume", f"resume:{backend}"} & args.skip:
+        result.setdefault("skipped", []).append("resume (--skip)")
+    else:
+        result.update(restarts(args, backend, model[1] if model else args.model))
     return result
 
 
-def resumed(args: argparse.Namespace, backend: str, name: str, command: list[str], env: dict[str, str]) -> dict:
-    """One resume worker on a new, empty pod; its `resume` result, or what went wrong."""
-    work = Path(args.work)
-    resume_file = work / f"{backend}-resume.json"
-    resume_file.unlink(missing_ok=True)
-    code = spawn(args, [*command, "--result", str(resume_file)], Path(args.logs) / f"{backend}-{name}.log",
-                 {**env, **fresh_pod(work, backend, name)})
-    out = json.loads(resume_file.read_text()) if resume_file.is_file() else {}
-    return out.get("resume") or {"error": out.get("errors") or f"exit {code}"}
+RESTART_RUN = "restart"
+
+
+def restart_config(args: argparse.Namespace, backend: str, model: str) -> Path:
+    """The config of the run the restarts continue: the bench's config, one optimizer step per process at the
+    first micro-batch size, a checkpoint at every step, the compile caches where the worker left them."""
+    from wellocr.config import save_config, validate
+
+    root = Path(args.work) / backend
+    cfg = bench_config(args, backend)
+    cfg.model.model_name = model
+    t = cfg.train
+    t.per_device_train_batch_size = (args.batches_hf if backend == "hf" else args.batches)[0]
+    t.gradient_accumulation_steps = 1
+    t.max_steps = t.eval_steps = t.save_steps = 1
+    cfg.data.eval_subset = 1  # the end-of-run evaluation of every process is not what is measured here
+    cfg.eval.generation_samples = 0
+    cfg.run.output_dir, cfg.run.run_name = str(root / "restart-runs"), RESTART_RUN
+    cfg.run.compile_cache_dir = str(root / "compile-cache")
+    validate(cfg, {}, "benchmarks/bench.py")
+    shutil.rmtree(cfg.run.output_dir, ignore_errors=True)  # a new run: wellocr.train refuses to reuse a name
+    path = root / "restart.yaml"
+    save_config(cfg, path)
+    return path
+
+
+def restarts(args: argparse.Namespace, backend: str, model: str) -> dict[str, Any]:
+    """A one-step run of `python -m wellocr.train`, then `--resume-latest` processes, each one step further and
+    each on an empty pod; what every process took from its start to its first optimizer step, as wellocr.train
+    records it in run.json (`startup`, with torch.compile's cache hits and misses)."""
+    config = restart_config(args, backend, model)
+    first = train_process(args, backend, "restart-first", ["--config", str(config)])
+    out: dict[str, Any] = {"restart_config": str(config), "first_run": first, "resumes": []}
+    if "error" in first:
+        return out
+    runs = []  # (process name, extra environment); one after the other: a later one finds what earlier compiled
+    runs += [(f"resume{n or ''}", {}) for n in range(args.resumes)]
+    runs += [(f"resume-env{n + 1}", variables) for n, variables in enumerate(args.resume_env)]
+    if args.resume_profile:
+        runs.append(("resume-profiled", {}))
+    step = first["first_step"]
+    for name, variables in runs:
+        resumed = train_process(args, backend, name, ["--config", str(config), "--resume-latest", "--set",
+                                                      f"train.max_steps={step + 1}"], variables,
+                                profile=name == "resume-profiled")
+        if name == "resume-profiled":
+            out["resume_profiled"] = resumed
+        else:
+            out["resumes"].append({"env": variables, **resumed} if variables else resumed)
+        if "error" in resumed:
+            break
+        step = resumed["first_step"]
+    if out["resumes"]:
+        out["resume"] = out["resumes"][0]
+    return out
+
+
+def train_process(args: argparse.Namespace, backend: str, name: str, train_args: list[str],
+                  variables: dict[str, str] | None = None, profile: bool = False) -> dict[str, Any]:
+    """`python -m wellocr.train TRAIN_ARGS` on a new, empty pod (with --resume-profile's one under pyinstrument);
+    its attempt from run.json: start step, first step, seconds from process start to the end of the first step."""
+    work, logs = Path(args.work), Path(args.logs)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **fresh_pod(work, backend, name), **(variables or {})}
+    command = [sys.executable, "-m", "wellocr.train", *train_args]
+    session = logs / f"{backend}-resume-profile.pyisession"
+    if profile:
+        command = [sys.executable, "-m", "pyinstrument", "--interval", "0.005", "-r", "pyisession", "-o", str(session),
+                   "-m", "wellocr.train", *train_args]
+    with open(logs / f"{backend}-{name}.log", "w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    run_json = work / backend / "restart-runs" / RESTART_RUN / "run.json"
+    attempts = json.loads(run_json.read_text()).get("attempts", []) if run_json.is_file() else []
+    attempt = attempts[-1] if attempts else {}
+    if code != 0 or "first_step_s" not in attempt:
+        return {"process": name, "exit_code": code, "error": f"exit {code}, see {logs / f'{backend}-{name}.log'}"}
+    out = {"process": name, "exit_code": code, "attempt": attempt.get("attempt"),
+           "resumed_at_step": attempt.get("start_step"), "first_step": attempt["first_step"],
+           "to_first_step_s": attempt["first_step_s"], "startup": attempt.get("startup", {}),
+           "compile_cache": attempt.get("compile_cache", {}),
+           "compile_cache_mb": compile_cache_mb(work / backend / "compile-cache", variables or {})}
+    if profile:
+        out["profile"] = str(render_profile(session))
+    return out
+
+
+def compile_cache_mb(root: Path, variables: dict[str, str]) -> dict[str, float | None]:
+    """Size of each compile cache wellocr.train uses under `root` (or where the environment points it)."""
+    from wellocr.model import COMPILE_CACHE_ENV, compile_cache_env
+
+    dirs = {**compile_cache_env(root), **{k: v for k, v in os.environ.items() if k in COMPILE_CACHE_ENV}, **variables}
+    return {variable: _tree_mb(dirs.get(variable)) for variable in (*COMPILE_CACHE_ENV, "PYTHONPYCACHEPREFIX")}
+
+
+def render_profile(session: Path) -> Path:
+    """pyinstrument's saved session as a text call tree beside it (`pyinstrument --load FILE --show-all` renders
+    it again, library frames included)."""
+    from pyinstrument.renderers import ConsoleRenderer
+    from pyinstrument.session import Session
+
+    text = session.with_suffix(".txt")
+    text.write_text(ConsoleRenderer(unicode=False, color=False).render(Session.load(str(session))))
+    return text
 
 
 def add_data_fraction(report: dict) -> None:
@@ -857,6 +935,14 @@ def _percent(value: dict | None) -> dict | None:
     return None if value is None else {k: 100 * v for k, v in value.items()}
 
 
+def _restart_line(r: dict) -> str:
+    split = ", ".join(f"{name[:-2].replace('_', ' ')} {seconds:.1f}" for name, seconds in r["startup"].items())
+    cache = r.get("compile_cache") or {}
+    cached = (f"; compile cache hits/misses: graphs {cache['fx_graph_hits']}/{cache['fx_graph_misses']}, autograd "
+              f"{cache['autograd_hits']}/{cache['autograd_misses']}") if cache else ""
+    return f"{r['to_first_step_s']:.1f} s to the end of step {r['first_step']} ({split}){cached}"
+
+
 def print_table(report: dict) -> None:
     print(f"\nbenchmarks/bench.py on {report['meta']['device']} ({report['meta']['arch']}, {report['meta']['image']} "
           "images); medians [min-max over repeats]")
@@ -878,27 +964,23 @@ def print_table(report: dict) -> None:
               f"load {_fmt(b.get('load_s'), 1)} s, params {b.get('params')}")
         if b.get("checkpoint"):
             ck = b["checkpoint"]
-            print(f"  checkpoint: {ck['seconds']:.2f} s, {ck['mb']:.1f} MB (step {ck['step']})")
-        for key, r in [*((f"resume {n + 1}" + (f" with {r['env']}" if r.get("env") else ""), r)
-                         for n, r in enumerate(b.get("resumes") or [])),
-                       ("resume_profiled", b.get("resume_profiled") or {})]:
-            if "resume_to_first_step_s" in r:
-                c = r.get("compile") or {}
-                print(f"  {key} to first step (new process, fresh pod): {r['resume_to_first_step_s']:.1f} s (import "
-                      f"{r['import_s']:.1f}, load {r['load_s']:.1f}, train() to step end "
-                      f"{r['train_to_first_step_s']:.1f}); FX graph cache hit/miss "
-                      f"{c.get('inductor.fxgraph_cache_hit')}/{c.get('inductor.fxgraph_cache_miss')}, AOTAutograd "
-                      f"{c.get('aot_autograd.autograd_cache_hit')}/{c.get('aot_autograd.autograd_cache_miss')}, "
-                      f"Dynamo cache {c.get('dynamo_cache.dynamo_cache_hit')}/{c.get('dynamo_cache.dynamo_cache_miss')}"
-                      f"; loss {_fmt(r.get('loss'), 4)}")
+            print(f"  checkpoint (the Trainer's save at step {ck['step']}, micro-batch {ck['micro_batch']}): "
+                  f"{ck['seconds']:.2f} s, {ck['mb']:.1f} MB")
+        restarted = [("first run", b.get("first_run") or {})]
+        restarted += [(f"resume {n + 1}" + (f" with {r['env']}" if r.get("env") else ""), r)
+                      for n, r in enumerate(b.get("resumes") or [])]
+        restarted.append(("resume under pyinstrument", b.get("resume_profiled") or {}))
+        for label, r in restarted:
+            if "to_first_step_s" in r:
+                print(f"  {label} (python -m wellocr.train, new process, empty pod): {_restart_line(r)}")
             elif r:
-                print(f"  {key}: {r}")
+                print(f"  {label}: {r}")
         if b.get("profile"):
             p = b["profile"]
             parts = ("vision_fwd_s", "language_fwd_s", "loss_and_rest_fwd_s", "backward_s", "optimizer_s",
                      "data_wait_s", "other_s")
             print(f"  profile (batch {p['micro_batch']}, {p['step_s']:.3f} s, approximate): "
-                  + ", ".join(f"{k[:-2]} {p[k]:.3f}" for k in parts))
+                  + ", ".join(f"{k[:-2]} {p[k]:.3f}" for k in parts) + f"; trace {p['trace']}")
         if b.get("generation"):
             g = b["generation"]
             print(f"  generation ({g['samples']} samples, {g['max_new_tokens']} new tokens): loop "
@@ -922,25 +1004,6 @@ def print_table(report: dict) -> None:
 
 
 # ---------------------------------------------------------------- CLI
-
-
-def profile_start() -> Any:
-    """A wall-clock sampling profile of this process's main thread (pyinstrument: waits count, unlike cProfile)."""
-    try:
-        from pyinstrument import Profiler
-    except ImportError as exc:
-        raise SystemExit("bench: --resume-profile needs pyinstrument: pip install pyinstrument") from exc
-    profiler = Profiler(interval=0.005)
-    profiler.start()
-    return profiler
-
-
-def profile_write(profiler: Any, path: Path) -> None:
-    """The worker's whole life (imports, load, train) as a call tree with wall seconds, as text; the raw session
-    beside it (`pyinstrument --load FILE.pyisession --show-all` renders it again, library frames included)."""
-    session = profiler.stop()
-    path.write_text(profiler.output_text(unicode=False, color=False, show_all=False))
-    session.save(str(path.with_suffix(".pyisession")))
 
 
 def env_assignments(text: str) -> dict[str, str]:
@@ -978,17 +1041,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma list of phases to leave out ({','.join(PHASES)}); PHASE:BACKEND for one backend")
     p.add_argument("--prequantized", action="store_true",
                    help="Unsloth loads a saved 4-bit copy (as the real run loads Unsloth's pre-quantised checkpoint)")
-    p.add_argument("--resumes", type=int, default=1, help="resumes, one after the other, each on an empty pod")
+    p.add_argument("--peak-tflops", type=float, default=H200_BF16_FLOPS / 1e12,
+                   help="the GPU's peak bf16 TFLOP/s that MFU and HFU divide by (default 790: an H200, measured)")
+    p.add_argument("--resumes", type=int, default=1,
+                   help="python -m wellocr.train --resume-latest processes, one after the other, each on an empty pod")
     p.add_argument("--resume-env", type=env_assignments, action="append", default=[], metavar="VAR=VALUE[,...]",
                    help="one more resume after the --resumes ones, with these environment variables (repeatable), "
                         "e.g. TORCH_CACHING_PRECOMPILE=1 twice: the first records, the second loads")
     p.add_argument("--resume-profile", action="store_true",
                    help="one more resume under pyinstrument; its call tree goes to LOGS/BACKEND-resume-profile.txt")
     p.add_argument("--worker", choices=("build", "quantize", "hf", "unsloth"), help=argparse.SUPPRESS)
-    p.add_argument("--profile-to", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--launched-at", type=float, default=0.0, help=argparse.SUPPRESS)
-    p.add_argument("--resume-from", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.tiny].items():
         if getattr(args, key) is None:
@@ -1000,16 +1064,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     width, _, height = args.image.lower().partition("x")
     args.image_size = (int(width), int(height))
     args.arch = "tiny" if args.tiny else "qwen3-vl-2b"
-    work = Path(args.work)
-    args.model = args.model or str(work / ("tiny-qwen3-vl" if args.tiny else "qwen3-vl-2b-random"))
-    args.data = args.data or data_dir(work, args.image_size[0], *data_rows(args))
-    args.logs = args.logs or str(Path(args.out).absolute().parent)
+    work = Path(args.work).absolute()  # absolute: the config of the wellocr.train runs names these paths
+    args.work = str(work)
+    args.model = str(Path(args.model).absolute()) if args.model else str(
+        work / ("tiny-qwen3-vl" if args.tiny else "qwen3-vl-2b-random"))
+    args.data = str(Path(args.data).absolute()) if args.data else data_dir(work, args.image_size[0], *data_rows(args))
+    args.logs = str(Path(args.logs).absolute()) if args.logs else str(Path(args.out).absolute().parent)
     bad = [b for b in args.backends if b not in BACKENDS] + [
         s for s in args.skip if s.partition(":")[0] not in PHASES or s.partition(":")[2] not in ("", *BACKENDS)]
     if bad:
         p.error(f"unknown backend(s) or phase(s): {', '.join(bad)}")
     if min(args.batches) < 1 or min(args.steps, args.warmup, args.repeats) < 1:
         p.error("--batch, --steps, --warmup and --repeats must be >= 1 (step 1, with compilation, is never timed)")
+    if args.peak_tflops <= 0:
+        p.error("--peak-tflops must be > 0")
+    if args.resume_profile and not args.worker and importlib.util.find_spec("pyinstrument") is None:
+        p.error("--resume-profile needs pyinstrument: pip install pyinstrument")
     return args
 
 
@@ -1026,7 +1096,6 @@ def main(argv: list[str] | None = None) -> int:
         if not args.launched_at:
             args.launched_at = time.time()
         worker = Worker(args)
-        profiler = profile_start() if args.profile_to else None
         try:
             worker.run_all()
         except BaseException as exc:  # setup failed (or killed): say so in the result, then fail
@@ -1035,8 +1104,6 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             worker.result["wall_s"] = time.time() - args.launched_at
             worker.save()
-            if profiler is not None:
-                profile_write(profiler, Path(args.profile_to))
         return 0
     if args.data_only:
         Path(args.work).mkdir(parents=True, exist_ok=True)

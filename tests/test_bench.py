@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,12 @@ def test_summary_and_bad_arguments():
     args = bench.parse_args(["--batch", "2,8,16", "--batch-hf", "2,8"])
     assert (args.batches, args.batches_hf) == ([2, 8, 16], [2, 8])
     assert bench.parse_args(["--batch", "4"]).batches_hf == [4]
+    assert bench.parse_args([]).peak_tflops == 790.0  # an H200's measured bf16 rate, unless told
+    assert bench.parse_args(["--peak-tflops", "165"]).peak_tflops == 165.0
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--peak-tflops", "0"])
+    with pytest.raises(SystemExit):  # the time budget that fitted the bench into a fixed slot is gone
+        bench.parse_args(["--budget-s", "500"])
 
 
 def test_resume_env_option():
@@ -64,32 +71,47 @@ def test_bench_reuses_a_large_enough_synthetic_set(tmp_path):
     assert bench.split_rows(theirs) == {"train": 1, "eval": 1}
 
 
-def test_compile_seconds_lists_dynamo_phases():
-    import torch
+def test_phase_split_comes_from_the_profilers_ranges():
+    """The profile phase's split is read from torch.profiler's record_function ranges the Recorder opens."""
+    import time
 
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda x: x * 2 + 1, backend="eager")
-    assert compiled(torch.ones(3)).tolist() == [3.0, 3.0, 3.0]
-    seconds = bench.compile_seconds(top=5)
-    assert 0 < len(seconds) <= 5
-    calls, total, longest = seconds[next(iter(seconds))]  # the costliest phase first
-    assert calls >= 1 and total >= longest >= 0
-    assert [row[1] for row in seconds.values()] == sorted((row[1] for row in seconds.values()), reverse=True)
+    from torch.profiler import ProfilerActivity, profile
+
+    rec = bench.Recorder("cpu", phases=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            with rec.phase("forward"):
+                with rec.phase("vision_fwd"):
+                    time.sleep(0.01)
+            rec.begin("optimizer")
+            time.sleep(0.005)
+            rec.end("optimizer")
+            rec.end("data_wait")  # never opened: nothing happens
+    split = bench.phase_split(prof.events(), steps=2)
+    assert split["forward"] >= split["vision_fwd"] >= 0.01 and split["optimizer"] >= 0.005
+    assert split["fwd_bwd"] == split["data_wait"] == 0.0
+    assert rec.open == {}
+
+    quiet = bench.Recorder("cpu")  # the timed runs open no ranges (and sync nothing but step ends)
+    quiet.begin("forward")
+    assert quiet.open == {}
 
 
 def test_tiny_bench_on_cpu(tiny_model_dir, synth_data_dir, tmp_path):
+    """The whole bench on CPU: timed configurations, checkpoint, profile, generation, auto-batch, and restarts
+    through `python -m wellocr.train` (a first run, then --resume-latest processes, one under pyinstrument)."""
     out = tmp_path / "out" / "bench.json"
-    mega = tmp_path / "mega"  # --resume-env points the third resume at this cache folder (1 MiB in it)
+    mega = tmp_path / "mega"  # --resume-env points the second resume at this cache folder (1 MiB in it)
     mega.mkdir()
     (mega / "bundle.bin").write_bytes(bytes(2**20))
     result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench.py"), "--tiny", "--backend", "unsloth,hf", "--model", str(tiny_model_dir),
-         "--data", str(synth_data_dir), "--work", str(tmp_path / "work"), "--out", str(out),
-         "--batch", "1,2", "--batch-hf", "2", "--profile-batch", "2", "--cap-gb", "24", "--resume-profile", "--resumes", "2",
-         "--resume-env", f"UNSLOTH_MEGA_CACHE_DIR={mega}"],
-        capture_output=True, text=True, cwd=REPO, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        [sys.executable, str(REPO / "benchmarks" / "bench.py"), "--tiny", "--backend", "unsloth,hf", "--model",
+         str(tiny_model_dir), "--data", str(synth_data_dir), "--work", str(tmp_path / "work"), "--out", str(out),
+         "--batch", "1,2", "--batch-hf", "2", "--profile-batch", "2", "--cap-gb", "24", "--resume-profile",
+         "--resumes", "1", "--resume-env", f"UNSLOTH_MEGA_CACHE_DIR={mega}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "samples/s" in result.stdout and "resume 2 to first step" in result.stdout
+    assert "samples/s" in result.stdout and "resume 2 with {'UNSLOTH_MEGA_CACHE_DIR'" in result.stdout
     report = json.loads(out.read_text())
     assert report["meta"]["skipped_backends"] == ["unsloth"]  # GPU-only
 
@@ -106,29 +128,35 @@ def test_tiny_bench_on_cpu(tiny_model_dir, synth_data_dir, tmp_path):
 
     hf = report["backends"]["hf"]
     assert hf["errors"] == {} and hf["skipped"] == [] and hf["exit_code"] == 0
-    assert hf["checkpoint"]["mb"] > 0 and hf["checkpoint"]["seconds"] > 0
-    resume = hf["resume"]
-    assert resume["ended_at_step"] == resume["resumed_at_step"] + 1 == hf["checkpoint"]["step"] + 1
-    assert resume["resume_to_first_step_s"] > resume["load_s"] > 0
-    assert resume["compile"]["frames.total"] >= 0 and "inductor.fxgraph_cache_hit" in resume["compile"]
-    assert set(resume["compile"]["cache_mb"]) >= {"TORCHINDUCTOR_CACHE_DIR", "UNSLOTH_MEGA_CACHE_DIR"}
-    assert resume["compile"]["cache_messages"] == []  # nothing is compiled on the CPU path
-    assert (tmp_path / "work" / "hf" / "pod-resume1" / "home").is_dir()  # each worker starts on an empty pod
-    assert len(hf["resumes"]) == 3 and hf["resumes"][1]["ended_at_step"] == resume["ended_at_step"]
-    profiled = hf["resume_profiled"]
-    assert profiled["ended_at_step"] == resume["ended_at_step"]
+    checkpoint = hf["checkpoint"]  # the Trainer's own save, asked for through a callback
+    assert checkpoint["mb"] > 0 and checkpoint["seconds"] > 0
+    assert (checkpoint["step"], checkpoint["micro_batch"]) == (1, 2)
+
+    first = hf["first_run"]  # python -m wellocr.train, one step, as run.json records it
+    assert (first["exit_code"], first["resumed_at_step"], first["first_step"]) == (0, 0, 1)
+    assert first["to_first_step_s"] >= first["startup"]["imports_s"] > 0 and first["startup"]["model_load_s"] > 0
+    restarted = [*hf["resumes"], hf["resume_profiled"]]  # one after the other, each one step further
+    assert [(r["exit_code"], r["resumed_at_step"], r["first_step"]) for r in restarted] == [
+        (0, 1, 2), (0, 2, 3), (0, 3, 4)]
+    assert hf["resume"] == hf["resumes"][0] and all(r["to_first_step_s"] > 0 for r in restarted)
+    for name in ("restart-first", "resume", "resume-env1", "resume-profiled"):  # each process on an empty pod
+        assert (tmp_path / "work" / "hf" / f"pod-{name}" / "home").is_dir()
+    config_text = (tmp_path / "work" / "hf" / "restart.yaml").read_text()
+    assert str(tmp_path / "work" / "hf" / "compile-cache") in config_text  # the caches the worker warmed
+    with_env = hf["resumes"][1]  # --resume-env: one more resume, its variables reach wellocr.train
+    assert with_env["env"] == {"UNSLOTH_MEGA_CACHE_DIR": str(mega)}
+    assert with_env["compile_cache_mb"]["UNSLOTH_MEGA_CACHE_DIR"] == 1.0
+    assert set(first["compile_cache_mb"]) >= {"TORCHINDUCTOR_CACHE_DIR", "UNSLOTH_MEGA_CACHE_DIR"}
     tree = (out.parent / "hf-resume-profile.txt").read_text()
-    assert "Samples:" in tree and "run_all" in tree  # pyinstrument: the worker's wall-clock call tree
+    assert "Samples:" in tree and "wellocr/train.py" in tree  # pyinstrument: the product's process, wall clock
     assert (out.parent / "hf-resume-profile.pyisession").stat().st_size > 0  # the raw session, to render again
-    with_env = hf["resumes"][2]  # --resume-env: one more resume, its variables reach the worker
-    assert with_env["env"] == {"UNSLOTH_MEGA_CACHE_DIR": str(mega)} and with_env["ended_at_step"] == resume["ended_at_step"]
-    assert with_env["compile"]["cache_mb"]["UNSLOTH_MEGA_CACHE_DIR"] == 1.0
-    # the same checkpoint, data order and RNG state: every resume's first step has the same loss
-    assert resume["loss"] > 0 and with_env["loss"] == pytest.approx(resume["loss"], rel=1e-4)
-    assert "resume 3 with {'UNSLOTH_MEGA_CACHE_DIR'" in result.stdout
+
     profile = hf["profile"]
-    assert profile["micro_batch"] == 2
+    assert (profile["micro_batch"], profile["steps"]) == (2, 3)
     assert profile["vision_fwd_s"] > 0 and profile["language_fwd_s"] > 0 and profile["backward_s"] > 0
+    trace = json.loads(Path(profile["trace"]).read_text())  # torch.profiler's trace, the ranges in it
+    names = [event.get("name", "") for event in trace["traceEvents"]]
+    assert names.count("bench/vision_fwd") == 3 and sum(n.startswith("ProfilerStep#") for n in names) == 3
     generation = hf["generation"]
     assert generation["loop"]["samples_per_s"] > 0 and generation["batched"]["samples_per_s"] > 0
     assert generation["loop"]["new_tokens"] == generation["batched"]["new_tokens"] > 0  # greedy: same outputs
@@ -141,15 +169,13 @@ def test_tiny_bench_on_cpu(tiny_model_dir, synth_data_dir, tmp_path):
     assert data["samples_per_s_per_worker"] > 0 and data["mean_tokens"] > 0
 
 
-def test_cache_log_keeps_why_torch_compile_caches_missed():
-    import logging
+def test_the_bench_is_not_in_the_package():
+    """Lab tooling stays out of the wheel: pyproject's package search finds wellocr, not benchmarks/."""
+    import tomllib
 
-    log = bench.CacheLog()
-    try:
-        logging.getLogger("torch._functorch._aot_autograd.autograd_cache").info(
-            "Bypassing autograd cache due to: %s", "Cannot pickle saved tensor hooks")
-        logging.getLogger("torch._inductor.codecache").info("fx graph cache hit for key %s", "abc")
-        assert log.messages == ["Bypassing autograd cache due to: Cannot pickle saved tensor hooks"]
-    finally:
-        for name in ("torch._functorch._aot_autograd.autograd_cache", "torch._inductor.codecache"):
-            logging.getLogger(name).removeHandler(log)
+    from setuptools import find_packages
+
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = find_packages(str(REPO), include=find["include"])
+    assert "wellocr" in packages and not any(p.startswith("benchmarks") for p in packages)
+    assert not (REPO / "wellocr" / "bench.py").exists()
