@@ -555,3 +555,11 @@ def test_checks_reject_an_inline_pip_setup(sky, tmp_path):
                                                  "setup: pip install -e '.[gpu,remote]'"))
     problems = sky_problems(path, tmp_path)
     assert len(problems) == 1 and "setup must be one call of scripts/pod_setup.sh" in problems[0], problems
+
+
+def test_the_rehearsal_is_the_object_storage_job_with_one_self_stop(sky):
+    rehearsal, real = load_task(sky, SKY_DIR / "rehearsal.yaml"), load_task(sky, SKY_DIR / "train_r16.yaml")
+    assert rehearsal.run == real.run.replace("--resume-latest", "--resume-latest --rehearse-preemption")
+    assert rehearsal.envs["WELLOCR_CONFIG"] == "configs/rehearsal.yaml" and (REPO / "configs/rehearsal.yaml").is_file()
+    assert [r.to_yaml_config() for r in rehearsal.resources] == [r.to_yaml_config() for r in real.resources]
+    assert rehearsal.setup == real.setup

@@ -15,6 +15,14 @@ retried) · 75 SIGTERM or uploads unfinished (retryable) · 76 out of memory aft
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a stop asked for while the modules below load is a stop too: exit 75, not 143
+    import signal
+
+    def _stop_while_loading(*_):
+        raise SystemExit(75)
+
+    signal.signal(signal.SIGTERM, _stop_while_loading)
+
 import argparse
 import functools
 import gc
