@@ -128,7 +128,7 @@ class RemoteStore:
         self.retries = max(1, retries)
         self.retry_wait, self.retry_wait_max = retry_wait, retry_wait_max
         self.failures: list[str] = []
-        self.uploaded = 0  # files this process put into the store: progress, for the no-progress retry rule
+        self.uploaded = 0  # checkpoint, final/ and eval/ files this process stored: progress (no-progress rule)
         self._pool = _Pool(max(1, max_workers))
         self._lock = threading.Lock()
         self._last: dict[str, cf.Future] = {}  # key -> newest operation, so one key's operations run in order
@@ -205,8 +205,9 @@ class RemoteStore:
             if self.local:
                 self.fs.makedirs(self.fs._parent(target), exist_ok=True)
             self.fs.put_file(str(local), target)
-            with self._lock:
-                self.uploaded += 1
+            if rel not in RUN_FILES and not rel.startswith("logs/"):  # run files go up every attempt: not progress
+                with self._lock:
+                    self.uploaded += 1
 
         self._retry(put)
 
