@@ -2,12 +2,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pydantic import AfterValidator, BeforeValidator
+from pydantic import AfterValidator, BeforeValidator, ValidationError
 
+from conftest import REPO
 from wellocr import config as C
 from wellocr.errors import UserError
 
-CONFIGS = sorted(Path("configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 def write(tmp_path, text: str) -> Path:
@@ -20,7 +21,8 @@ def write(tmp_path, text: str) -> Path:
 def test_every_shipped_config_loads_and_opens_with_its_command(path):
     cfg = C.load_config(path)
     assert isinstance(cfg, C.Config)
-    assert path.read_text().startswith("#") and "python -m wellocr.train --config " + str(path) in path.read_text()
+    command = f"python -m wellocr.train --config {path.relative_to(REPO)}"  # as typed in the repository root
+    assert path.read_text().startswith("#") and command in path.read_text()
 
 
 def test_shipped_configs_exist():
@@ -38,7 +40,7 @@ def test_defaults_are_the_seed_plan():
 
 
 def test_quick_val_matches_the_plan():
-    cfg = C.load_config("configs/quick_val.yaml")
+    cfg = C.load_config(REPO / "configs" / "quick_val.yaml")
     assert (cfg.train.max_steps, cfg.data.train_subset, cfg.data.eval_subset, cfg.train.eval_steps) == (10, 100, 20, 5)
 
 
@@ -120,9 +122,13 @@ def test_config_from_env_var(tmp_path, monkeypatch):
     assert C.load_config(None).train.max_steps == 7
 
 
-def test_no_config_lists_shipped_files(monkeypatch):
+def test_no_config_lists_shipped_files(monkeypatch, tmp_path):
     monkeypatch.delenv(C.CONFIG_ENV_VAR, raising=False)
+    monkeypatch.chdir(REPO)  # the listing is of ./configs, as seen from the repository root
     with pytest.raises(UserError, match=r"WELLOCR_CONFIG.*configs/cpu_smoke.yaml"):
+        C.load_config(None)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"WELLOCR_CONFIG.*none found in \./configs"):
         C.load_config(None)
 
 
@@ -180,7 +186,7 @@ def test_trajectory_differences_ignore_mutable_keys():
 
 
 def test_config_reference_doc_is_in_sync():
-    assert Path("docs/CONFIG.md").read_text() == C.reference_markdown(), (
+    assert (REPO / "docs" / "CONFIG.md").read_text() == C.reference_markdown(), (
         "regenerate: python -m wellocr.config --reference > docs/CONFIG.md"
     )
 
@@ -192,7 +198,7 @@ def test_lowering_max_steps_below_default_eval_steps_blames_the_override(tmp_pat
 
 def test_every_key_in_the_reference_has_a_description_and_its_constraint():
     rows = {line.split("|")[1].strip(" `"): [cell.strip() for cell in line.split("|")[2:-1]]
-            for line in Path("docs/CONFIG.md").read_text().splitlines() if line.startswith("| `")}
+            for line in (REPO / "docs" / "CONFIG.md").read_text().splitlines() if line.startswith("| `")}
     assert list(rows) == list(C.all_keys())
     for key, info in C.all_keys().items():
         kind, _default, allowed, meaning = rows[key]
@@ -267,7 +273,7 @@ def test_offline_builders_only_for_the_paths_the_file_names(tmp_path):
 
 
 def test_sections_refuse_unknown_fields_and_constructed_configs_compare_by_value():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="bogus"):
         C.DataConfig(bogus=1)
     assert C.Config(data=C.DataConfig(train_subset=5)) == C.Config(data=C.DataConfig(train_subset="5"))
     assert C.Config().to_dict()["train"]["max_steps"] == 500
