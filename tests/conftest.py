@@ -6,7 +6,10 @@ their own run directory copy `trained_run` or start a short run with `run_train`
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +27,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# The fast tier, `python -m pytest -m "not slow"`, leaves out every test that trains: one that uses a fixture training
+# a run (directly or through another fixture), starts the trainer itself (or the bench, which does), or sits in a
+# module whose fixtures all train.
+SLOW_FIXTURES = {"trained_run"}
+SLOW_MODULES = {"test_drill.py", "test_tracking_cost_e2e.py"}
+STARTS_TRAINER = re.compile(r"\b(run_train|popen_train|run_train_recorded|train_billed_from_open)\("
+                            r"|\"-m\", \"wellocr\.train\"|\"benchmarks\" / \"bench\.py\"")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        function = getattr(item, "function", None)
+        source = inspect.getsource(function) if function is not None else ""
+        if (SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in SLOW_MODULES
+                or STARTS_TRAINER.search(source)):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +76,20 @@ def _process_state_restored():
         del os.environ[name]
     os.environ.update(env)
     sys.pycache_prefix, sys.dont_write_bytecode = prefix, dont_write
+
+
+@pytest.fixture(scope="session")
+def moto_url():
+    """A local S3 API (moto's server on 127.0.0.1, a free port) for the whole session: its URL. Each test makes
+    its own bucket with a unique name, so they share one server without seeing each other's objects."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # port 0: a free one
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
 
 
 def smoke_settings(model_dir: Path, data_dir: Path, output_dir: Path, **overrides) -> dict:

@@ -20,21 +20,9 @@ SECRET = "dummy-secret-value-for-tests"
 FAST = {"retries": 3, "retry_wait": 0.01, "retry_wait_max": 0.02}
 
 
-@pytest.fixture(scope="session")
-def moto_url():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # port 0: a free one
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
 def s3(moto_url, monkeypatch):
-    """A fresh bucket on the moto server, with the environment pointing s3fs/botocore at it."""
+    """A fresh bucket on the moto server (conftest's moto_url), with the environment pointing s3fs/botocore at it."""
     import boto3
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "dummy-access-key-id")
