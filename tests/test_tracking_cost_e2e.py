@@ -1,8 +1,9 @@
 """W&B tracking and the cost ledger end to end on CPU (tiny model, `python -m wellocr.train` in subprocesses).
 
-- What W&B receives, read back from the offline run files with wandb's own reader (`DataStore` over
-  `run-<id>.wandb`, records are `wandb_internal_pb2.Record`): train/eval/cost keys, the worst-sample tables, and a
-  config with secrets masked.
+- What the Tracker hands to W&B: each trainer process runs with the Tracker seam recorded (RECORD_TRACKER), so the
+  id and config of the real offline wandb run it opened and every `Run.log` call it made on it (tables with their
+  columns, rows and images) land in a JSON-lines file: train/eval/cost keys, the worst-sample tables, and a config
+  with secrets masked. Nothing reads wandb's private transaction log.
 - A SIGKILL mid-training (the pod vanishing) and `--resume-latest`: the same W&B run id in run.json and in both
   attempts' offline runs, and one cost ledger with one segment per attempt that the report sums.
 - The budget cap: exit 0 with a checkpoint, an unchanged cap stops again at once, a raised cap continues.
@@ -81,42 +82,72 @@ def wait_for_complete_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout:
     raise AssertionError(f"no complete checkpoint under {run_dir} after {timeout} s")
 
 
-def read_wandb_run(path: Path) -> dict:
-    """The records of an offline `run-<id>.wandb` file: run id, config, history rows, summary, artifacts.
+# The trainer (`wellocr.train.main`, as `python -m wellocr.train` runs it) with the Tracker seam recorded: once
+# Tracker.start has opened its wandb run, the run's id, mode and config (wandb's public Run API), then each Run.log
+# call the Tracker makes on it, one JSON line each, written through before wandb sees the call (a SIGKILL loses
+# nothing already logged). wandb.Table and wandb.Image values are recorded by their columns, rows and image size.
+RECORD_TRACKER = r"""
+import json, os, sys
 
-    A file whose writer was SIGKILLed may end in a torn record: reading stops there."""
-    from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal.datastore import DataStore
+import wandb
 
-    def items(entries) -> dict:
-        return {e.key or "/".join(e.nested_key): json.loads(e.value_json) for e in entries}
+from wellocr import tracking
+from wellocr.train import main
 
-    out: dict = {"run_id": None, "config": {}, "history": [], "summary": {}, "artifacts": []}
-    store = DataStore()
-    store.open_for_scan(str(path))
-    while True:
-        try:
-            data = store.scan_data()
-        except AssertionError:
-            break
-        if data is None:
-            break
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            out["run_id"] = record.run.run_id
-            out["config"].update(items(record.run.config.update))
-        elif kind == "config":
-            out["config"].update(items(record.config.update))
-        elif kind == "history":
-            out["history"].append(items(record.history.item))
-        elif kind == "summary":
-            out["summary"].update(items(record.summary.update))
-        elif kind == "artifact":
-            out["artifacts"].append({"name": record.artifact.name, "type": record.artifact.type,
-                                     "files": {c.path: c.local_path for c in record.artifact.manifest.contents}})
-    return out
+out = open(os.environ["WELLOCR_TEST_TRACKER_RECORD"], "a", buffering=1)
+
+
+def jsonable(value):
+    if isinstance(value, wandb.Table):
+        return {"_type": "table", "columns": list(value.columns),
+                "data": [[jsonable(v) for v in row] for row in value.data]}
+    if isinstance(value, wandb.Image):
+        return {"_type": "image", "size": list(value.image.size)}
+    return value
+
+
+def record(**event):
+    out.write(json.dumps({"pid": os.getpid(), **event}, default=repr) + "\n")
+
+
+start = tracking.Tracker.start
+
+
+def recorded_start(self, *args, **kwargs):
+    start(self, *args, **kwargs)
+    run = self.wandb_run
+    if run is None:
+        return
+    record(event="init", run_id=run.id, mode=run.settings.mode, config=run.config.as_dict())
+    log = run.log
+
+    def recorded_log(data, step=None, **options):
+        record(event="log", step=step, data={key: jsonable(value) for key, value in data.items()})
+        return log(data, step=step, **options)
+
+    run.log = recorded_log
+
+
+tracking.Tracker.start = recorded_start
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def tracked_attempts(root: Path) -> list[dict]:
+    """Per trainer process that opened a wandb run, in order: its run id, mode, config and history rows (what it
+    passed to Run.log, with its `step` as `_step`). As in W&B's history, calls at the same step make one row."""
+    attempts: dict[int, dict] = {}
+    for line in (root / "tracker.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if event["event"] == "init":
+            attempts[event["pid"]] = {**{k: event[k] for k in ("run_id", "mode", "config")}, "history": []}
+            continue
+        history = attempts[event["pid"]]["history"]
+        if event["step"] is not None and history and history[-1]["_step"] == event["step"]:
+            history[-1].update(event["data"])
+        else:
+            history.append({**event["data"], "_step": event["step"]})
+    return list(attempts.values())
 
 
 def offline_runs(run_dir: Path) -> list[Path]:
@@ -127,7 +158,7 @@ def wandb_env(root: Path) -> dict:
     """Offline W&B, its data/cache/config dirs (artifact staging included) under `root`, a secret in the env."""
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_TOKEN": SECRET,
            "WANDB_DATA_DIR": str(root / "wandb-data"), "WANDB_CACHE_DIR": str(root / "wandb-cache"),
-           "WANDB_CONFIG_DIR": str(root / "wandb-config")}
+           "WANDB_CONFIG_DIR": str(root / "wandb-config"), "WELLOCR_TEST_TRACKER_RECORD": str(root / "tracker.jsonl")}
     return env
 
 
@@ -137,9 +168,16 @@ def leaks(*bases: Path) -> list[str]:
 
 
 def popen_train(*args: str, env: dict, log: Path) -> subprocess.Popen:
+    """The trainer with the Tracker seam recorded (RECORD_TRACKER), in the background."""
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "wellocr.train", *args], cwd=REPO, stdout=out,
+        return subprocess.Popen([sys.executable, "-c", RECORD_TRACKER, *args], cwd=REPO, stdout=out,
                                 stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+
+
+def run_train_recorded(*args: str, env: dict) -> subprocess.CompletedProcess:
+    """The trainer with the Tracker seam recorded (RECORD_TRACKER), to its end."""
+    return subprocess.run([sys.executable, "-c", RECORD_TRACKER, *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, timeout=600)
 
 
 # ---------------------------------------------------------------- one run, SIGKILLed after its first checkpoint
@@ -171,7 +209,7 @@ def killed_run(tiny_model_dir, synth_data_dir, tmp_path_factory) -> dict:
     after_kill = {"run_json": json.loads((run_dir / "run.json").read_text()),
                   "cost": json.loads((run_dir / "cost.json").read_text()), "checkpoint": resume_from.name}
 
-    result = run_train("--config", str(config), "--resume-latest", env=env)
+    result = run_train_recorded("--config", str(config), "--resume-latest", env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return {"root": root, "run_dir": run_dir, "config": config, "after_kill": after_kill, "second": result,
             "env": env, "timings": {"killed_after_s": killed_after, "total_s": time.time() - started}}
@@ -191,17 +229,15 @@ def test_wandb_run_id_survives_a_sigkill_and_resume_latest(killed_run):
     assert run_id and json.loads((killed_run["run_dir"] / "run.json").read_text())["wandb_run_id"] == run_id
     runs = offline_runs(killed_run["run_dir"])
     assert len(runs) == 2, runs  # one offline run per attempt ...
-    assert all(r.name.endswith(f"-{run_id}") for r in runs), runs  # ... both the same W&B run
-    killed, resumed = (read_wandb_run(path / f"run-{run_id}.wandb") for path in runs)
-    assert resumed["run_id"] == run_id
-    # wandb-core buffers its transaction log: a SIGKILL a few steps in can leave the file with its header only
-    assert killed["run_id"] in (None, run_id)
+    assert all(r.name.endswith(f"-{run_id}") and (r / f"run-{run_id}.wandb").is_file() for r in runs), runs
+    killed, resumed = tracked_attempts(killed_run["root"])  # ... both the same W&B run, as each attempt opened it
+    assert killed["run_id"] == resumed["run_id"] == run_id
+    assert killed["mode"] == resumed["mode"] == "offline"
     assert f"W&B run {run_id} (offline)" in killed_run["second"].stdout
 
 
 def test_wandb_receives_train_eval_and_cost_keys(killed_run):
-    history = [row for path in offline_runs(killed_run["run_dir"])
-               for row in read_wandb_run(next(path.glob("run-*.wandb")))["history"]]
+    history = [row for attempt in tracked_attempts(killed_run["root"]) for row in attempt["history"]]
     keys = set().union(*history)
     for key in ("train/loss", "train/lr", "train/grad_norm", "eval/loss", "eval/cer", "eval/wer", "cost/usd",
                 "cost/usd_per_step", "cost/projected_usd", "final/eval_cer", "final/test_cer"):
@@ -218,28 +254,27 @@ def test_wandb_receives_train_eval_and_cost_keys(killed_run):
 
 @pytest.mark.parametrize("by", ["loss", "cer"])
 def test_wandb_gets_the_worst_samples_table_with_images(killed_run, by):
-    run = read_wandb_run(next(offline_runs(killed_run["run_dir"])[-1].glob("run-*.wandb")))
-    [row] = [row for row in run["history"] if f"eval/worst_by_{by}/_type" in row]
-    assert row[f"eval/worst_by_{by}/_type"] == "table-file" and row[f"eval/worst_by_{by}/nrows"] == 2
-    assert row[f"eval/worst_by_{by}/ncols"] == len(WORST_COLUMNS)
-    # W&B keeps a table with media as a run_table artifact: the table JSON plus the images it refers to
-    [artifact] = [a for a in run["artifacts"] if a["type"] == "run_table" and f"worst_by_{by}" in a["name"]]
-    table = json.loads(Path(artifact["files"][f"eval/worst_by_{by}.table.json"]).read_text())
+    run = tracked_attempts(killed_run["root"])[-1]
+    [row] = [row for row in run["history"] if f"eval/worst_by_{by}" in row]
+    table = row[f"eval/worst_by_{by}"]  # a wandb.Table, logged at the eval step
+    assert table["_type"] == "table" and row["_step"] == MAX_STEPS
     assert table["columns"] == WORST_COLUMNS and len(table["data"]) == 2
     records = [dict(zip(table["columns"], values)) for values in table["data"]]
     for record in records:
         assert record["step"] == MAX_STEPS
-        assert record["image"]["_type"] == "image-file" and record["image"]["path"] in artifact["files"]
-        assert Path(artifact["files"][record["image"]["path"]]).stat().st_size > 0
+        assert record["image"]["_type"] == "image" and min(record["image"]["size"]) > 0  # a wandb.Image of the scan
         assert record["reference"].startswith("COMPANY:") and isinstance(record["prediction"], str)
         assert record["loss"] > 0 and record["cer"] >= 0 and record["wer"] >= 0
     ranked = [(r[by], r["loss"]) for r in records]
     assert ranked == sorted(ranked, reverse=True)  # worst first
     assert len({r["index"] for r in records}) == 2
+    # wandb took it: the offline run holds the table's JSON among the files `wandb sync` uploads
+    [written] = offline_runs(killed_run["run_dir"])[-1].glob(f"files/media/table/**/worst_by_{by}_*.table.json")
+    assert json.loads(written.read_text())["columns"] == WORST_COLUMNS
 
 
 def test_logged_config_is_the_resolved_config(killed_run):
-    config = read_wandb_run(next(offline_runs(killed_run["run_dir"])[-1].glob("run-*.wandb")))["config"]
+    config = tracked_attempts(killed_run["root"])[-1]["config"]  # the wandb run's config, as wandb holds it
     saved = yaml.safe_load((killed_run["run_dir"] / "config.yaml").read_text())
     assert {k: v for k, v in config.items() if not k.startswith("_")} == saved
     assert config["train"]["max_steps"] == MAX_STEPS and config["cost"]["hourly_rate"] == 1.0
@@ -287,14 +322,15 @@ def secret_run(tiny_model_dir, synth_data_dir, tmp_path_factory) -> dict:
     config = root / "exp.yaml"
     config.write_text(yaml.safe_dump(settings))
     env = wandb_env(root)
-    result = run_train("--config", str(config), env=env)
+    result = run_train_recorded("--config", str(config), env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return {"root": root, "run_dir": root / "runs" / "secret", "config": config, "env": env}
 
 
 def test_logged_and_saved_config_mask_a_secret_value(secret_run):
-    [path] = offline_runs(secret_run["run_dir"])
-    config = read_wandb_run(next(path.glob("run-*.wandb")))["config"]
+    assert len(offline_runs(secret_run["run_dir"])) == 1
+    [attempt] = tracked_attempts(secret_run["root"])
+    config = attempt["config"]
     assert config["data"]["instruction"] == "Transcribe the header (***)."
     saved = yaml.safe_load((secret_run["run_dir"] / "config.yaml").read_text())
     assert saved["data"]["instruction"] == "Transcribe the header (***)."
