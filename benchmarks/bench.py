@@ -317,9 +317,9 @@ class Worker:
     # -- setup
 
     def setup(self) -> None:
-        from wellocr.model import Backend, import_backend
-
         import torch
+
+        from wellocr.model import Backend, import_backend
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
@@ -622,8 +622,8 @@ def quantize_model(args: argparse.Namespace) -> None:
 
 
 def fresh_pod(work: Path, backend: str, name: str) -> dict[str, str]:
-    """HOME and TMPDIR of a new, empty pod: the worker finds only the caches on the volume (--work), not what
-    earlier workers left in /tmp (inductor's default) or ~/.cache (Unsloth's mega-cache default)."""
+    """HOME and TMPDIR of a new, empty pod: the process finds only the caches on the volume (--work), not what
+    earlier processes left in /tmp (inductor's default) or ~/.cache (Unsloth's mega-cache default)."""
     pod = work / backend / f"pod-{name}"
     shutil.rmtree(pod, ignore_errors=True)
     (pod / "home").mkdir(parents=True)
@@ -692,7 +692,7 @@ def data_dir(work: Path, width: int, train: int, eval: int) -> str:
     """The smallest finished synthetic set under work with enough rows, else a new one's name.
 
     Row i is the same in every set (one seed, drawn per row), so a larger set serves a smaller run; writing
-    2,000 headers again would cost a GPU lease two minutes.
+    2,000 headers again would cost two minutes of a GPU's time.
     """
     sizes = sorted(int(n) for p in work.glob(f"headers-{width}-*") if (n := p.name.rsplit("-", 1)[1]).isdigit())
     fits = (n for n in sizes if large_enough(work / f"headers-{width}-{n}", train, eval))

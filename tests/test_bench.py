@@ -31,7 +31,7 @@ def test_summary_and_bad_arguments():
     assert bench.parse_args(["--peak-tflops", "165"]).peak_tflops == 165.0
     with pytest.raises(SystemExit):
         bench.parse_args(["--peak-tflops", "0"])
-    with pytest.raises(SystemExit):  # the time budget that fitted the bench into a fixed slot is gone
+    with pytest.raises(SystemExit):  # no wall-clock budget: the bench runs every phase asked for
         bench.parse_args(["--budget-s", "500"])
 
 
@@ -44,7 +44,7 @@ def test_resume_env_option():
 
 
 def test_bench_reuses_a_large_enough_synthetic_set(tmp_path):
-    """A GPU lease should not spend minutes writing headers it already has; a too small set is never used."""
+    """A GPU run should not spend minutes writing headers it already has; a too small set is never used."""
     from wellocr.synth import write_dataset
 
     work = tmp_path / "work"
