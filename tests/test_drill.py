@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -367,3 +368,35 @@ def test_usage(tmp_path):
                                 cwd=REPO)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
     assert not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------- the drill's own parts, without training
+
+
+def test_the_task_id_is_skypilots_and_a_restarted_controller_gets_a_later_one():
+    from wellocr.drill import new_task_id
+    from wellocr.rundir import ManagedJob
+
+    first = new_task_id("wellocr-r16")
+    later = new_task_id("wellocr-r16", after=first)
+    assert TASK_ID.match(first) and TASK_ID.match(later) and later > first
+    job = ManagedJob.from_env({"SKYPILOT_TASK_ID": later, "SKYPILOT_MANAGED_JOB_ID": "1"})
+    assert job.run_name == "wellocr-r16-job1"
+
+
+def test_the_kill_takes_the_whole_process_group_and_what_left_it(tmp_path):
+    """A SIGKILLed pod leaves nothing running: not the shell's children, nor one that started a session of its own
+    (the run's lock would otherwise stay held by a live process)."""
+    from wellocr.drill import process_tree, vanish
+
+    script = tmp_path / "pod.sh"
+    script.write_text(f"sleep 300 &\nsetsid sleep 301 &\necho started > {tmp_path / 'ready'}\nwait\n")
+    proc = subprocess.Popen(["bash", str(script)], start_new_session=True)
+    deadline = time.time() + 20
+    while (len(process_tree(proc.pid)) < 3 or not (tmp_path / "ready").exists()) and time.time() < deadline:
+        time.sleep(0.05)
+    tree = process_tree(proc.pid)
+    assert len(tree) == 3
+    assert vanish(proc) == 137
+    for p in tree:
+        assert not p.is_running() or p.status() == "zombie"

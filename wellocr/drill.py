@@ -400,7 +400,6 @@ class Drill:
     timeout: float
     checks: Checks = field(default_factory=Checks)
     launches: list[Launch] = field(default_factory=list)
-    current: subprocess.Popen | None = None
 
     def __post_init__(self):
         state = read_json(self.work / STATE, {}) or {}
@@ -459,9 +458,9 @@ class Drill:
         self.script(launch.script, output_dir, task_id, extra, env)
         started = time.time()
         with open(launch.log, "w") as log:
-            self.current = proc = subprocess.Popen(["bash", "--norc", "-i", str(launch.script)], cwd=REPO,
-                                                   env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                                                   stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(["bash", "--norc", "-i", str(launch.script)], cwd=REPO, env=self.env,
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         try:
             if kill_at_checkpoint:
                 why = self.wait_checkpoint(launch, proc, started)
@@ -477,11 +476,14 @@ class Drill:
                 except subprocess.TimeoutExpired:
                     vanish(proc)
                     print(f"drill: launch {number} ({role}) still running after {self.timeout:.0f} s: killed")
+        except BaseException:  # Ctrl-C or SIGTERM to the drill: the pod, in a session of its own, goes too
+            if proc.poll() is None:
+                vanish(proc)
+            raise
         finally:
-            self.current = None
             self.save()
         launch.run = run_name_from(launch.text, output_dir)
-        if not launch.killed:
+        if not launch.killed and launch.rc is not None:
             print(f"drill: launch {number} ({role}) exited {launch.rc} after {time.time() - started:.0f} s",
                   flush=True)
         self.save()
@@ -508,10 +510,6 @@ class Drill:
                         return f"{done.name} complete in {launch.output_dir / run}"
             time.sleep(0.5 if self.remote else 0.1)
         return f"no complete checkpoint after {self.timeout:.0f} s"
-
-    def interrupt(self) -> None:
-        if self.current is not None and self.current.poll() is None:
-            vanish(self.current)
 
     def save(self) -> None:
         state = {"task": str(self.task.path), "task_name": self.task.name, "remote": self.remote,
@@ -701,7 +699,8 @@ def scenario_kill(d: Drill, restart_controller: bool = False) -> None:
     third = d.launch(name, "a new job reusing the id (--preflight-only)", d.pod_dir(new_pod=True), third_id,
                      extra="--preflight-only")
     expected = f"{second.run}-{third_id.split('_')[0].removeprefix('sky-managed-').replace('-', '')}"
-    c(third.rc == 0 and f"run directory {run_dir} is not this job's" in third.text and third.run == expected,
+    seen_by_third = third.output_dir / second.run  # on a new pod (object storage): restored from the bucket
+    c(third.rc == 0 and f"run directory {seen_by_third} is not this job's" in third.text and third.run == expected,
       f"launch {third.number} (same job id, new task id, the run finished) left {second.run} alone: "
       f"\"is not this job's\", new run {third.run}",
       f"launch {third.number} exited {third.rc}, run {third.run} (expected {expected}); "
@@ -908,7 +907,6 @@ def main(argv: list[str] | None = None) -> int:
          "done-upload": scenario_done_upload, "no-progress": scenario_no_progress,
          "rehearsal": scenario_rehearsal}[scenario](drill)
     except (KeyboardInterrupt, Interrupted):
-        drill.interrupt()
         print(f"drill: interrupted (work directory kept: {work})")
         return 130
     finally:
