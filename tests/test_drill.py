@@ -263,7 +263,8 @@ def test_remote_layout_recovered_into_an_empty_directory_from_the_bucket(remote_
 
 
 def test_remote_run_json_in_the_bucket_keeps_the_wandb_id(remote_drill, bucket):
-    stored = json.loads(bucket.get_object(Bucket=bucket.bucket, Key=f"drill/{remote_drill.run}/run.json")["Body"].read())
+    key = f"drill/{remote_drill.run}/run.json"
+    stored = json.loads(bucket.get_object(Bucket=bucket.bucket, Key=key)["Body"].read())
     assert stored["wandb_run_id"] == remote_drill.info["wandb_run_id"]
 
 
@@ -355,15 +356,17 @@ def test_usage(tmp_path):
     run = [sys.executable, "-m", "wellocr.drill"]
     helped = subprocess.run([*run, "--help"], capture_output=True, text=True, cwd=REPO)
     assert helped.returncode == 0
+    scenarios = ("kill", "controller-restart", "done-upload", "no-progress", "rehearsal")
     for option in ("--remote URL", "--workdir DIR", "--keep", "--task FILE", "--timeout S", "DRILL_EXTRA_ARGS",
-                   *("  " + name for name in ("kill", "controller-restart", "done-upload", "no-progress", "rehearsal"))):
+                   *("  " + name for name in scenarios)):
         assert option in helped.stdout
     wrong = subprocess.run([*run, "--bogus"], capture_output=True, text=True, cwd=REPO)
     assert wrong.returncode == 2 and "unrecognized arguments: --bogus" in wrong.stderr
     for args, message in ((["--scenario", "done-upload"], "needs --remote URL"),
                           (["--scenario", "no-progress", "--remote", f"file://{tmp_path}"], "needs an s3:// remote"),
                           (["--task", "sky/nope.yaml"], "no task file"),
-                          (["--task", "sky/train_r16_volume.yaml", "--remote", "s3://b/p"], "does not use WELLOCR_REMOTE")):
+                          (["--task", "sky/train_r16_volume.yaml", "--remote", "s3://b/p"],
+                           "does not use WELLOCR_REMOTE")):
         result = subprocess.run([*run, *args, "--workdir", str(tmp_path / "w")], capture_output=True, text=True,
                                 cwd=REPO)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)

@@ -114,7 +114,7 @@ class Task:
     envs: dict
 
     @classmethod
-    def load(cls, path: Path) -> "Task":
+    def load(cls, path: Path) -> Task:
         try:
             task = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
@@ -136,7 +136,7 @@ def new_task_id(task_name: str, job_id: str = JOB_ID, after: str | None = None) 
     """SKYPILOT_TASK_ID as SkyPilot 0.14 builds it for a managed job: the jobs controller's backend creation time,
     the job's name, its id and the task index; a later controller gives a later time."""
     while True:
-        task_id = f"sky-managed-{dt.datetime.now(dt.timezone.utc):%Y-%m-%d-%H-%M-%S-%f}_{task_name}_{job_id}-0"
+        task_id = f"sky-managed-{dt.datetime.now(dt.UTC):%Y-%m-%d-%H-%M-%S-%f}_{task_name}_{job_id}-0"
         if task_id != after:
             return task_id
         time.sleep(0.001)
@@ -352,7 +352,7 @@ class RefusingProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, name="drill-proxy", daemon=True)
 
-    def __enter__(self) -> "RefusingProxy":
+    def __enter__(self) -> RefusingProxy:
         self._thread.start()
         return self
 
