@@ -2,7 +2,6 @@
 
 import json
 import shutil
-
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import yaml
 from conftest import strip_results
 from wellocr import compare as C
 from wellocr.config import CostConfig
-from wellocr.cost import CostLedger
+from wellocr.ledger import CostLedger
 
 
 def write_metrics(run, name, **metrics):

@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from transformers import TrainerControl, TrainerState
 
 from conftest import strip_results
 from wellocr import cost as C
-from wellocr.callbacks import StopCallback, StopState
+from wellocr import ledger as L
+from wellocr.callbacks import CostCallback, StopCallback, StopState
 from wellocr.config import CostConfig
 from wellocr.errors import UserError
 
@@ -33,10 +33,10 @@ def read(path):
 def test_two_attempts_are_both_billed_and_the_first_is_kept(tmp_path):
     path = tmp_path / "cost.json"
     rate = cfg(hourly_rate=2.0)
-    first = C.CostLedger.open(path, rate, attempt=1, start_step=0, now=T0, start=T0, host="pod-a")
+    first = L.CostLedger.open(path, rate, attempt=1, start_step=0, now=T0, start=T0, host="pod-a")
     first.heartbeat(10, now=T0 + 3600)  # one hour: $2
     kept = read(path)["segments"][0]
-    second = C.CostLedger.open(path, rate, attempt=2, start_step=10, now=T0 + 7200, start=T0 + 7000, host="pod-b")
+    second = L.CostLedger.open(path, rate, attempt=2, start_step=10, now=T0 + 7200, start=T0 + 7000, host="pod-b")
     second.heartbeat(20, now=T0 + 7000 + 1800)  # half an hour: $1
 
     assert second.total_usd() == pytest.approx(3.0)
@@ -48,7 +48,7 @@ def test_two_attempts_are_both_billed_and_the_first_is_kept(tmp_path):
 
 
 def test_gpu_count_multiplies_the_cost(tmp_path):
-    ledger = C.CostLedger.open(tmp_path / "cost.json", cfg(hourly_rate=1.0, gpu_count=4), 1, 0, now=T0, start=T0)
+    ledger = L.CostLedger.open(tmp_path / "cost.json", cfg(hourly_rate=1.0, gpu_count=4), 1, 0, now=T0, start=T0)
     ledger.heartbeat(1, now=T0 + 1800)
     assert ledger.total_usd() == pytest.approx(2.0)
 
@@ -56,12 +56,12 @@ def test_gpu_count_multiplies_the_cost(tmp_path):
 def test_restart_on_the_same_host_does_not_bill_the_same_time_twice(tmp_path):
     path = tmp_path / "cost.json"
     boot = cfg(hourly_rate=1.0, bill_from="boot")
-    first = C.CostLedger.open(path, boot, attempt=1, start_step=0)
+    first = L.CostLedger.open(path, boot, attempt=1, start_step=0)
     first.heartbeat(5, now=time.time(), force=True)
     billed_until = first.segment["last_heartbeat"]
     assert first.segment["start"] < billed_until  # billed from boot, so the overlap would be real
 
-    second = C.CostLedger.open(path, boot, attempt=2, start_step=5)
+    second = L.CostLedger.open(path, boot, attempt=2, start_step=5)
 
     assert second.segment["start"] == billed_until
     assert "previous segment" in second.segment["start_source"]
@@ -72,58 +72,58 @@ def test_restart_on_the_same_host_does_not_bill_the_same_time_twice(tmp_path):
 def test_a_segment_from_another_host_does_not_move_the_start(tmp_path):
     path = tmp_path / "cost.json"
     boot = cfg(hourly_rate=1.0, bill_from="boot")
-    other = C.CostLedger.open(path, boot, attempt=1, start_step=0, host="another-pod")
+    other = L.CostLedger.open(path, boot, attempt=1, start_step=0, host="another-pod")
     other.heartbeat(5, now=time.time(), force=True)
 
-    mine = C.CostLedger.open(path, boot, attempt=2, start_step=5)
+    mine = L.CostLedger.open(path, boot, attempt=2, start_step=5)
 
-    assert mine.segment["start"] == pytest.approx(C.boot_time()[0])
+    assert mine.segment["start"] == pytest.approx(L.boot_time()[0])
     assert mine.segment["start"] < other.segment["last_heartbeat"]
 
 
 def test_boot_time_is_in_the_past_and_before_this_process(tmp_path):
-    boot, source = C.boot_time()
+    boot, source = L.boot_time()
     assert source == "boot"
-    assert 946_684_800 <= boot <= C.process_start_time()[0] <= time.time()  # after 2000-01-01
+    assert 946_684_800 <= boot <= L.process_start_time()[0] <= time.time()  # after 2000-01-01
 
 
 def test_bill_from_process_starts_the_segment_at_this_process(tmp_path):
-    ledger = C.CostLedger.open(tmp_path / "cost.json", cfg(hourly_rate=1.0, bill_from="process"), 1, 0)
+    ledger = L.CostLedger.open(tmp_path / "cost.json", cfg(hourly_rate=1.0, bill_from="process"), 1, 0)
     assert ledger.segment["start_source"] == "process"
-    assert ledger.segment["start"] == pytest.approx(C.process_start_time()[0])
+    assert ledger.segment["start"] == pytest.approx(L.process_start_time()[0])
 
 
 def test_configured_rate_wins_over_the_table():
-    assert C.resolve_rate(cfg(hourly_rate=1.23)) == (1.23, "config (cost.hourly_rate)")
+    assert L.resolve_rate(cfg(hourly_rate=1.23)) == (1.23, "config (cost.hourly_rate)")
 
 
 def test_table_rate_names_the_gpu_the_kind_and_its_source():
-    rate, spot_source = C.resolve_rate(cfg(gpu_type="rtx-4090", spot_instance=True))
-    _, on_demand_source = C.resolve_rate(cfg(gpu_type="RTX4090", spot_instance=False))
-    assert rate == C.RATE_TABLE["RTX4090"].spot
+    rate, spot_source = L.resolve_rate(cfg(gpu_type="rtx-4090", spot_instance=True))
+    _, on_demand_source = L.resolve_rate(cfg(gpu_type="RTX4090", spot_instance=False))
+    assert rate == L.RATE_TABLE["RTX4090"].spot
     assert spot_source.startswith("table: RTX4090 spot estimate (SkyPilot RunPod catalog")
     assert on_demand_source.startswith("table: RTX4090 on-demand estimate") and "2026" in on_demand_source
 
 
 def test_cpu_runs_cost_nothing():
-    assert C.resolve_rate(cfg(gpu_type="CPU"))[0] == 0.0
+    assert L.resolve_rate(cfg(gpu_type="CPU"))[0] == 0.0
 
 
 def test_every_table_entry_has_a_source_and_sane_rates():
-    for entry in C.RATE_TABLE.values():
+    for entry in L.RATE_TABLE.values():
         assert entry.spot_source and entry.on_demand_source
         assert 0 <= entry.spot <= entry.on_demand < 20
 
 
 def test_unknown_gpu_without_rate_is_a_user_error_naming_the_fix(tmp_path):
     with pytest.raises(UserError, match=r"cost\.gpu_type.*'TPU-v9'.*cost\.hourly_rate"):
-        C.CostLedger.open(tmp_path / "cost.json", cfg(gpu_type="TPU-v9"), 1, 0)
+        L.CostLedger.open(tmp_path / "cost.json", cfg(gpu_type="TPU-v9"), 1, 0)
     assert not (tmp_path / "cost.json").exists()
 
 
 def test_every_write_leaves_valid_json_and_no_temporary_file(tmp_path):
     path = tmp_path / "cost.json"
-    ledger = C.CostLedger.open(path, cfg(hourly_rate=1.0), 1, 0, now=T0, start=T0)
+    ledger = L.CostLedger.open(path, cfg(hourly_rate=1.0), 1, 0, now=T0, start=T0)
     for step in range(1, 4):
         ledger.heartbeat(step, now=T0 + step, force=True)
         assert read(path)["segments"][-1]["last_step"] == step
@@ -132,7 +132,7 @@ def test_every_write_leaves_valid_json_and_no_temporary_file(tmp_path):
 
 def test_heartbeats_closer_than_the_write_interval_stay_in_memory(tmp_path):
     path = tmp_path / "cost.json"
-    ledger = C.CostLedger.open(path, cfg(hourly_rate=1.0), 1, 0, now=T0, start=T0, write_interval_s=10)
+    ledger = L.CostLedger.open(path, cfg(hourly_rate=1.0), 1, 0, now=T0, start=T0, write_interval_s=10)
     ledger.heartbeat(1, now=T0 + 5)
     assert read(path)["segments"][-1]["last_step"] == 0
     ledger.heartbeat(2, now=T0 + 11)
@@ -143,7 +143,7 @@ def test_corrupt_ledger_is_a_user_error_naming_the_file(tmp_path):
     path = tmp_path / "cost.json"
     path.write_text("{not json")
     with pytest.raises(UserError, match="cost.json"):
-        C.CostLedger.open(path, cfg(hourly_rate=1.0), 1, 0)
+        L.CostLedger.open(path, cfg(hourly_rate=1.0), 1, 0)
 
 
 # ---------------------------------------------------------------- budget and callback
@@ -152,7 +152,7 @@ def test_corrupt_ledger_is_a_user_error_naming_the_file(tmp_path):
 def dollar_per_second_ledger(tmp_path, **cost):
     """A ledger at $1 per second (3600 $/GPU-hour), opened at T0."""
     cost_cfg = cfg(hourly_rate=3600.0, **cost)
-    return C.CostLedger.open(tmp_path / "cost.json", cost_cfg, 1, 0, now=T0, start=T0), cost_cfg
+    return L.CostLedger.open(tmp_path / "cost.json", cost_cfg, 1, 0, now=T0, start=T0), cost_cfg
 
 
 def log_at(callback, step, logs=None):
@@ -163,7 +163,7 @@ def log_at(callback, step, logs=None):
 
 def test_callback_adds_cost_keys_to_the_logs(tmp_path):
     ledger, cost_cfg = dollar_per_second_ledger(tmp_path)
-    callback = C.CostCallback(ledger, StopState(), cost_cfg, max_steps=100, clock=lambda: T0 + 10)
+    callback = CostCallback(ledger, StopState(), cost_cfg, max_steps=100, clock=lambda: T0 + 10)
     logs = log_at(callback, 10)
     assert logs["loss"] == 1.0
     assert logs["cost/usd"] == pytest.approx(10.0)
@@ -176,7 +176,7 @@ def test_callback_warns_once_at_ninety_percent_of_the_cap(tmp_path, capsys):
     ledger, cost_cfg = dollar_per_second_ledger(tmp_path, budget_cap=10.5)
     now = [T0 + 9.5]
     stop = StopState()
-    callback = C.CostCallback(ledger, stop, cost_cfg, max_steps=100, clock=lambda: now[0])
+    callback = CostCallback(ledger, stop, cost_cfg, max_steps=100, clock=lambda: now[0])
     log_at(callback, 1)
     now[0] = T0 + 10
     log_at(callback, 2)
@@ -187,7 +187,7 @@ def test_callback_warns_once_at_ninety_percent_of_the_cap(tmp_path, capsys):
 def test_callback_requests_a_saving_stop_at_the_cap(tmp_path):
     ledger, cost_cfg = dollar_per_second_ledger(tmp_path, budget_cap=10.0)
     stop = StopState()
-    callback = C.CostCallback(ledger, stop, cost_cfg, max_steps=100, clock=lambda: T0 + 10)
+    callback = CostCallback(ledger, stop, cost_cfg, max_steps=100, clock=lambda: T0 + 10)
     log_at(callback, 7)
 
     assert stop.reason == "budget"
@@ -201,13 +201,13 @@ def test_callback_requests_a_saving_stop_at_the_cap(tmp_path):
 def test_no_cap_never_stops(tmp_path):
     ledger, cost_cfg = dollar_per_second_ledger(tmp_path, budget_cap=0.0)
     stop = StopState()
-    log_at(C.CostCallback(ledger, stop, cost_cfg, max_steps=100, clock=lambda: T0 + 1e6), 3)
+    log_at(CostCallback(ledger, stop, cost_cfg, max_steps=100, clock=lambda: T0 + 1e6), 3)
     assert stop.reason is None
 
 
 def test_train_end_writes_the_last_heartbeat(tmp_path):
     ledger, cost_cfg = dollar_per_second_ledger(tmp_path)
-    callback = C.CostCallback(ledger, StopState(), cost_cfg, max_steps=100, clock=lambda: T0 + 1)
+    callback = CostCallback(ledger, StopState(), cost_cfg, max_steps=100, clock=lambda: T0 + 1)
     callback.on_train_end(None, TrainerState(global_step=9), TrainerControl())
     assert read(tmp_path / "cost.json")["segments"][-1]["last_step"] == 9
 
@@ -215,14 +215,14 @@ def test_train_end_writes_the_last_heartbeat(tmp_path):
 def test_budget_exhausted_at_process_start_counts_earlier_attempts(tmp_path):
     path = tmp_path / "cost.json"
     cost_cfg = cfg(hourly_rate=1.0, budget_cap=1.0)
-    first = C.CostLedger.open(path, cost_cfg, 1, 0, now=T0, start=T0, host="pod-a")
+    first = L.CostLedger.open(path, cost_cfg, 1, 0, now=T0, start=T0, host="pod-a")
     first.heartbeat(50, now=T0 + 3600, force=True)  # $1: the cap
-    relaunch = C.CostLedger.open(path, cost_cfg, 2, 50, now=T0 + 4000, start=T0 + 4000, host="pod-b")
+    relaunch = L.CostLedger.open(path, cost_cfg, 2, 50, now=T0 + 4000, start=T0 + 4000, host="pod-b")
 
-    message = C.budget_exhausted(relaunch, cost_cfg)
+    message = L.budget_exhausted(relaunch, cost_cfg)
     assert message is not None and "over 2 attempts" in message
-    assert C.budget_exhausted(relaunch, cfg(hourly_rate=1.0, budget_cap=5.0)) is None
-    assert C.budget_exhausted(relaunch, cfg(hourly_rate=1.0, budget_cap=0.0)) is None
+    assert L.budget_exhausted(relaunch, cfg(hourly_rate=1.0, budget_cap=5.0)) is None
+    assert L.budget_exhausted(relaunch, cfg(hourly_rate=1.0, budget_cap=0.0)) is None
 
 
 # ---------------------------------------------------------------- report
@@ -233,9 +233,9 @@ def costed_run(trained_run_copy):
     """The trained run with a preempted first attempt, two billed segments ($1.50) and base/final evaluations."""
     run = strip_results(trained_run_copy)
     rate = cfg(hourly_rate=1.0)
-    first = C.CostLedger.open(run / "cost.json", rate, 1, 0, now=T0, start=T0, host="pod-a")
+    first = L.CostLedger.open(run / "cost.json", rate, 1, 0, now=T0, start=T0, host="pod-a")
     first.heartbeat(4, now=T0 + 3600, force=True)
-    second = C.CostLedger.open(run / "cost.json", rate, 2, 4, now=T0 + 4000, start=T0 + 4000, host="pod-b")
+    second = L.CostLedger.open(run / "cost.json", rate, 2, 4, now=T0 + 4000, start=T0 + 4000, host="pod-b")
     second.heartbeat(8, now=T0 + 4000 + 1800, force=True)
     info = json.loads((run / "run.json").read_text())
     info["attempts"].insert(0, {"attempt": 0, "exit_reason": "preempted", "exit_code": 75})
@@ -291,13 +291,25 @@ def test_report_on_missing_run_dir_exits_2(tmp_path, capsys):
 
 def test_docs_hold_the_current_rate_table():
     docs = Path(__file__).resolve().parents[1] / "docs" / "COST.md"
-    assert C.rate_table_markdown() in docs.read_text()
+    assert L.rate_table_markdown() in docs.read_text()
 
 
 def test_cost_callback_is_a_trainer_callback():
     from transformers import TrainerCallback
 
-    assert issubclass(C.CostCallback, TrainerCallback)
+    assert issubclass(CostCallback, TrainerCallback)
+
+
+def test_the_ledger_and_the_report_import_neither_torch_nor_transformers():
+    code = ("import sys, wellocr.ledger, wellocr.cost; "
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_cost_still_hands_out_the_callback_for_the_trainer():
+    assert C.CostCallback is CostCallback  # re-exported until wellocr.train imports wellocr.callbacks
 
 
 # ---------------------------------------------------------------- the SkyPilot jobs controller
@@ -308,9 +320,9 @@ def ledger_only_run(tmp_path, env: dict, run_info: dict | None = None) -> Path:
     run = tmp_path / "run"
     run.mkdir()
     rate = cfg(hourly_rate=1.0)
-    first = C.CostLedger.open(run / "cost.json", rate, 1, 0, now=T0, start=T0, host="pod-a", env=env)
+    first = L.CostLedger.open(run / "cost.json", rate, 1, 0, now=T0, start=T0, host="pod-a", env=env)
     first.heartbeat(4, now=T0 + 3600, force=True)
-    second = C.CostLedger.open(run / "cost.json", rate, 2, 4, now=T0 + 5400, start=T0 + 5400, host="pod-b", env=env)
+    second = L.CostLedger.open(run / "cost.json", rate, 2, 4, now=T0 + 5400, start=T0 + 5400, host="pod-b", env=env)
     second.heartbeat(8, now=T0 + 9000, force=True)
     (run / "run.json").write_text(json.dumps(run_info or {"run_name": "r16", "attempts": []}))
     (run / "config.yaml").write_text("train: {max_steps: 16}\n")
@@ -318,9 +330,9 @@ def ledger_only_run(tmp_path, env: dict, run_info: dict | None = None) -> Path:
 
 
 def test_a_segment_records_the_managed_job_it_ran_under(tmp_path):
-    managed = C.CostLedger.open(tmp_path / "a.json", cfg(), 1, 0, now=T0, env={"SKYPILOT_MANAGED_JOB_ID": "7"})
+    managed = L.CostLedger.open(tmp_path / "a.json", cfg(), 1, 0, now=T0, env={"SKYPILOT_MANAGED_JOB_ID": "7"})
     assert managed.segment["sky_managed_job_id"] == "7"
-    local = C.CostLedger.open(tmp_path / "b.json", cfg(), 1, 0, now=T0, env={"SKYPILOT_TASK_ID": "sky-2026_x_1"})
+    local = L.CostLedger.open(tmp_path / "b.json", cfg(), 1, 0, now=T0, env={"SKYPILOT_TASK_ID": "sky-2026_x_1"})
     assert local.segment["sky_managed_job_id"] is None
 
 
@@ -329,7 +341,7 @@ def test_report_of_a_managed_job_shows_the_controller_under_the_projection(tmp_p
     assert C.main(["--run", str(run), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["managed_job"] is True and report["total_usd"] == pytest.approx(2.0)  # not in the totals
-    assert report["controller_usd_per_hour"] == C.CONTROLLER_USD_PER_HOUR == 0.16
+    assert report["controller_usd_per_hour"] == L.CONTROLLER_USD_PER_HOUR == 0.16
     assert report["controller_usd_during_run"] == pytest.approx(2.5 * 0.16)
     assert C.main(["--run", str(run)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -343,7 +355,7 @@ def test_report_of_a_run_outside_managed_jobs_has_no_controller(tmp_path, capsys
     run = ledger_only_run(tmp_path, env={})
     assert C.main(["--run", str(run)]) == 0
     assert "jobs controller" not in capsys.readouterr().out
-    assert C.cost_report(run)["controller_usd_per_hour"] is None
+    assert L.cost_report(run)["controller_usd_per_hour"] is None
 
 
 def test_an_older_ledger_is_recognised_by_the_managed_jobs_run_name(tmp_path):
@@ -353,7 +365,7 @@ def test_an_older_ledger_is_recognised_by_the_managed_jobs_run_name(tmp_path):
     for segment in ledger["segments"]:
         del segment["sky_managed_job_id"]  # written before the field existed
     (run / "cost.json").write_text(json.dumps(ledger))
-    assert C.cost_report(run)["managed_job"] is True
+    assert L.cost_report(run)["managed_job"] is True
     info["run_name"] = "sky-2026-11-28-12-00-00-000000_wellocr-smoke_2-0"  # a `sky launch` cluster, not a job
     (run / "run.json").write_text(json.dumps(info))
-    assert C.cost_report(run)["managed_job"] is False
+    assert L.cost_report(run)["managed_job"] is False

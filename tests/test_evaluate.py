@@ -1,4 +1,4 @@
-"""wellocr.evaluate: the CLI's outputs and naming, its errors, and the functions training calls.
+"""wellocr.evaluate: the CLI's outputs and naming, its errors; wellocr.inference: the functions training calls.
 
 The shared 8-step run is evaluated once per kind (base, final, latest, a limit, another split); the model-level
 tests load its final adapter once for the module.
@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from wellocr import evaluate
+from wellocr import artifacts, evaluate, inference
 from wellocr.data import load_splits
 from wellocr.metrics import score
+from wellocr.model import Backend
 
 METRICS_KEYS = {"cer", "wer", "cer_normalized", "wer_normalized", "fields", "samples", "mean_loss", "generation",
                 "checkpoint", "split", "limit", "base_model", "created_at"}
@@ -44,11 +45,11 @@ def evaluated_run(trained_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(trained_run):
-    """(cfg, model, processor, eval split) of the shared run's final adapter."""
-    cfg = evaluate.load_run_config(trained_run)
-    backend = evaluate.prepare_backend(cfg)
-    model, processor = evaluate.load_model(cfg, backend, trained_run / "final")
-    return cfg, model, processor, load_splits(cfg.data)["eval"]
+    """(cfg, model, processor, eval split, backend) of the shared run's final adapter."""
+    cfg = artifacts.load_run_config(trained_run)
+    backend = inference.prepare_backend(cfg)
+    model, processor = inference.load_model(cfg, backend, trained_run / "final")
+    return cfg, model, processor, load_splits(cfg.data)["eval"], backend
 
 
 # ---------------------------------------------------------------- the CLI
@@ -71,7 +72,7 @@ def test_metrics_json_has_the_documented_schema(evaluated_run):
 
 def test_predictions_have_one_row_per_sample_with_original_row_indices(evaluated_run, trained_run):
     rows = [json.loads(line) for line in (evaluated_run[0] / "eval/final/predictions.jsonl").read_text().splitlines()]
-    cfg = evaluate.load_run_config(trained_run)
+    cfg = artifacts.load_run_config(trained_run)
     assert all(row.keys() == PREDICTION_KEYS for row in rows)
     assert [row["index"] for row in rows] == list(load_splits(cfg.data)["eval"].dataset["row_index"])
 
@@ -124,11 +125,11 @@ def test_latest_checkpoint_is_named_after_its_directory(evaluated_run):
     ("base", "eval", None, "base"), ("checkpoint-8", "eval", None, "checkpoint-8"), ("best", "test", 5, "best-test-n5"),
 ])
 def test_eval_dir_name(checkpoint, split, limit, name):
-    assert evaluate.eval_dir_name(checkpoint, split, limit) == name
+    assert artifacts.eval_dir_name(checkpoint, split, limit) == name
 
 
 def test_best_resolves_to_the_checkpoint_with_the_lowest_eval_loss(trained_run):
-    path, name = evaluate.resolve_checkpoint(trained_run, "best")
+    path, name = artifacts.resolve_checkpoint(trained_run, "best")
     assert name == "best" and path.parent == trained_run and path.name.startswith("checkpoint-")
 
 
@@ -163,39 +164,41 @@ def test_a_folder_without_config_is_not_a_run(tmp_path, capsys):
 
 
 def test_per_sample_losses_differ_between_samples(loaded):
-    cfg, model, processor, split = loaded
-    images, instructions, answers = evaluate.row_inputs(evaluate.fixed_eval_rows(split, 3), cfg)
-    losses = evaluate.per_sample_losses(model, processor, evaluate.loss_examples(images, instructions, answers), 3)
+    cfg, model, processor, split, backend = loaded
+    images, instructions, answers = inference.row_inputs(inference.fixed_eval_rows(split, 3), cfg)
+    losses = inference.per_sample_losses(model, processor, inference.loss_examples(images, instructions, answers), 3,
+                                         backend=backend)
     assert len(losses) == 3 and len({round(loss, 5) for loss in losses}) == 3
 
 
 def test_per_sample_loss_equals_the_models_own_loss_for_that_sample(loaded):
-    cfg, model, processor, split = loaded
-    images, instructions, answers = evaluate.row_inputs(evaluate.fixed_eval_rows(split, 3), cfg)
-    examples = evaluate.loss_examples(images, instructions, answers)
-    batched = evaluate.per_sample_losses(model, processor, examples, batch_size=3)
-    single = evaluate.loss_collator(processor)([dict(examples[1])])
+    cfg, model, processor, split, backend = loaded
+    images, instructions, answers = inference.row_inputs(inference.fixed_eval_rows(split, 3), cfg)
+    examples = inference.loss_examples(images, instructions, answers)
+    batched = inference.per_sample_losses(model, processor, examples, batch_size=3, backend=backend)
+    single = inference.loss_collator(processor)([dict(examples[1])])
     with torch.no_grad():
         expected = model(**single).loss.item()  # transformers' causal-LM loss over the collator's labels
     assert batched[1] == pytest.approx(expected, rel=1e-4)
 
 
 def test_batched_generation_matches_one_at_a_time(loaded):
-    cfg, model, processor, split = loaded
-    images, _, _ = evaluate.row_inputs(evaluate.fixed_eval_rows(split, 4), cfg)
+    cfg, model, processor, split, backend = loaded
+    images, _, _ = inference.row_inputs(inference.fixed_eval_rows(split, 4), cfg)
     # prompts of different lengths, so the batch is left-padded (with right padding this test fails)
     instructions = ["Transcribe.", "Read the header.", cfg.data.instruction, "WELL?"]
-    batched = evaluate.generate_batch(model, processor, images, instructions, max_new_tokens=16)
-    one_by_one = [evaluate.generate_batch(model, processor, [image], [instruction], max_new_tokens=16)[0]
+    batched = inference.generate_batch(model, processor, images, instructions, max_new_tokens=16, backend=backend)
+    one_by_one = [inference.generate_batch(model, processor, [image], [instruction], max_new_tokens=16,
+                                           backend=backend)[0]
                   for image, instruction in zip(images, instructions)]
     assert len(set(one_by_one)) > 1  # the outputs depend on the input, so equal lists mean something
     assert batched == one_by_one
 
 
 def test_generation_metrics_scores_the_rows_and_keeps_their_images(loaded):
-    cfg, model, processor, split = loaded
-    rows = evaluate.fixed_eval_rows(split, 2)
-    result = evaluate.generation_metrics(model, processor, cfg, rows, batch_size=2)
+    cfg, model, processor, split, backend = loaded
+    rows = inference.fixed_eval_rows(split, 2)
+    result = inference.generation_metrics(model, processor, cfg, rows, batch_size=2, backend=backend)
     records = result["records"]
     assert [r["index"] for r in records] == [row["row_index"] for row in rows]
     assert result["eval/cer"] == score([r["reference"] for r in records], [r["prediction"] for r in records])["cer"]
@@ -206,27 +209,61 @@ def test_generation_metrics_scores_the_rows_and_keeps_their_images(loaded):
 def test_short_last_batch_filled_up_for_unsloth_gives_the_same_records(loaded, monkeypatch):
     """Under Unsloth a short last batch is filled with copies of its last row (one prefill compile per process);
     the copies' outputs are dropped, so the records and token counts equal the unfilled pass."""
-    cfg, model, processor, split = loaded
-    rows = evaluate.fixed_eval_rows(split, 3)
+    cfg, model, processor, split, backend = loaded
+    rows = inference.fixed_eval_rows(split, 3)
     calls = []
-    generate = evaluate.generate_with_counts
-    monkeypatch.setattr(evaluate, "generate_with_counts",
-                        lambda m, p, images, *a: calls.append(len(images)) or generate(m, p, images, *a))
-    assert not evaluate.compiles_per_batch_size()  # no Unsloth here: nothing is filled
-    plain, plain_generation = evaluate.score_rows(model, processor, cfg, rows, batch_size=2)
-    monkeypatch.setattr(evaluate, "compiles_per_batch_size", lambda: True)
-    filled, filled_generation = evaluate.score_rows(model, processor, cfg, rows, batch_size=2)
+    generate = inference.generate_with_counts
+    monkeypatch.setattr(inference, "generate_with_counts",
+                        lambda m, p, images, *a, **kw: calls.append(len(images)) or generate(m, p, images, *a, **kw))
+    assert not inference.compiles_per_batch_size(backend)  # the hf backend here: nothing is filled
+    assert inference.compiles_per_batch_size(Backend("unsloth", "cuda", "test"))
+    plain, plain_generation = inference.score_rows(model, processor, cfg, rows, batch_size=2, backend=backend)
+    monkeypatch.setattr(inference, "compiles_per_batch_size", lambda backend: True)
+    filled, filled_generation = inference.score_rows(model, processor, cfg, rows, batch_size=2, backend=backend)
     assert calls == [2, 1, 2, 2]  # the last batch of one row went in as two
     assert [(r["index"], r["prediction"]) for r in filled] == [(r["index"], r["prediction"]) for r in plain]
     assert [r["loss"] for r in filled] == pytest.approx([r["loss"] for r in plain], rel=1e-5)
     assert filled_generation["new_tokens"] == plain_generation["new_tokens"]
 
 
+class FakeFastVisionModel:
+    calls: list = []
+
+    @classmethod
+    def for_inference(cls, model):
+        cls.calls.append("for_inference")
+
+    @classmethod
+    def for_training(cls, model, use_gradient_checkpointing):
+        cls.calls.append("for_training")
+
+
+@pytest.mark.parametrize("name, switches", [("unsloth", ["for_inference", "for_training"]), ("hf", [])])
+def test_inference_mode_switches_unsloth_models_only_for_the_unsloth_backend(name, switches, monkeypatch):
+    """The backend the caller names decides, not whether Unsloth happens to be imported in the process."""
+    monkeypatch.setitem(sys.modules, "unsloth", type(sys)("unsloth"))
+    monkeypatch.setattr(sys.modules["unsloth"], "FastVisionModel", FakeFastVisionModel, raising=False)
+    monkeypatch.setattr(FakeFastVisionModel, "calls", [])
+    model = torch.nn.Linear(2, 2)
+    model.train()
+    with inference.inference_mode(model, Backend(name, "cpu", "test")):
+        assert not model.training and not torch.is_grad_enabled()
+    assert model.training and FakeFastVisionModel.calls == switches
+
+
+def test_training_and_the_bench_still_find_their_names_in_evaluate():
+    """Until wellocr.train and benchmarks/bench.py import wellocr.inference and wellocr.artifacts."""
+    for name in ("fixed_eval_rows", "generation_metrics", "worst_samples", "evaluate_model", "eval_dir_name",
+                 "generate_with_counts", "row_inputs", "loss_collator"):
+        assert callable(getattr(evaluate, name)), name
+
+
 def test_generation_metrics_puts_a_training_model_back_into_training_mode(loaded):
-    cfg, model, processor, split = loaded
+    cfg, model, processor, split, backend = loaded
     model.train()
     try:
-        evaluate.generation_metrics(model, processor, cfg, evaluate.fixed_eval_rows(split, 1), batch_size=1)
+        inference.generation_metrics(model, processor, cfg, inference.fixed_eval_rows(split, 1), batch_size=1,
+                                     backend=backend)
         assert model.training
     finally:
         model.eval()
@@ -241,14 +278,14 @@ def record(index, cer, loss):
 
 def test_worst_samples_by_cer_breaks_ties_by_loss():
     records = [record(0, 0.5, 1.0), record(1, 0.9, 0.1), record(2, 0.5, 3.0), record(3, 0.1, 9.0)]
-    assert [r["index"] for r in evaluate.worst_samples(records, 3, by="cer")] == [1, 2, 0]
+    assert [r["index"] for r in inference.worst_samples(records, 3, by="cer")] == [1, 2, 0]
 
 
 def test_worst_samples_by_loss_takes_the_highest_losses():
     records = [record(0, 0.5, 1.0), record(1, 0.9, 0.1), record(2, 0.5, 3.0), record(3, 0.1, 9.0)]
-    assert [r["index"] for r in evaluate.worst_samples(records, 2, by="loss")] == [3, 2]
+    assert [r["index"] for r in inference.worst_samples(records, 2, by="loss")] == [3, 2]
 
 
 def test_worst_samples_rejects_an_unknown_key():
     with pytest.raises(ValueError, match="by must be one of loss, cer"):
-        evaluate.worst_samples([record(0, 0.1, 0.1)], 1, by="wer")
+        inference.worst_samples([record(0, 0.1, 0.1)], 1, by="wer")

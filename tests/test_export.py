@@ -12,10 +12,10 @@ from transformers import AutoModelForImageTextToText
 
 from conftest import strip_results
 from wellocr import export as E
-from wellocr.cost import CostLedger
+from wellocr.artifacts import load_run_config
 from wellocr.config import CostConfig
 from wellocr.errors import UserError
-from wellocr.evaluate import load_run_config
+from wellocr.ledger import CostLedger
 from wellocr.model import Backend, load_base_model, load_for_inference
 from wellocr.processing import load_processor
 

@@ -84,8 +84,8 @@ def test_a_missing_image_path_exits_2_with_one_line(trained_run, tmp_path):
 
 
 def test_the_prompt_is_the_training_data_instruction(trained_run):
+    from wellocr.artifacts import load_run_config
     from wellocr.data import load_raw_splits
-    from wellocr.evaluate import load_run_config
 
     cfg = load_run_config(trained_run)
     first = load_raw_splits(cfg.data)["train"][0]["instruction"]
@@ -94,7 +94,7 @@ def test_the_prompt_is_the_training_data_instruction(trained_run):
 
 
 def test_the_prompt_falls_back_to_the_config_without_the_data_set(trained_run, tmp_path, capsys):
-    from wellocr.evaluate import load_run_config
+    from wellocr.artifacts import load_run_config
 
     cfg = load_run_config(trained_run)
     cfg.data.dataset_name = str(tmp_path / "gone")

@@ -28,7 +28,7 @@ import yaml
 
 from conftest import REPO, run_train, smoke_settings
 from wellocr.checkpoint import MARKER, incomplete_reason, latest_complete_checkpoint, list_checkpoints
-from wellocr.cost import segment_usd
+from wellocr.ledger import segment_usd
 
 SECRET = "hf_secret_value_123"  # HF_TOKEN of the trainer processes; also pasted into a config value
 MAX_STEPS = 6
@@ -355,8 +355,8 @@ def test_a_run_whose_config_holds_a_secret_value_can_be_resumed(secret_run, tmp_
 # start, and at 1e6 USD/h a cap of $1 (3.6 ms) is always reached by the first logged step. CostCallback requests the
 # stop in on_log of step 1, after StopCallback.on_step_end of that step: training stops, saving, at step 2.
 BILL_FROM_LEDGER_OPEN = (
-    "import sys, time; import wellocr.cost as cost; "
-    "cost.process_start_time = lambda: (time.time(), 'process'); "
+    "import sys, time; import wellocr.ledger as ledger; "
+    "ledger.process_start_time = lambda: (time.time(), 'process'); "
     "from wellocr.train import main; sys.exit(main(sys.argv[1:]))"
 )
 
@@ -400,7 +400,7 @@ def test_budget_cap_stops_with_exit_0_and_a_checkpoint_and_a_raised_cap_continue
     raised = train_billed_from_open("--config", str(cfg), "--resume-latest", "--set", "cost.budget_cap=1000000000")
     assert raised.returncode == 0, raised.stdout[-3000:] + raised.stderr[-3000:]
     assert f"resuming from checkpoint-{step} (step {step})" in raised.stdout
-    assert "budget cap" not in raised.stdout
+    assert "wellocr: budget cap" not in raised.stdout  # no stop (the closing cost report names the cap, raised)
     assert json.loads((run_dir / "final" / MARKER).read_text())["step"] == 8
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "finished"

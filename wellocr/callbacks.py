@@ -7,6 +7,8 @@
   split by phase, with torch.compile's cache hits and misses (did the caches on the volume work?).
 - `StopCallback`: turns a SIGTERM (RunPod gives 5 s before SIGKILL) or a stop request (budget cap) into a clean
   stop at the next step boundary, with a save when it fits in the time left.
+- `CostCallback`: keeps the run's cost ledger (wellocr.ledger) alive, puts cost into the logs and requests that
+  stop when the budget cap is reached.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Callable
 from transformers import TrainerCallback
 
 from wellocr.checkpoint import RetentionPolicy, mark_complete
+from wellocr.ledger import WARN_FRACTION, CostLedger, budget_exhausted
 from wellocr.preemption import SIGTERM_GRACE_S, StopState
 
 log = logging.getLogger("wellocr")
@@ -171,3 +174,50 @@ class RehearsalCallback(TrainerCallback):
         self.stop.request("rehearsal")
         control.should_training_stop = True
         return control
+
+
+class CostCallback(TrainerCallback):
+    """Heartbeat the ledger at every log, put cost into the logs, warn at 90% of the cap and stop at 100%.
+
+    Must come before loggers (W&B) in the callback list: they see the `cost/*` keys because `logs` is mutated.
+    """
+
+    def __init__(self, ledger: CostLedger, stop_state: Any, cost_cfg: Any, max_steps: int,
+                 clock: Callable[[], float] = time.time):
+        self.ledger = ledger
+        self.stop_state = stop_state
+        self.cost_cfg = cost_cfg
+        self.max_steps = max_steps
+        self.clock = clock
+        self.warned = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        step = state.global_step
+        self.ledger.heartbeat(step, now=self.clock())
+        spent = self.ledger.total_usd()
+        if logs is not None:
+            logs["cost/usd"] = round(spent, 6)
+            if step > 0:
+                per_step = spent / step
+                logs["cost/usd_per_step"] = per_step
+                logs["cost/projected_usd"] = per_step * max(self.max_steps, step)
+        self._check_budget(spent)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.ledger.heartbeat(state.global_step, now=self.clock(), force=True)
+        return control
+
+    def _check_budget(self, spent: float) -> None:
+        cap = self.cost_cfg.budget_cap
+        if cap <= 0:
+            return
+        if spent >= cap:
+            message = budget_exhausted(self.ledger, self.cost_cfg)
+            if message and self.stop_state.reason is None:
+                self.ledger.flush(self.clock())
+                self.stop_state.request("budget", message)
+        elif spent >= WARN_FRACTION * cap and not self.warned:
+            self.warned = True
+            print(f"wellocr: warning: ${spent:.2f} spent, {spent / cap:.0%} of cost.budget_cap ${cap:.2f}; "
+                  "training stops (with a checkpoint) at the cap", flush=True)

@@ -8,7 +8,7 @@ eval loss, CER, WER, field accuracy, cost and wall time. Everything is read from
 - best eval loss: the lowest `eval_loss` in the checkpoints' trainer_state.json log history
 - CER / WER / field accuracy (`fields.exact_match`): eval/final/metrics.json, else the newest
   eval/*/metrics.json on the eval split that evaluated an adapter (not the base model)
-- cost: cost.json (wellocr.cost); wall time: the sum of run.json attempts' ended_at - started_at
+- cost: cost.json (wellocr.ledger); wall time: the sum of run.json attempts' ended_at - started_at
 
 `--json` prints `{"differing_keys": [...], "runs": [{run, path, config, steps, best_eval_loss, cer, wer,
 field_accuracy, metrics_from, cost_usd, wall_time_s, wandb}]}` with null for anything unknown.
@@ -26,11 +26,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from wellocr.artifacts import read_metrics, read_run_config_data
 from wellocr.checkpoint import list_checkpoints, read_json_dict, read_marker
-from wellocr.cost import LEDGER_NAME, read_ledger, read_metrics, segment_usd
 from wellocr.errors import UserError, run_cli
+from wellocr.ledger import LEDGER_NAME, read_ledger, segment_usd
 
 NOT_DIFFERENCES = frozenset({"run.run_name", "run.output_dir"})
 WANDB_OFFLINE_MODES = frozenset({"offline", "disabled", "dryrun"})
@@ -38,13 +37,7 @@ WANDB_OFFLINE_MODES = frozenset({"offline", "disabled", "dryrun"})
 
 def flat_config(run_dir: Path) -> dict[str, Any]:
     """config.yaml as `section.key` -> value (the saved, resolved config; no validation needed to compare)."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    data = read_run_config_data(run_dir) or {}
     flat = {}
     for section, values in data.items():
         if isinstance(values, dict):

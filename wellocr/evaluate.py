@@ -5,7 +5,8 @@
 
 Every sample is transcribed with batched greedy decoding, scored against its reference (wellocr.metrics) and
 given its own loss: the mean cross-entropy over its answer tokens (+ `<|im_end|>` and the newline after it),
-with inputs built by TRL's own vision collator, so it is the number training minimises, per sample.
+with inputs built by TRL's own vision collator, so it is the number training minimises, per sample. The work is
+done by wellocr.inference (model calls, scoring, outputs) over a run read with wellocr.artifacts.
 
 Outputs go to `<run>/eval/<name>/`, where name is `final`, `best`, `checkpoint-<step>` (`--checkpoint latest`
 or a path: the directory's name) or `base` (`--base-model`), then `-<split>` when the split is not `eval` and
@@ -32,433 +33,21 @@ or a path: the directory's name) or `base` (`--base-model`), then `-<split>` whe
   split, counting skipped bad rows), prediction, reference, loss, cer, wer.
 - `report.html`: a self-contained page (wellocr.report).
 
-Training calls `evaluate_model` at its end with the model it holds, and `generation_metrics` (+ `worst_samples`)
-at each evaluation.
+Training calls `wellocr.inference.evaluate_model` at its end with the model it holds, and
+`wellocr.inference.generation_metrics` (+ `worst_samples`) at each evaluation.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import logging
-import math
-import os
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
-
-from wellocr.checkpoint import (
-    best_checkpoint, checkpoint_step, incomplete_reason, latest_complete_checkpoint, read_marker, write_json_atomic,
-)
-from wellocr.config import Config, config_from_dict
-from wellocr.errors import UserError, run_cli
-from wellocr.metrics import compute_cer, compute_wer, score
-
-
-BASE_NAME = "base"
-SORT_KEYS = ("loss", "cer")
-
-
-# ---------------------------------------------------------------- run, checkpoint and output naming
-
-
-def load_run_config(run_dir: Path) -> Config:
-    """The config a run was trained with (its config.yaml)."""
-    import yaml
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"--run {run_dir}: no config.yaml there; give a run directory made by wellocr.train")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    return config_from_dict(data, str(path))
-
-
-def resolve_checkpoint(run_dir: Path, choice: str) -> tuple[Path, str]:
-    """(adapter directory, name) for --checkpoint final|best|latest|PATH; the directory must be complete."""
-    run_dir = Path(run_dir)
-    if choice == "final":
-        path, name = run_dir / "final", "final"
-        if not path.is_dir():
-            raise UserError(f"--checkpoint final: {run_dir} has no final/ adapter (training not finished?); "
-                            "use --checkpoint latest or best")
-    elif choice == "best":
-        path, name = best_checkpoint(run_dir), "best"
-        if path is None:
-            raise UserError(f"--checkpoint best: no complete checkpoint of {run_dir} has an eval loss; "
-                            "use --checkpoint final or latest")
-    elif choice == "latest":
-        path = latest_complete_checkpoint(run_dir)
-        if path is None:
-            raise UserError(f"--checkpoint latest: {run_dir} has no complete checkpoint-<step> directory; "
-                            "use --checkpoint final")
-        name = path.name
-    else:
-        path = Path(choice)
-        if not path.is_dir():
-            raise UserError(f"--checkpoint {choice}: no such directory; use final, best, latest or the path "
-                            "of a checkpoint directory")
-        name = path.resolve().name
-    reason = incomplete_reason(path)
-    if reason is not None:
-        raise UserError(f"--checkpoint {choice}: {path} is not a complete checkpoint ({reason}); "
-                        "pick another with --checkpoint")
-    return path, name
-
-
-def eval_dir_name(checkpoint_name: str, split: str = "eval", limit: int | None = None) -> str:
-    """`<checkpoint>[-<split>][-n<limit>]`: the split and limit are part of the name so runs never collide."""
-    name = checkpoint_name
-    if split != "eval":
-        name += f"-{split}"
-    if limit is not None:
-        name += f"-n{limit}"
-    return name
-
-
-def checkpoint_info(name: str, path: Path | None) -> dict[str, Any]:
-    """The `checkpoint` entry of metrics.json: name, training step (from the completeness marker) and path."""
-    if path is None:
-        return {"name": name, "step": None, "path": None}
-    step = (read_marker(path) or {}).get("step", checkpoint_step(path))
-    return {"name": name, "step": step, "path": str(path)}
-
-
-# ---------------------------------------------------------------- model calls
-
-
-def _device(model: Any) -> Any:
-    return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def inference_mode(model: Any) -> Iterator[None]:
-    """Eval mode and no grad for the block; a model that was training is put back into training mode.
-
-    Unsloth models switch with `FastVisionModel.for_inference/for_training` (it also changes padding and which
-    outputs the compiled forward returns), so those are used when Unsloth is loaded in this process.
-    """
-    import torch
-
-    was_training = model.training
-    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-    unsloth = sys.modules.get("unsloth")
-    if unsloth is not None:
-        unsloth.FastVisionModel.for_inference(model)
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        if was_training:
-            if unsloth is not None:
-                unsloth.FastVisionModel.for_training(model, use_gradient_checkpointing=checkpointing)
-            model.train()
-
-
-def _end_token_ids(model: Any, processor: Any) -> set[int]:
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
-    if not ids and processor.tokenizer.eos_token_id is not None:
-        ids = [processor.tokenizer.eos_token_id]
-    return set(ids)
-
-
-def generate_with_counts(model: Any, processor: Any, images: list, instructions: list[str],
-                         max_new_tokens: int) -> tuple[list[str], list[int]]:
-    """`generate_batch` plus how many tokens each sample generated (up to and including its end token)."""
-    from wellocr.data import prompt_messages
-
-    tokenizer = processor.tokenizer
-    texts = [processor.apply_chat_template(prompt_messages(i), add_generation_prompt=True, tokenize=False)
-             for i in instructions]
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues every row from its last real token
-    try:
-        inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
-    finally:
-        tokenizer.padding_side = previous_side
-    inputs = inputs.to(_device(model))
-    with inference_mode(model):
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
-    ends = _end_token_ids(model, processor)
-    counts = [next((i + 1 for i, t in enumerate(row) if t in ends), len(row)) for row in new_tokens]
-    decoded = tokenizer.batch_decode([row[:n] for row, n in zip(new_tokens, counts)], skip_special_tokens=True)
-    return [text.strip() for text in decoded], counts
-
-
-def generate_batch(model: Any, processor: Any, images: list, instructions: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy transcriptions of a batch (one image and instruction each), prompts built exactly as in training."""
-    return generate_with_counts(model, processor, images, instructions, max_new_tokens)[0]
-
-
-def loss_examples(images: list, instructions: list[str], answers: list[str]) -> list[dict]:
-    """TRL prompt/completion + images examples, the shape wellocr.data.RowFormatter gives the trainer."""
-    from wellocr.data import completion_messages, prompt_messages
-
-    return [{"prompt": prompt_messages(i), "completion": completion_messages(a), "images": [img]}
-            for img, i, a in zip(images, instructions, answers)]
-
-
-def loss_collator(processor: Any) -> Any:
-    """TRL's vision collator, configured as SFTTrainer configures it for wellocr (answer-only labels)."""
-    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
-
-    return DataCollatorForVisionLanguageModeling(processor=processor, completion_only_loss=True)
-
-
-def per_sample_losses(model: Any, processor: Any, examples: list[dict], batch_size: int) -> list[float]:
-    """Mean cross-entropy over each example's labelled (answer) tokens, in eval mode.
-
-    Only the positions that predict a label are projected to the vocabulary (`logits_to_keep`), so a batch of
-    long image prompts does not materialise batch x sequence x vocabulary logits.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    collator = loss_collator(processor)
-    losses: list[float] = []
-    with inference_mode(model):
-        for start in range(0, len(examples), batch_size):
-            # the collator rewrites its examples' messages in place: hand it copies
-            batch = collator([dict(e) for e in examples[start:start + batch_size]]).to(_device(model))
-            labels = batch.pop("labels")
-            labelled = (labels != -100).nonzero()
-            if labelled.numel() == 0:  # nothing to score (empty answers)
-                losses.extend([math.nan] * labels.shape[0])
-                continue
-            first = int(labelled[:, 1].min()) - 1  # the position predicting the first label
-            keep = torch.arange(first, labels.shape[1] - 1, device=labels.device)
-            logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
-            if logits.shape[1] == labels.shape[1]:  # a forward that ignores logits_to_keep
-                logits = logits[:, first:-1]
-            targets = labels[:, first + 1:]
-            for row_logits, row_targets in zip(logits, targets):  # one row in float32 at a time
-                scored = row_targets != -100
-                row_loss = F.cross_entropy(row_logits[scored].float(), row_targets[scored]) if scored.any() else None
-                losses.append(math.nan if row_loss is None else row_loss.item())
-    return losses
-
-
-# ---------------------------------------------------------------- rows and records
-
-
-def row_inputs(rows: list[dict], cfg: Config) -> tuple[list, list[str], list[str]]:
-    """Decoded images (pixel budget applied), instructions and answers of raw data set rows, as in training."""
-    from wellocr.data import decode_image, row_instruction
-
-    images = [decode_image(r["image_base64"], cfg.data.min_pixels, cfg.data.max_pixels) for r in rows]
-    instructions = [row_instruction(r["instruction"], cfg.data) for r in rows]
-    return images, instructions, [r["answer"] for r in rows]
-
-
-def sample_record(index: int, prediction: str, reference: str, loss: float) -> dict[str, Any]:
-    return {"index": index, "prediction": prediction, "reference": reference, "loss": loss,
-            "cer": compute_cer(reference, prediction), "wer": compute_wer(reference, prediction)}
-
-
-def score_rows(model: Any, processor: Any, cfg: Config, rows: list[dict], batch_size: int,
-               keep_images: bool = False) -> tuple[list[dict], dict[str, Any]]:
-    """Generate, score and compute the loss of raw rows (a list or a Dataset), one batch of images at a time.
-
-    Returns per-sample records (with the PIL image under "image" when keep_images) and throughput figures.
-    """
-    from tqdm.auto import tqdm
-
-    max_new_tokens = cfg.eval.max_new_tokens
-    records: list[dict] = []
-    seconds, new_tokens, hit_limit = 0.0, 0, 0
-    progress = tqdm(total=len(rows), desc="evaluating", unit="sample", disable=len(rows) <= batch_size)
-    with progress, inference_mode(model):
-        for start in range(0, len(rows), batch_size):
-            batch = _take(rows, start, start + batch_size)
-            images, instructions, answers = row_inputs(batch, cfg)
-            fill = batch_size - len(batch) if compiles_per_batch_size() else 0
-            started = time.perf_counter()
-            predictions, counts = generate_with_counts(model, processor, images + images[-1:] * fill,
-                                                       instructions + instructions[-1:] * fill, max_new_tokens)
-            predictions, counts = predictions[:len(batch)], counts[:len(batch)]
-            seconds += time.perf_counter() - started
-            new_tokens += sum(counts)
-            hit_limit += sum(n >= max_new_tokens for n in counts)
-            losses = per_sample_losses(model, processor, loss_examples(images, instructions, answers), batch_size)
-            for row, image, prediction, answer, loss in zip(batch, images, predictions, answers, losses):
-                record = sample_record(row["row_index"], prediction, answer, loss)
-                if keep_images:
-                    record["image"] = image
-                records.append(record)
-            progress.update(len(batch))
-    generation = {
-        "samples_per_second": len(rows) / seconds if seconds else 0.0,
-        "new_tokens_per_second": new_tokens / seconds if seconds else 0.0,
-        "batch_size": batch_size,
-        "seconds": seconds,
-        "new_tokens": new_tokens,
-        "max_new_tokens": max_new_tokens,
-        "hit_max_new_tokens": hit_limit,
-    }
-    return records, generation
-
-
-def compiles_per_batch_size() -> bool:
-    """Unsloth compiles its generation prefill once per batch size (26-45 s each on the H200, docs/BENCHMARKS.md),
-    so a short last batch is filled up to the batch size with copies of its last row: one compile per process."""
-    return "unsloth" in sys.modules
-
-
-def _take(rows: Any, start: int, stop: int) -> list[dict]:
-    """rows[start:stop] as a list of row dicts, for a list or a (lazily read) datasets.Dataset."""
-    if isinstance(rows, list):
-        return rows[start:stop]
-    return rows.select(range(start, min(stop, len(rows)))).to_list()
-
-
-def worst_samples(records: list[dict], k: int, by: str = "loss") -> list[dict]:
-    """The k records with the highest `by` ("loss" or "cer"), ties broken by the other, then by index."""
-    if by not in SORT_KEYS:
-        raise ValueError(f"by must be one of {', '.join(SORT_KEYS)}, got {by!r}")
-    other = SORT_KEYS[1 - SORT_KEYS.index(by)]
-
-    def badness(record: dict) -> tuple:
-        return (-_finite(record[by]), -_finite(record[other]), record["index"])
-
-    return sorted(records, key=badness)[:max(k, 0)]
-
-
-def _finite(value: float) -> float:
-    """NaN sorts as the worst value (a NaN loss is a problem to look at)."""
-    return math.inf if value is None or math.isnan(value) else value
-
-
-def generation_metrics(model: Any, processor: Any, cfg: Config, rows: list[dict], batch_size: int) -> dict[str, Any]:
-    """Corpus CER/WER of a few fixed eval rows, for logging at each evaluation during training.
-
-    `rows` are raw data set rows (image_base64, instruction, answer, row_index), e.g. `fixed_eval_rows`.
-    Returns {"eval/cer", "eval/wer", "records"}; each record holds index, prediction, reference, cer, wer,
-    loss and the decoded PIL image. The model goes back to training mode afterwards if it was training.
-    """
-    records, _ = score_rows(model, processor, cfg, rows, batch_size, keep_images=True)
-    corpus = score([r["reference"] for r in records], [r["prediction"] for r in records])
-    return {"eval/cer": corpus["cer"], "eval/wer": corpus["wer"], "records": records}
-
-
-def fixed_eval_rows(split: Any, n: int) -> list[dict]:
-    """The first n rows of a scanned Split, raw (the input `generation_metrics` takes)."""
-    return split.dataset.select(range(min(n, len(split)))).to_list()
-
-
-# ---------------------------------------------------------------- outputs
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def predictions_jsonl(records: list[dict]) -> str:
-    keys = ("index", "prediction", "reference", "loss", "cer", "wer")
-    return "".join(json.dumps({k: r[k] for k in keys}, ensure_ascii=False) + "\n" for r in records)
-
-
-def attach_images(records: list[dict], split: Any, cfg: Config) -> None:
-    """Decode the images of `records` again (they are not kept during the pass, to bound memory)."""
-    from wellocr.data import decode_image
-
-    position = {index: i for i, index in enumerate(split.dataset["row_index"])}
-    column = split.dataset.select_columns(["image_base64"])
-    for record in records:
-        encoded = column[position[record["index"]]]["image_base64"]
-        record["image"] = decode_image(encoded, cfg.data.min_pixels, cfg.data.max_pixels)
-
-
-def evaluate_model(model: Any, processor: Any, cfg: Config, split: Any, out_dir: Path, checkpoint_label: str,
-                   limit: int | None = None, batch_size: int | None = None, run_dir: Path | None = None,
-                   checkpoint_path: Path | None = None) -> dict[str, Any]:
-    """Evaluate `model` on a scanned Split and write metrics.json, predictions.jsonl and report.html to out_dir.
-
-    checkpoint_label names what is evaluated ("final", "best", "checkpoint-8", "base"; "base" means no adapter).
-    checkpoint_path (default `run_dir/checkpoint_label` when that exists) supplies the step in metrics.json.
-    run_dir, when given, adds the run's name, training curves and the base-model comparison to the report.
-    Returns the metrics dict.
-    """
-    from wellocr.report import write_report
-
-    batch_size = batch_size or cfg.eval.batch_size
-    rows = split.dataset.select(range(min(limit, len(split)) if limit is not None else len(split)))
-    if len(rows) == 0:
-        raise UserError(f"split '{split.name}' has no usable rows to evaluate")
-    records, generation = score_rows(model, processor, cfg, rows, batch_size)
-    base_model = checkpoint_label == BASE_NAME
-    named = Path(run_dir) / checkpoint_label if run_dir is not None else None
-    if checkpoint_path is None and named is not None and not base_model and named.is_dir():
-        checkpoint_path = named
-    metrics = {
-        **score([r["reference"] for r in records], [r["prediction"] for r in records]),
-        "mean_loss": sum(r["loss"] for r in records) / len(records),
-        "generation": generation,
-        "checkpoint": checkpoint_info(checkpoint_label, None if base_model else checkpoint_path),
-        "split": split.name,
-        "limit": limit,
-        "base_model": base_model,
-        "model": cfg.model.model_name,
-        "run": Path(run_dir).name if run_dir is not None else None,
-        "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "metrics.json", metrics)
-    write_text_atomic(out_dir / "predictions.jsonl", predictions_jsonl(records))
-    worst = worst_samples(records, cfg.eval.worst_k, by="cer")
-    attach_images(worst, split, cfg)
-    write_report(out_dir / "report.html", metrics, worst, run_dir=run_dir, eval_dir=out_dir)
-    return metrics
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def prepare_backend(cfg: Config) -> Any:
-    """The backend training would pick, imported now: Unsloth must come before transformers/TRL/PEFT."""
-    from wellocr.model import compile_cache_dir, import_backend, select_backend, use_compile_cache
-
-    use_compile_cache(compile_cache_dir(cfg))
-    backend = select_backend(cfg.model)
-    import_backend(backend)
-    return backend
-
-
-def load_model(cfg: Config, backend: Any, adapter_dir: Path | None) -> tuple[Any, Any]:
-    """Base model + adapter (None: base alone) in eval mode, at the precision training used."""
-    from wellocr.model import load_for_inference, resolve_precision
-
-    precision = resolve_precision(cfg.train.precision, backend.device)
-    print(f"loading {cfg.model.model_name}" + (f" + adapter {adapter_dir}" if adapter_dir else "")
-          + f" ({backend})", file=sys.stderr, flush=True)
-    return load_for_inference(cfg, backend, precision, adapter_dir)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-class UserErrorParser(argparse.ArgumentParser):
-    """argparse that raises UserError instead of exiting, so every mistake prints one `error:` line."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(message)
+from typing import Any
+
+from wellocr import inference
+from wellocr.artifacts import BASE_NAME, eval_dir_name, load_run_config, resolve_checkpoint
+from wellocr.cli import UserErrorParser, positive_int, run_command
+from wellocr.errors import UserError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -498,21 +87,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--run {run_dir}: no such directory")
     cfg = load_run_config(run_dir)
     adapter_dir, name = (None, BASE_NAME) if args.base_model else resolve_checkpoint(run_dir, args.checkpoint)
-    backend = prepare_backend(cfg)
+    backend = inference.prepare_backend(cfg)
     splits = load_splits(cfg.data)
     if args.split not in splits:
         raise UserError(f"--split {args.split}: the data set has no such split (splits: {', '.join(splits)})")
-    model, processor = load_model(cfg, backend, adapter_dir)
+    model, processor = inference.load_model(cfg, backend, adapter_dir)
     out_dir = run_dir / "eval" / eval_dir_name(name, args.split, args.limit)
-    metrics = evaluate_model(model, processor, cfg, splits[args.split], out_dir, name, limit=args.limit,
-                             batch_size=args.batch_size, run_dir=run_dir, checkpoint_path=adapter_dir)
+    metrics = inference.evaluate_model(model, processor, cfg, splits[args.split], out_dir, name, limit=args.limit,
+                                       batch_size=args.batch_size, run_dir=run_dir, checkpoint_path=adapter_dir,
+                                       backend=backend)
     print_summary(metrics, out_dir)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    return run_cli(lambda: run(parse_args(argv)))
+    return run_command(lambda: run(parse_args(argv)))
+
+
+# re-exported for wellocr.train until it imports the library (and for benchmarks/bench.py, tests/test_data_integrity.py)
+from wellocr.inference import fixed_eval_rows, loss_collator, row_inputs, worst_samples  # noqa: E402,F401
+
+
+def _loaded_backend(model: Any) -> Any:
+    """The backend of a caller that does not name it yet: Unsloth when it is imported in this process. Goes, with
+    the three wrappers below, once wellocr.train and benchmarks/bench.py pass their Backend to wellocr.inference."""
+    from wellocr.model import Backend
+
+    name = "unsloth" if "unsloth" in sys.modules else "hf"
+    return Backend(name, next(model.parameters()).device.type, "not named by the caller")
+
+
+def generation_metrics(model: Any, processor: Any, cfg: Any, rows: list[dict], batch_size: int) -> dict[str, Any]:
+    """wellocr.inference.generation_metrics, for wellocr.train until it passes its backend."""
+    return inference.generation_metrics(model, processor, cfg, rows, batch_size, backend=_loaded_backend(model))
+
+
+def evaluate_model(model: Any, processor: Any, cfg: Any, split: Any, out_dir: Path, checkpoint_label: str,
+                   **kwargs: Any) -> dict[str, Any]:
+    """wellocr.inference.evaluate_model, for wellocr.train until it passes its backend."""
+    kwargs.setdefault("backend", _loaded_backend(model))
+    return inference.evaluate_model(model, processor, cfg, split, out_dir, checkpoint_label, **kwargs)
+
+
+def generate_with_counts(model: Any, processor: Any, images: list, instructions: list[str],
+                         max_new_tokens: int) -> tuple[list[str], list[int]]:
+    """wellocr.inference.generate_with_counts, for benchmarks/bench.py until it passes its backend."""
+    return inference.generate_with_counts(model, processor, images, instructions, max_new_tokens,
+                                          backend=_loaded_backend(model))
 
 
 if __name__ == "__main__":

@@ -29,10 +29,9 @@ from typing import Any
 
 import yaml
 
-from wellocr.checkpoint import checkpoint_step, read_marker
-from wellocr.cost import LEDGER_NAME, cost_report, read_metrics
+from wellocr.artifacts import adapter_step, load_run_config, read_metrics, resolve_checkpoint
 from wellocr.errors import UserError, run_cli
-from wellocr.evaluate import load_run_config, resolve_checkpoint
+from wellocr.ledger import LEDGER_NAME, cost_report
 from wellocr.redact import redact
 
 CARD_TAGS = ["wellocr", "qwen3-vl", "ocr", "well-logs"]
@@ -58,7 +57,7 @@ _QUANTISED_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit", "-4bit")
 def resolve_adapter(run_dir: Path, choice: str) -> tuple[Path, int | None]:
     """The adapter directory that --checkpoint names (as `wellocr.evaluate` resolves it) and its training step."""
     path, _ = resolve_checkpoint(run_dir, choice)
-    return path, (read_marker(path) or {}).get("step", checkpoint_step(path))
+    return path, adapter_step(path)
 
 
 def hf_token(env: dict[str, str] | None = None) -> str:

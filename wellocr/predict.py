@@ -25,12 +25,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from wellocr.artifacts import load_run_config, resolve_checkpoint
+from wellocr.cli import UserErrorParser, positive_int, run_command
 from wellocr.config import Config
-from wellocr.errors import UserError, run_cli
-from wellocr.evaluate import (
-    UserErrorParser, positive_int, generate_batch, load_model, load_run_config, prepare_backend, resolve_checkpoint,
-)
+from wellocr.errors import UserError
+from wellocr.inference import generate_batch, load_model, prepare_backend
 from wellocr.metrics import parse_fields
+from wellocr.model import Backend
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 
@@ -95,7 +96,7 @@ def training_instruction(cfg: Config) -> str:
 
 
 def transcribe(model: Any, processor: Any, cfg: Config, paths: list[Path], instruction: str,
-               batch_size: int) -> list[tuple[Path, str]]:
+               batch_size: int, backend: Backend) -> list[tuple[Path, str]]:
     """(path, transcription) for every image that decodes, in order; decoding failures are warned and skipped."""
     results = []
     for start in range(0, len(paths), batch_size):
@@ -107,7 +108,8 @@ def transcribe(model: Any, processor: Any, cfg: Config, paths: list[Path], instr
             except Exception as exc:  # noqa: BLE001
                 warn(f"skipping {path}: cannot decode ({type(exc).__name__}: {exc})")
         if images:
-            texts = generate_batch(model, processor, images, [instruction] * len(images), cfg.eval.max_new_tokens)
+            texts = generate_batch(model, processor, images, [instruction] * len(images), cfg.eval.max_new_tokens,
+                                   backend=backend)
             results.extend(zip(batch_paths, texts))
     return results
 
@@ -135,7 +137,7 @@ def run(args: argparse.Namespace) -> list[tuple[Path, str]]:
     backend = prepare_backend(cfg)
     instruction = training_instruction(cfg)
     model, processor = load_model(cfg, backend, adapter_dir)
-    results = transcribe(model, processor, cfg, paths, instruction, args.batch_size or cfg.eval.batch_size)
+    results = transcribe(model, processor, cfg, paths, instruction, args.batch_size or cfg.eval.batch_size, backend)
     if not results:
         raise UserError("none of the images could be decoded (see the warnings above)")
     if args.json:
@@ -148,8 +150,7 @@ def run(args: argparse.Namespace) -> list[tuple[Path, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    return run_cli(lambda: run(parse_args(argv)))
+    return run_command(lambda: run(parse_args(argv)), log_level=logging.WARNING)
 
 
 if __name__ == "__main__":

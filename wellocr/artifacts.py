@@ -1,0 +1,124 @@
+"""Reading what a training run left in its directory: its saved config, its checkpoints by name, and the names and
+metrics of its evaluations. The commands that work on a finished run (evaluate, predict, export, compare, cost)
+read runs through this module only; nothing here imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wellocr.checkpoint import (
+    best_checkpoint,
+    checkpoint_step,
+    incomplete_reason,
+    latest_complete_checkpoint,
+    read_marker,
+)
+from wellocr.config import Config, config_from_dict
+from wellocr.errors import UserError
+
+CONFIG_NAME = "config.yaml"
+BASE_NAME = "base"  # the evaluation of the base model, without any adapter
+
+
+# ---------------------------------------------------------------- the run's config
+
+
+def read_run_config_data(run_dir: Path) -> dict[str, Any] | None:
+    """The run's config.yaml as plain data (the saved, resolved config, not validated); None when there is none.
+
+    UserError when it is not valid YAML or not a mapping of sections.
+    """
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a mapping of config sections; give a run directory made by wellocr.train")
+    return data
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The config a run was trained with (its config.yaml), validated."""
+    data = read_run_config_data(run_dir)
+    if data is None:
+        raise UserError(f"--run {run_dir}: no {CONFIG_NAME} there; give a run directory made by wellocr.train")
+    return config_from_dict(data, str(Path(run_dir) / CONFIG_NAME))
+
+
+# ---------------------------------------------------------------- checkpoints by name
+
+
+def resolve_checkpoint(run_dir: Path, choice: str) -> tuple[Path, str]:
+    """(adapter directory, name) for --checkpoint final|best|latest|PATH; the directory must be complete."""
+    run_dir = Path(run_dir)
+    if choice == "final":
+        path, name = run_dir / "final", "final"
+        if not path.is_dir():
+            raise UserError(f"--checkpoint final: {run_dir} has no final/ adapter (training not finished?); "
+                            "use --checkpoint latest or best")
+    elif choice == "best":
+        path, name = best_checkpoint(run_dir), "best"
+        if path is None:
+            raise UserError(f"--checkpoint best: no complete checkpoint of {run_dir} has an eval loss; "
+                            "use --checkpoint final or latest")
+    elif choice == "latest":
+        path = latest_complete_checkpoint(run_dir)
+        if path is None:
+            raise UserError(f"--checkpoint latest: {run_dir} has no complete checkpoint-<step> directory; "
+                            "use --checkpoint final")
+        name = path.name
+    else:
+        path = Path(choice)
+        if not path.is_dir():
+            raise UserError(f"--checkpoint {choice}: no such directory; use final, best, latest or the path "
+                            "of a checkpoint directory")
+        name = path.resolve().name
+    reason = incomplete_reason(path)
+    if reason is not None:
+        raise UserError(f"--checkpoint {choice}: {path} is not a complete checkpoint ({reason}); "
+                        "pick another with --checkpoint")
+    return path, name
+
+
+def adapter_step(path: Path) -> int | None:
+    """The training step of a checkpoint or final/ directory: its completeness marker's, else its name's."""
+    return (read_marker(path) or {}).get("step", checkpoint_step(path))
+
+
+def checkpoint_info(name: str, path: Path | None) -> dict[str, Any]:
+    """The `checkpoint` entry of metrics.json: name, training step (from the completeness marker) and path."""
+    if path is None:
+        return {"name": name, "step": None, "path": None}
+    return {"name": name, "step": adapter_step(path), "path": str(path)}
+
+
+# ---------------------------------------------------------------- evaluations
+
+
+def eval_dir_name(checkpoint_name: str, split: str = "eval", limit: int | None = None) -> str:
+    """`<checkpoint>[-<split>][-n<limit>]`: the split and limit are part of the name so runs never collide."""
+    name = checkpoint_name
+    if split != "eval":
+        name += f"-{split}"
+    if limit is not None:
+        name += f"-n{limit}"
+    return name
+
+
+def read_metrics(path: Path) -> dict[str, Any] | None:
+    """An evaluation's metrics.json (top level, or under "metrics"), or None when absent or unreadable."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
+        data = {**data["metrics"], **{k: v for k, v in data.items() if k != "metrics"}}
+    return data if isinstance(data, dict) else None
