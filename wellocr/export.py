@@ -23,7 +23,6 @@ import fnmatch
 import os
 import shutil
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -135,11 +134,11 @@ def merge_adapter(cfg: Any, adapter_dir: Path, dest: Path, base_model: str | Non
 
     from wellocr.model import Backend, load_base_model
 
-    model_cfg = replace(cfg.model, load_in_4bit=False)
+    model_cfg = cfg.model.model_copy(update={"load_in_4bit": False})
     if base_model is not None:
-        model_cfg = replace(model_cfg, model_name=base_model, model_revision=None)
+        model_cfg = model_cfg.model_copy(update={"model_name": base_model, "model_revision": None})
     refuse_prequantised(model_cfg.model_name, model_cfg.model_revision)
-    merge_cfg = replace(cfg, model=model_cfg)
+    merge_cfg = cfg.model_copy(update={"model": model_cfg})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = "bf16" if device == "cuda" else "fp32"
     model, processor = load_base_model(merge_cfg, Backend("hf", device, "export"), precision)
