@@ -604,7 +604,7 @@ class Drill:
         report = subprocess.run([sys.executable, "-m", "wellocr.cost", "--run", str(run_dir), "--json"],
                                 capture_output=True, text=True, cwd=REPO)
         total = (read_json_text(report.stdout) or {}).get("total_usd")
-        from wellocr.cost import segment_usd
+        from wellocr.ledger import segment_usd
 
         summed = sum(segment_usd(s) for s in segments)
         no_overlap = len(segments) == 2 and (segments[0].get("host") != segments[1].get("host")
