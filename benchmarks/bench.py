@@ -15,8 +15,8 @@ What it does, offline: builds a random-weight model of the real Qwen3-VL-2B arch
 ON the GPU in bf16 in a subprocess, so the init is not the 100 s CPU init) and synthetic 27-field headers at the
 --image width (`wellocr.synth`; --image WxH also caps the pixel budget at W*H). Then one worker process per
 backend (Unsloth patches transformers/TRL/PEFT at import) loads it with `wellocr.model.load_for_training`
-(4-bit like the real run), prepares data with `wellocr.train.prepare_data` and trains with
-`wellocr.train.build_trainer` (WellocrSFTTrainer, the project's config: LoRA r16, adamw_8bit, bf16, gradient
+(4-bit like the real run), prepares data with `wellocr.training.prepare_data` and trains with
+`wellocr.training.build_trainer` (WellocrSFTTrainer, the project's config: LoRA r16, adamw_8bit, bf16, gradient
 checkpointing, `data.dataloader_num_workers` workers). Per micro-batch (accumulation 1), `--repeats` fresh trainers
 each run --warmup + --steps optimizer steps. Restarts are then measured on the product's own entry point,
 `python -m wellocr.train`, in new processes.
@@ -331,7 +331,7 @@ class Worker:
 
         from wellocr.model import load_for_training, resolve_precision
         from wellocr.rundir import RunDir
-        from wellocr.train import prepare_data
+        from wellocr.training import prepare_data
 
         self.result["import_s"] = time.time() - self.args.launched_at
         self.cfg = bench_config(self.args, self.args.worker)
@@ -341,7 +341,8 @@ class Worker:
         self.model, self.processor = load_for_training(self.cfg, self.backend, self.precision)
         self.result["load_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        self.data, self.max_length = prepare_data(self.cfg, self.processor, self.run)
+        self.data = prepare_data(self.cfg, self.processor, self.run)
+        self.max_length = self.data.max_length
         self.result.update(data_s=time.perf_counter() - started, max_length=self.max_length, device=device,
                            precision=self.precision, params=param_groups(self.model))
         self.dims = arch_dims(self.model)
@@ -355,12 +356,12 @@ class Worker:
 
     def trainer(self, micro: int, accumulation: int, steps: int, callbacks: list) -> Any:
         """A trainer from the project's build_trainer for `steps` optimizer steps."""
-        from wellocr.train import build_trainer
+        from wellocr.training import build_trainer
 
         t = self.cfg.train
         t.max_steps = t.eval_steps = t.save_steps = steps
         return build_trainer(self.cfg, self.run, self.backend, self.precision, self.model, self.processor,
-                             self.data, self.max_length, micro, accumulation, callbacks)
+                             self.data, micro, accumulation, callbacks)
 
     def train(self, micro: int, accumulation: int, steps: int, profiler: Any = None) -> Recorder:
         """A fresh, instrumented trainer for `steps` optimizer steps; rec.steps[0]["seconds"] runs from the
@@ -473,11 +474,11 @@ class Worker:
         import torch
 
         from wellocr.autobatch import choose_micro_batch, memory_cap, training_probe
-        from wellocr.train import probe_trainer_factory
+        from wellocr.training import probe_trainer_factory
 
         effective, budget = self.args.effective_batch, self.args.autobatch_gb
         probe_trainer = probe_trainer_factory(self.cfg, self.run, self.backend, self.precision, self.model,
-                                              self.processor, self.data, self.max_length)
+                                              self.processor, self.data)
         probe, probed = training_probe(probe_trainer), {}
 
         def recorded(micro: int) -> None:  # the probe, plus its peak memory (or "oom") per candidate
@@ -508,9 +509,9 @@ class Worker:
             out["speedup"] = out["auto"]["samples_per_s"]["median"] / out["seed"]["samples_per_s"]["median"]
 
     def generation(self) -> None:
-        from wellocr.evaluate import fixed_eval_rows, generate_with_counts, row_inputs
+        from wellocr.inference import fixed_eval_rows, generate_with_counts, row_inputs
 
-        rows = fixed_eval_rows(self.data["splits"]["eval"], self.args.gen_samples)
+        rows = fixed_eval_rows(self.data.splits["eval"], self.args.gen_samples)
         images, instructions, _ = row_inputs(rows, self.cfg)
         tokens = self.cfg.eval.max_new_tokens
         sync = Recorder(self.backend.device).sync
@@ -519,14 +520,15 @@ class Worker:
             # one untimed call per batch size first: Unsloth compiles its prefill per batch size (tens of seconds)
             sync()
             started = time.perf_counter()
-            generate_with_counts(self.model, self.processor, images[:size], instructions[:size], tokens)
+            generate_with_counts(self.model, self.processor, images[:size], instructions[:size], tokens,
+                                 backend=self.backend)
             sync()
             out[f"{label}_first_call_s"] = time.perf_counter() - started
             sync()
             started, new = time.perf_counter(), 0
             for i in range(0, len(rows), size):
                 new += sum(generate_with_counts(self.model, self.processor, images[i:i + size],
-                                                instructions[i:i + size], tokens)[1])
+                                                instructions[i:i + size], tokens, backend=self.backend)[1])
             sync()
             seconds = time.perf_counter() - started
             out[label] = {"batch_size": size, "seconds": seconds, "samples_per_s": len(rows) / seconds,
@@ -635,7 +637,7 @@ def data_pipeline(args: argparse.Namespace, samples: int = 16) -> dict[str, Any]
     """CPU cost of one batch: row fetch (parquet + base64 + decode + resize), then TRL's collator with the 2B
     processor (chat template, tokenizer, image normalisation and patches). One process = one DataLoader worker."""
     from wellocr.data import load_splits, trainer_dataset
-    from wellocr.evaluate import loss_collator
+    from wellocr.inference import loss_collator
     from wellocr.processing import ImageOnlyQwen3VLProcessor, load_processor
     from wellocr.tiny import image_processor_for, qwen3_vl_chat_template, train_tokenizer
 
@@ -676,7 +678,7 @@ def split_rows(data: Path) -> dict[str, int]:
     """Rows per split of a finished synthetic set (parquet footers only), {} if it is not one."""
     import pyarrow.parquet as pq
 
-    from wellocr.synth import split_path
+    from wellocr.synthetic import split_path
 
     if not (data / "README.md").is_file():
         return {}
@@ -700,7 +702,7 @@ def data_dir(work: Path, width: int, train: int, eval: int) -> str:
 
 
 def ensure_data(args: argparse.Namespace) -> None:
-    from wellocr.synth import write_dataset
+    from wellocr.synthetic import write_dataset
 
     rows, eval_rows, data = *data_rows(args), Path(args.data)
     ours = data.parent == Path(args.work) and data.name.startswith("headers-")  # never rewrite a --data set

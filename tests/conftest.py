@@ -65,7 +65,7 @@ def tiny_model_dir(assets_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def synth_data_dir(assets_dir) -> Path:
-    from wellocr.synth import write_dataset
+    from wellocr.synthetic import write_dataset
 
     return write_dataset(assets_dir / "headers", train=16, eval=6, test=3, seed=0, width=384)
 

@@ -30,15 +30,7 @@ PACKAGE_NODE = "wellocr"  # `from wellocr import __version__`: the package's __i
 COMMANDS = frozenset({"train", "evaluate", "predict", "export", "compare", "cost", "synth", "drill", "prepare"})
 LIBRARIES_WITH_A_CLI = frozenset({"config"})  # see the module docstring
 
-# KNOWN EXCEPTIONS, TO BE REMOVED: the training entry point (wellocr.train, and wellocr.training that is being split
-# out of it) and the preemption drill still take the names wellocr.evaluate and wellocr.cost re-export from
-# wellocr.inference, wellocr.artifacts, wellocr.ledger and wellocr.callbacks; train's tiny demo takes
-# `write_dataset` from wellocr.synth. Delete an entry as soon as its import goes; add none.
-KNOWN_EXCEPTIONS = frozenset({
-    ("train", "evaluate"), ("train", "cost"), ("train", "synth"),
-    ("training", "evaluate"), ("training", "cost"),
-    ("drill", "cost"),
-})
+KNOWN_EXCEPTIONS: frozenset = frozenset()  # (importer, command) pairs allowed for now: none
 
 
 def modules() -> dict[str, Path]:

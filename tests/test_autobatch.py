@@ -100,18 +100,18 @@ def test_probe_trains_one_real_step_then_restores_the_adapter(tiny_model_dir, sy
     from wellocr.config import config_from_dict
     from wellocr.model import Backend, load_for_training
     from wellocr.rundir import RunDir
-    from wellocr.train import prepare_data, probe_trainer_factory
+    from wellocr.training import prepare_data, probe_trainer_factory
 
     settings = smoke_settings(tiny_model_dir, synth_data_dir, tmp_path / "runs")
     cfg = config_from_dict(yaml.safe_load(yaml.safe_dump(settings)), "test")
     backend = Backend("hf", "cpu", "test")
     model, processor = load_for_training(cfg, backend, "fp32")
     run = RunDir(tmp_path / "runs" / "probe")
-    data, max_length = prepare_data(cfg, processor, run)
-    make = probe_trainer_factory(cfg, run, backend, "fp32", model, processor, data, max_length)
+    data = prepare_data(cfg, processor, run)
+    make = probe_trainer_factory(cfg, run, backend, "fp32", model, processor, data)
 
-    lengths = sample_lengths(data["splits"]["train"], cfg.data, processor)
-    rows = A.worst_case_rows(data["splits"]["train"], cfg.data, processor, data["datasets"]["train"], 3)
+    lengths = sample_lengths(data.splits["train"], cfg.data, processor)
+    rows = A.worst_case_rows(data.splits["train"], cfg.data, processor, data.datasets["train"], 3)
     assert len(rows) == 3 and {"prompt", "completion", "images"} <= set(rows[0])
     assert len({r["row_index"] for r in rows}) == 1 and lengths[rows[0]["row_index"]] == max(lengths)
 

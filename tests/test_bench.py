@@ -45,7 +45,7 @@ def test_resume_env_option():
 
 def test_bench_reuses_a_large_enough_synthetic_set(tmp_path):
     """A GPU run should not spend minutes writing headers it already has; a too small set is never used."""
-    from wellocr.synth import write_dataset
+    from wellocr.synthetic import write_dataset
 
     work = tmp_path / "work"
     for train, eval_rows in ((4, 1), (10, 2)):

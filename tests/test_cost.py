@@ -308,10 +308,6 @@ def test_the_ledger_and_the_report_import_neither_torch_nor_transformers():
     assert result.stdout.strip() == "[]"
 
 
-def test_cost_still_hands_out_the_callback_for_the_trainer():
-    assert C.CostCallback is CostCallback  # re-exported until wellocr.train imports wellocr.callbacks
-
-
 # ---------------------------------------------------------------- the SkyPilot jobs controller
 
 

@@ -10,7 +10,7 @@ from PIL import Image, ImageFile
 from wellocr import data as D
 from wellocr.config import DataConfig
 from wellocr.errors import UserError
-from wellocr.synth import make_sample
+from wellocr.synthetic import make_sample
 
 
 def b64_image(width=96, height=64, fmt="JPEG") -> str:

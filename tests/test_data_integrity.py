@@ -14,7 +14,7 @@ from PIL import Image
 from wellocr import data as D
 from wellocr.config import Config, DataConfig
 from wellocr.errors import UserError
-from wellocr.synth import SCHEMA, make_sample, split_path, write_dataset
+from wellocr.synthetic import SCHEMA, make_sample, split_path, write_dataset
 
 
 @pytest.fixture
@@ -186,7 +186,7 @@ def test_train_eval_and_predict_give_the_processor_the_same_pixels(tmp_path, tin
     import torch
 
     from wellocr import predict
-    from wellocr.evaluate import row_inputs
+    from wellocr.inference import row_inputs
     from wellocr.processing import load_processor
 
     image, answer = make_sample(seed=3, index=0, width=384)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from wellocr import predict
-from wellocr.synth import make_sample
+from wellocr.synthetic import make_sample
 
 REPO = Path(__file__).resolve().parents[1]
 

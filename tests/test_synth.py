@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from wellocr.errors import UserError
-from wellocr.synth import FIELDS, INSTRUCTION, encode_image, make_sample, write_dataset
+from wellocr.synthetic import FIELDS, INSTRUCTION, encode_image, make_sample, write_dataset
 
 WIDTH = 400
 COLUMNS = {"image_base64", "instruction", "answer"}
@@ -186,7 +186,7 @@ def test_cli_rejects_bad_arguments_with_one_line_error(tmp_path, bad):
 
 
 def test_renders_with_pillow_default_font_when_matplotlib_fonts_are_missing(monkeypatch):
-    import wellocr.synth as synth
+    import wellocr.synthetic as synth
 
     with_fonts = encode_image(make_sample(0, 3, width=WIDTH)[0])
     monkeypatch.setattr(synth, "_font_dir", lambda: None)

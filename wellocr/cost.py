@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from wellocr.errors import run_cli
 from wellocr.ledger import cost_report, format_report, rate_table_markdown
@@ -34,20 +33,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else format_report(report))
 
     return run_cli(body)
-
-
-# re-exported for wellocr.train until it imports the library
-from wellocr.ledger import CostLedger, budget_exhausted, read_ledger, segment_usd  # noqa: E402,F401
-
-
-def __getattr__(name: str) -> Any:
-    """`CostCallback`, re-exported for wellocr.train until it imports the library, on first use: wellocr.callbacks
-    imports transformers, which `python -m wellocr.cost` does not need."""
-    if name == "CostCallback":
-        from wellocr.callbacks import CostCallback
-
-        return CostCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -104,37 +104,5 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(lambda: run(parse_args(argv)))
 
 
-# re-exported for wellocr.train until it imports the library (and for benchmarks/bench.py, tests/test_data_integrity.py)
-from wellocr.inference import fixed_eval_rows, loss_collator, row_inputs, worst_samples  # noqa: E402,F401
-
-
-def _loaded_backend(model: Any) -> Any:
-    """The backend of a caller that does not name it yet: Unsloth when it is imported in this process. Goes, with
-    the three wrappers below, once wellocr.train and benchmarks/bench.py pass their Backend to wellocr.inference."""
-    from wellocr.model import Backend
-
-    name = "unsloth" if "unsloth" in sys.modules else "hf"
-    return Backend(name, next(model.parameters()).device.type, "not named by the caller")
-
-
-def generation_metrics(model: Any, processor: Any, cfg: Any, rows: list[dict], batch_size: int) -> dict[str, Any]:
-    """wellocr.inference.generation_metrics, for wellocr.train until it passes its backend."""
-    return inference.generation_metrics(model, processor, cfg, rows, batch_size, backend=_loaded_backend(model))
-
-
-def evaluate_model(model: Any, processor: Any, cfg: Any, split: Any, out_dir: Path, checkpoint_label: str,
-                   **kwargs: Any) -> dict[str, Any]:
-    """wellocr.inference.evaluate_model, for wellocr.train until it passes its backend."""
-    kwargs.setdefault("backend", _loaded_backend(model))
-    return inference.evaluate_model(model, processor, cfg, split, out_dir, checkpoint_label, **kwargs)
-
-
-def generate_with_counts(model: Any, processor: Any, images: list, instructions: list[str],
-                         max_new_tokens: int) -> tuple[list[str], list[int]]:
-    """wellocr.inference.generate_with_counts, for benchmarks/bench.py until it passes its backend."""
-    return inference.generate_with_counts(model, processor, images, instructions, max_new_tokens,
-                                          backend=_loaded_backend(model))
-
-
 if __name__ == "__main__":
     sys.exit(main())

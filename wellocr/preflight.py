@@ -30,6 +30,7 @@ OPTIMIZER_BYTES_PER_PARAM = {"8bit": 2, "default": 8}  # two Adam moments, 8-bit
 class PreflightReport:
     lines: list[str] = field(default_factory=list)
     model_config: dict[str, Any] = field(default_factory=dict)
+    wandb_mode: str | None = None  # "offline" when preflight found no W&B credentials
 
     def ok(self, text: str) -> None:
         self.lines.append(f"  ok    {text}")
@@ -187,6 +188,7 @@ def wandb_credentials_present() -> bool:
 
 
 def check_wandb(cfg: Config, report: PreflightReport) -> None:
+    """Sets report.wandb_mode to "offline" when there are no credentials (the tracker then logs offline)."""
     if not cfg.wandb.enabled:
         report.note("W&B disabled (wandb.enabled: false)")
         return
@@ -196,14 +198,15 @@ def check_wandb(cfg: Config, report: PreflightReport) -> None:
         return
     if not wandb_credentials_present():
         log.warning("no W&B credentials (WANDB_API_KEY or ~/.netrc): logging offline; `wandb sync` uploads later")
-        os.environ["WANDB_MODE"] = "offline"
+        report.wandb_mode = "offline"
         report.note("W&B offline: no credentials found")
         return
     report.ok("W&B credentials present")
 
 
 def run_preflight(cfg: Config, run_dir: Path) -> PreflightReport:
-    """All checks in order; raises UserError with one line at the first failure."""
+    """All checks that need no torch, in order; raises UserError with one line at the first failure. The GPU check
+    (`check_gpu`) comes after the compile caches are set up (wellocr.bootstrap), since it imports torch."""
     report = PreflightReport()
     print("Preflight:", flush=True)
     report.ok("config valid")
@@ -212,6 +215,5 @@ def run_preflight(cfg: Config, run_dir: Path) -> PreflightReport:
     check_data(cfg, report)
     keep = cfg.checkpoint.keep_best + cfg.checkpoint.keep_recent + 2  # + final + the one being written
     check_output_dir(cfg, run_dir, keep * checkpoint_bytes(report.model_config, cfg), report)
-    check_gpu(cfg, report.model_config, report)
     check_wandb(cfg, report)
     return report

@@ -41,6 +41,11 @@ COMPILE_CACHE_ARCHIVE = "compile-cache.tar.gz"  # a new pod's disk is empty: wit
 PROGRESS_EVERY_S = 10.0
 
 
+class RemoteRestoreError(RuntimeError):
+    """The run's copy in object storage could not be brought down at start: the trainer stops (exit 1) rather
+    than start again from step 0 beside checkpoints it could not read."""
+
+
 class _LocalGone(Exception):
     """The local file to upload disappeared (retention removed it): not worth a retry."""
 
@@ -313,14 +318,14 @@ class RemoteStore:
     def restore(self, local_run_dir: Path) -> str | None:
         """Bring the local run directory up to date from the remote copy; the restored checkpoint's name or None.
 
-        Raises (UserError for a missing bucket, RuntimeError otherwise) rather than let a run that has remote
+        Raises (UserError for a missing bucket, RemoteRestoreError otherwise) rather than let a run that has remote
         checkpoints start again from step 0."""
         try:
             return self._restore(Path(local_run_dir))
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - one line with the URL, without credentials
-            raise RuntimeError(f"remote {self.where}: restore failed ({_short(exc)})") from None
+            raise RemoteRestoreError(f"remote {self.where}: restore failed ({_short(exc)})") from None
 
     def _restore(self, local_run_dir: Path) -> str | None:
         listing = self._listing()
@@ -388,7 +393,7 @@ class RemoteStore:
         try:
             exists = self._retry(lambda: self.fs.exists(bucket))
         except Exception as exc:  # noqa: BLE001
-            raise RuntimeError(f"remote {self.where}: cannot reach the bucket ({_short(exc)})") from None
+            raise RemoteRestoreError(f"remote {self.where}: cannot reach the bucket ({_short(exc)})") from None
         if not exists:
             raise UserError(f"checkpoint.remote: bucket {bucket!r} does not exist or these credentials cannot "
                             "see it; create it or fix checkpoint.remote / the storage credentials")
@@ -402,7 +407,7 @@ class RemoteStore:
             self._get(f"{name}/{rel}", tmp / rel, size)
         write_json_atomic(tmp / MARKER, marker)  # the marker whose sizes were checked, written last
         if not is_complete(tmp):
-            raise RuntimeError(f"remote {self.where}: {name} is not complete after download")
+            raise RemoteRestoreError(f"remote {self.where}: {name} is not complete after download")
         if target.exists():  # incomplete, or an older final/ (a complete checkpoint would be at least as new)
             (target / MARKER).unlink(missing_ok=True)
             shutil.rmtree(target)

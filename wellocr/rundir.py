@@ -337,7 +337,7 @@ class RunDir:
         number = len(attempts) + 1
         attempts.append({
             "attempt": number, "started_at": time.time(), "command": command, "versions": package_versions(),
-            "hardware": hardware(), "exit_reason": "running", "exit_code": None,
+            "exit_reason": "running", "exit_code": None,
         })
         self.update(attempts=attempts)
         return number

@@ -52,11 +52,11 @@ class WellocrSFTTrainer(SFTTrainer):
     every evaluation: the eval loss alone says little about transcription quality. A resumed run's closing
     metrics (steps/s, samples/s, train loss) are this process's own, not averaged over steps it did not train."""
 
-    generation_eval = None
     start_step = 0
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, generation_eval=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.generation_eval = generation_eval
         self.add_callback(ResumeCallback())
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):

@@ -40,8 +40,9 @@ def _wandb_key(key: str) -> str:
 
 
 class Tracker:
-    def __init__(self, cfg: Config, run: RunDir):
-        self.cfg, self.run = cfg, run
+    def __init__(self, cfg: Config, run: RunDir, mode: str | None = None):
+        """`mode`: W&B's mode to try first ("offline" when preflight found no credentials); None: W&B's own."""
+        self.cfg, self.run, self.mode = cfg, run, mode
         self.wandb_run: Any = None
         self._warned = False
 
@@ -65,7 +66,7 @@ class Tracker:
             project=self.cfg.wandb.project, entity=self.cfg.wandb.entity, name=self.run.path.name, id=run_id,
             resume="allow", dir=str(self.run.path), config=redact_data(self.cfg.to_dict()),
         )
-        for mode in (None, "offline"):
+        for mode in dict.fromkeys((self.mode, "offline")):
             try:
                 self.wandb_run = wandb.init(**kwargs, **({"mode": mode} if mode else {}))
                 break

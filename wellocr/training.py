@@ -1,0 +1,430 @@
+"""Stage 2 of `python -m wellocr.train`: the training recipe, from a bootstrapped process to an evaluated adapter.
+
+Imported only after `wellocr.bootstrap` pointed the compile caches at the run's volume and imported the backend
+(Unsloth before transformers/TRL/PEFT), so torch, transformers and TRL are ordinary top-level imports here.
+
+    run(attempt): resume point → ledger and tracker → load → data → trainer → fit (OOM fallback) → finalize
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import EarlyStoppingCallback
+from trl import SFTConfig
+
+from wellocr.autobatch import AutoBatchError, choose_micro_batch, training_probe, worst_case_rows
+from wellocr.bootstrap import StartupTimer
+from wellocr.artifacts import eval_dir_name
+from wellocr.callbacks import CheckpointCallback, CostCallback, RehearsalCallback, StartupCallback, StopCallback
+from wellocr.checkpoint import (
+    RetentionPolicy,
+    checkpoint_step,
+    latest_complete_checkpoint,
+    mark_complete,
+    remove_incomplete,
+)
+from wellocr.config import Config
+from wellocr.data import Split, enforce_max_length, load_splits, trainer_dataset
+from wellocr.errors import UserError
+from wellocr.inference import evaluate_model, fixed_eval_rows, generation_metrics, worst_samples
+from wellocr.ledger import CostLedger, budget_exhausted
+from wellocr.model import Backend, load_for_training, resolve_precision
+from wellocr.outcome import EXIT_OK, EXIT_PREEMPTED, Outcome, OutOfMemory
+from wellocr.preemption import StopState
+from wellocr.rundir import PREEMPTED_REASONS, RunDir, hardware
+from wellocr.sft import WellocrSFTTrainer
+from wellocr.tracking import Tracker, TrackingCallback
+
+log = logging.getLogger("wellocr")
+
+MAX_OOM_ADAPTATIONS = 2
+
+
+@dataclass
+class Data:
+    """The scanned splits (train, eval, maybe test), their lazily formatted trainer datasets, and the longest
+    sequence kept (the trainer's max_length)."""
+
+    splits: dict[str, Split]
+    datasets: dict[str, Any]
+    max_length: int
+
+
+@dataclass
+class Attempt:
+    """One process's attempt at the run: what stage 1 resolved, handed to the recipe."""
+
+    cfg: Config
+    run: RunDir
+    number: int
+    backend: Backend
+    stop: StopState
+    timer: StartupTimer
+    remote: Any = None  # wellocr.remote.RemoteStore
+    resume: Path | None = None  # --resume CHECKPOINT; None: the newest complete checkpoint of the run, if any
+    resume_latest: bool = False
+    rehearse_preemption: bool = False
+    wandb_mode: str | None = None  # what preflight decided (offline without credentials)
+
+    @property
+    def precision(self) -> str:
+        return resolve_precision(self.cfg.train.precision, self.backend.device)
+
+
+def run(a: Attempt) -> Outcome:
+    """The recipe: resume point → ledger and tracker → load → data → trainer → fit (OOM fallback) → finalize."""
+    cfg, run_dir = a.cfg, a.run
+    resume_from, start_step = resume_point(a)
+    run_dir.update_attempt(a.number, start_step=start_step, hardware=hardware())
+    ledger = CostLedger.open(run_dir.cost_file, cfg.cost, a.number, start_step=start_step)
+    over_budget = budget_exhausted(ledger, cfg.cost)
+    if over_budget:
+        print(f"wellocr: {over_budget}", flush=True)
+        return Outcome("budget", EXIT_OK, start_step)
+    tracker = Tracker(cfg, run_dir, a.wandb_mode)
+    tracker.start(sum(x.get("exit_reason") in PREEMPTED_REASONS for x in run_dir.read().get("attempts", [])))
+    step = start_step
+    try:
+        started = time.time()
+        model, processor = load_for_training(cfg, a.backend, a.precision)
+        a.timer.mark("model_load")
+        data = prepare_data(cfg, processor, run_dir)
+        a.timer.mark("data")
+        callbacks = training_callbacks(a, ledger, resume_from)
+        probe = probe_trainer_factory(cfg, run_dir, a.backend, a.precision, model, processor, data)
+        sizes = batch_sizes(cfg, run_dir, a.backend, probe)
+        a.timer.mark("auto_batch")  # the probe runs in the first attempt only
+        callbacks.append(TrackingCallback(tracker, sizes["per_device_train_batch_size"]
+                                          * sizes["gradient_accumulation_steps"]))
+        hook = generation_eval_hook(cfg, a.backend, processor, data, tracker)
+
+        def make_trainer(micro_batch: int, accumulation: int) -> Any:
+            return build_trainer(cfg, run_dir, a.backend, a.precision, model, processor, data, micro_batch,
+                                 accumulation, callbacks, generation_eval=hook)
+
+        trainer, result = train_adapting_to_oom(run_dir, make_trainer, resume_from, sizes)
+        step = trainer.state.global_step
+        if a.stop.reason is not None:
+            return stopped(a, step)
+        return finalize(a, trainer, result, processor, data, tracker, ledger, start_step, time.time() - started)
+    finally:
+        ledger.heartbeat(step, force=True)
+        tracker.finish()
+
+
+def resume_point(a: Attempt) -> tuple[Path | None, int]:
+    """The checkpoint this attempt continues from (--resume, else the run's newest complete one) and its step."""
+    removed = remove_incomplete(a.run.path)
+    resume_from = a.resume if a.resume is not None else latest_complete_checkpoint(a.run.path)
+    start_step = (checkpoint_step(resume_from) or 0) if resume_from is not None else 0
+    if resume_from is not None and start_step > a.cfg.train.max_steps:
+        raise UserError(f"{resume_from} is at step {start_step}, past train.max_steps {a.cfg.train.max_steps}: "
+                        f"to continue the run raise it (--set train.max_steps=N with N > {start_step})")
+    if resume_from is not None:
+        print(f"resuming from {resume_from.name} (step {start_step})", flush=True)
+    elif removed or a.resume_latest:
+        print("no complete checkpoint: starting from step 0", flush=True)
+    return resume_from, start_step
+
+
+def training_callbacks(a: Attempt, ledger: CostLedger, resume_from: Path | None) -> list:
+    """Checkpoint completeness and retention (+ uploads), the stop requests, the cost ledger and budget, the
+    start-up timing, and the rehearsal's one stop. The cost callback adds its keys to the logs before the tracking
+    callback (appended last, once the batch sizes are known) sends them."""
+    retention = RetentionPolicy(a.cfg.checkpoint.keep_best, a.cfg.checkpoint.keep_recent)
+    protect = {resume_from.name} if resume_from is not None else set()
+    callbacks = [
+        CheckpointCallback(a.run.path, retention, a.stop, protect, remote=a.remote,
+                           marker_extra=lambda: {"cost_usd": ledger.total_usd()}),
+        StopCallback(a.stop),
+        CostCallback(ledger, a.stop, a.cfg.cost, a.cfg.train.max_steps),
+        StartupCallback(a.run, a.number, a.timer.marks),
+    ]
+    if a.rehearse_preemption:
+        callbacks.append(RehearsalCallback(a.run, a.stop))
+    return callbacks
+
+
+def stopped(a: Attempt, step: int) -> Outcome:
+    """Training stopped early on a request: SIGTERM (75), the rehearsal's one stop (75), or the budget cap (0)."""
+    if a.stop.reason == "budget":
+        print(f"wellocr: {a.stop.message}", flush=True)
+        a.run.update(status="budget")
+        return Outcome("budget", EXIT_OK, step)
+    return Outcome("rehearsal-stop" if a.stop.reason == "rehearsal" else "preempted", EXIT_PREEMPTED, step)
+
+
+def finalize(a: Attempt, trainer: Any, result: Any, processor: Any, data: Data, tracker: Tracker,
+             ledger: CostLedger, start_step: int, elapsed: float) -> Outcome:
+    """final/ (uploaded in the background), this attempt's numbers, the final evaluation, the cost so far."""
+    step = trainer.state.global_step
+    final = save_final(trainer, a.run, step)
+    reason = "finished" if step >= a.cfg.train.max_steps else "early-stopped"
+    a.run.update(status=reason)
+    if a.remote is not None:
+        a.remote.upload_path(final)  # now, while the final evaluation runs
+    metrics = result.metrics if result is not None else {}
+    print(f"this attempt: steps {start_step + 1}-{step} in {metrics.get('train_runtime', elapsed):.1f} s, "
+          f"{metrics.get('train_steps_per_second', 0):.2f} steps/s, train loss "
+          f"{metrics.get('train_loss', float('nan')):.4f}, peak memory {peak_memory_gb(a.backend.device):.1f} GB",
+          flush=True)
+    print(f"final adapter: {final}", flush=True)
+    evaluate_final(a.cfg, a.run, a.backend, trainer.model, processor, data, tracker)
+    print(f"cost: ${ledger.total_usd():.4f} over {len(ledger.segments)} attempt(s) "
+          f"(python -m wellocr.cost --run {a.run.path})", flush=True)
+    return Outcome(reason, EXIT_OK, step)
+
+
+# ---------------------------------------------------------------- the steps
+
+
+def prepare_data(cfg: Config, processor: Any, run: RunDir) -> Data:
+    """Load and scan every split, drop rows over max_seq_length, and wrap them for the trainer (decoded lazily)."""
+    splits = load_splits(cfg.data)
+    max_length = 0
+    for name in list(splits):
+        splits[name], longest = enforce_max_length(splits[name], cfg.data, processor, cfg.train.max_seq_length)
+        max_length = max(max_length, longest)
+        skipped = len(splits[name].bad_rows)
+        print(f"data: {name} {len(splits[name])} rows" + (f" ({skipped} skipped)" if skipped else ""), flush=True)
+    datasets = {name: trainer_dataset(split, cfg.data, run.bad_rows_log) for name, split in splits.items()}
+    print(f"max sequence length {max_length} tokens (images at most {cfg.data.max_pixels // 1024} visual tokens)",
+          flush=True)
+    return Data(splits, datasets, max_length)
+
+
+def sft_config(cfg: Config, run: RunDir, backend: Backend, precision: str, max_length: int,
+               micro_batch: int, accumulation: int, probe: bool = False):
+    """The run's SFTConfig; `probe`: one step that evaluates, saves and logs nothing (the auto batch probe)."""
+    t = cfg.train
+    optim = t.optim
+    if backend.device != "cuda" and "8bit" in optim:
+        log.info("train.optim %s needs CUDA (bitsandbytes); using adamw_torch on CPU", optim)
+        optim = "adamw_torch"
+    settings = dict(
+        output_dir=str(run.path),
+        run_name=run.path.name,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=micro_batch,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=accumulation,
+        warmup_steps=t.warmup_steps,
+        optim=optim,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler_type,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=backend.device == "cpu",
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=None,  # wellocr.checkpoint.RetentionPolicy decides, after the completeness marker
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        load_best_model_at_end=False,
+        restore_callback_states_from_checkpoint=True,
+        gradient_checkpointing=False,  # enabled on the model by wellocr.model (Unsloth's or PEFT's way)
+        max_length=max_length,
+        completion_only_loss=True,
+        remove_unused_columns=False,  # the lazy transform needs the raw columns
+        dataset_kwargs={"skip_prepare_dataset": True},
+        dataloader_num_workers=dataloader_workers(cfg.data.dataloader_num_workers),
+        dataset_num_proc=cfg.data.dataset_num_proc,
+        report_to="none",
+        disable_tqdm=False,
+    )
+    if backend.name == "unsloth":
+        settings["dataset_text_field"] = ""
+    if probe:
+        settings.update(max_steps=1, eval_strategy="no", save_strategy="no", logging_strategy="no",
+                        dataloader_num_workers=0, disable_tqdm=True)
+    return SFTConfig(**settings)
+
+
+def dataloader_workers(requested: int) -> int:
+    """The configured worker count, capped at the CPUs this machine has beside the training process (a RunPod
+    4090 pod may have as few as 5 vCPUs; more workers than cores only add context switches)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    available = max(0, (cpus or 1) - 1)
+    if requested > available:
+        log.info("data.dataloader_num_workers %d > %d free CPU(s): using %d", requested, available, available)
+    return min(requested, available)
+
+
+def build_trainer(cfg: Config, run: RunDir, backend: Backend, precision: str, model: Any, processor: Any,
+                  data: Data, micro_batch: int, accumulation: int, callbacks: list, probe: bool = False,
+                  generation_eval: Any = None) -> Any:
+    args = sft_config(cfg, run, backend, precision, data.max_length, micro_batch, accumulation, probe)
+    collator = None
+    if backend.name == "unsloth":
+        from unsloth.trainer import UnslothVisionDataCollator
+
+        # resize="max" keeps our pixel-budget sizes; Unsloth's default shrinks scans to 512 px wide.
+        collator = UnslothVisionDataCollator(model, processor, resize="max", max_seq_length=data.max_length,
+                                             completion_only_loss=True)
+    if cfg.train.early_stopping_patience > 0 and not probe:
+        callbacks = [*callbacks, EarlyStoppingCallback(cfg.train.early_stopping_patience,
+                                                       cfg.train.early_stopping_threshold)]
+    return WellocrSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.datasets["train"],
+        eval_dataset=None if probe else data.datasets["eval"],
+        processing_class=processor,
+        data_collator=collator,
+        callbacks=callbacks,
+        generation_eval=generation_eval,
+    )
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
+
+
+def train_adapting_to_oom(run: RunDir, make_trainer, resume_from: Path | None, initial: dict) -> tuple[Any, Any]:
+    """Train; on CUDA OOM halve the micro-batch and double accumulation (same effective batch), rebuild and
+    resume from the last complete checkpoint, at most MAX_OOM_ADAPTATIONS times; the sizes go into run.json."""
+    sizes = run.read().get("adapted_batch") or initial
+    for adaptation in range(MAX_OOM_ADAPTATIONS + 1):
+        trainer = make_trainer(sizes["per_device_train_batch_size"], sizes["gradient_accumulation_steps"])
+        try:
+            return trainer, trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except Exception as exc:  # noqa: BLE001 - only OOM is handled, everything else re-raised
+            if not is_cuda_oom(exc):
+                raise
+            micro = sizes["per_device_train_batch_size"]
+            del trainer
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if adaptation == MAX_OOM_ADAPTATIONS or micro == 1:
+                raise OutOfMemory(
+                    f"CUDA out of memory at micro-batch {micro} after {adaptation} adaptation(s); lower "
+                    "data.max_pixels or train.max_seq_length, or use a GPU with more memory"
+                ) from exc
+            sizes = {"per_device_train_batch_size": micro // 2,
+                     "gradient_accumulation_steps": sizes["gradient_accumulation_steps"] * 2}
+            run.update(adapted_batch=sizes)
+            print(f"wellocr: CUDA out of memory at micro-batch {micro}; retrying with "
+                  f"{sizes['per_device_train_batch_size']} x {sizes['gradient_accumulation_steps']} accumulation "
+                  "(same effective batch)", flush=True)
+            remove_incomplete(run.path)
+            resume_from = latest_complete_checkpoint(run.path)
+    raise AssertionError("unreachable")
+
+
+def probe_trainer_factory(cfg: Config, run: RunDir, backend: Backend, precision: str, model: Any, processor: Any,
+                          data: Data) -> Any:
+    """make(micro): a trainer over the longest training sample x micro that trains one step and saves nothing."""
+    @functools.cache  # the longest row, found on the first call only (every candidate probes with it)
+    def longest() -> Any:
+        return worst_case_rows(data.splits["train"], cfg.data, processor, data.datasets["train"], 1)
+
+    def make(micro_batch: int) -> Any:
+        rows = longest().select([0] * micro_batch)
+        probe_data = Data({}, {"train": rows}, data.max_length)
+        return build_trainer(cfg, run, backend, precision, model, processor, probe_data, micro_batch, 1, [],
+                             probe=True)
+
+    return make
+
+
+def batch_sizes(cfg: Config, run: RunDir, backend: Backend, make_probe_trainer: Any) -> dict:
+    """Micro-batch and accumulation: the config's, or for `auto` the largest micro-batch that fits (probed once
+    with the longest sample, then remembered in run.json so every restart trains with the same sizes).
+    `make_probe_trainer(micro)`: a trainer over the worst-case rows that trains one step and saves nothing."""
+    t = cfg.train
+    if t.per_device_train_batch_size != "auto":
+        return {"per_device_train_batch_size": t.per_device_train_batch_size,
+                "gradient_accumulation_steps": t.gradient_accumulation_steps}
+    recorded = run.read().get("auto_batch")
+    if recorded:
+        return recorded
+    probe = None
+    if backend.device == "cuda":
+        print("auto batch: one training step on the longest sample per candidate micro-batch", flush=True)
+        probe = training_probe(make_probe_trainer)
+    try:
+        micro, accumulation = choose_micro_batch(probe, t.effective_batch_size, backend.device)
+    except AutoBatchError as exc:
+        raise OutOfMemory(str(exc)) from exc
+    finally:
+        probe = None
+        gc.collect()
+    sizes = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": accumulation}
+    run.update(auto_batch=sizes)
+    print(f"auto batch: micro-batch {micro} x {accumulation} accumulation = {t.effective_batch_size}", flush=True)
+    return sizes
+
+
+def save_final(trainer: Any, run: RunDir, step: int) -> Path:
+    """Adapter + processor into final/ (written aside, marked complete, then swapped in)."""
+    staging = run.path / "final.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    mark_complete(staging, step)
+    old = run.path / "final.old"
+    if run.final_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        run.final_dir.rename(old)
+    staging.rename(run.final_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return run.final_dir
+
+
+def peak_memory_gb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_reserved() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def generation_eval_hook(cfg: Config, backend: Backend, processor: Any, data: Data, tracker: Any):
+    """At every evaluation: CER/WER of a fixed eval subset, and its worst samples as a W&B table."""
+    if cfg.eval.generation_samples <= 0:
+        return None
+    rows = fixed_eval_rows(data.splits["eval"], cfg.eval.generation_samples)
+
+    def evaluate(model: Any, step: int) -> dict:
+        result = generation_metrics(model, processor, cfg, rows, cfg.eval.batch_size, backend=backend)
+        columns = ["step", "index", "image", "prediction", "reference", "loss", "cer", "wer"]
+        for by in ("loss", "cer"):
+            worst = worst_samples(result["records"], cfg.eval.worst_k, by=by)
+            tracker.log_table(f"eval/worst_by_{by}", columns,
+                              [[step, r["index"], r["image"], r["prediction"], r["reference"], r["loss"], r["cer"],
+                                r["wer"]] for r in worst], step=step)
+        return {"eval/cer": result["eval/cer"], "eval/wer": result["eval/wer"]}
+
+    return evaluate
+
+
+def evaluate_final(cfg: Config, run: RunDir, backend: Backend, model: Any, processor: Any, data: Data,
+                   tracker: Any) -> dict:
+    """Score the final adapter on the eval split (and test, when the data has one) into eval/final[-test]."""
+    results = {}
+    for split in ("eval", "test"):
+        if split not in data.splits:
+            continue
+        out = run.eval_dir / eval_dir_name("final", split)
+        metrics = evaluate_model(model, processor, cfg, data.splits[split], out, "final", run_dir=run.path,
+                                 checkpoint_path=run.final_dir, backend=backend)
+        results[split] = metrics
+        print(f"final {split}: CER {metrics['cer']:.4f}  WER {metrics['wer']:.4f}  "
+              f"(normalised {metrics['cer_normalized']:.4f} / {metrics['wer_normalized']:.4f})  → {out}", flush=True)
+        tracker.log({f"final/{split}_cer": metrics["cer"], f"final/{split}_wer": metrics["wer"]})
+    return results
