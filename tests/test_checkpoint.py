@@ -1,11 +1,16 @@
 import json
 import shutil
 
-import pytest
-
 from wellocr.checkpoint import (
-    MARKER, RetentionPolicy, best_checkpoint, checkpoint_eval_loss, incomplete_reason, latest_complete_checkpoint,
-    list_checkpoints, mark_complete, remove_incomplete,
+    MARKER,
+    RetentionPolicy,
+    best_checkpoint,
+    checkpoint_eval_loss,
+    incomplete_reason,
+    latest_complete_checkpoint,
+    list_checkpoints,
+    mark_complete,
+    remove_incomplete,
 )
 
 

@@ -158,7 +158,7 @@ def test_the_scan_skips_exactly_the_images_the_processor_refuses(tmp_path, tiny_
     split = D.load_splits(cfg)["train"]
     assert [b.index for b in split.bad_rows] == list(range(len(REFUSED)))
     assert all("the processor cannot take it" in b.reason and "aspect ratio" in b.reason for b in split.bad_rows)
-    assert f"train row 0: image is 600x1: the processor cannot take it" in caplog.text
+    assert "train row 0: image is 600x1: the processor cannot take it" in caplog.text
 
     processor = load_processor(tiny_model_dir, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     rows = D.trainer_dataset(split, cfg)

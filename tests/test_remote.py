@@ -407,7 +407,8 @@ def test_compile_caches_travel_to_the_next_pod_through_the_bucket(s3, tmp_path, 
     second = store(url)
     fresh = tmp_path / "pod2" / ".compile-cache"
     assert second.restore_compile_cache(fresh) is True
-    assert (fresh / "triton" / "k1" / "kernel.cubin").read_bytes() == (cache / "triton" / "k1" / "kernel.cubin").read_bytes()
+    kernel = Path("triton") / "k1" / "kernel.cubin"
+    assert (fresh / kernel).read_bytes() == (cache / kernel).read_bytes()
     assert (fresh / "inductor" / "fxgraph" / "entry").read_bytes() == b"graph"
     assert not list(fresh.parent.glob(".*tmp*"))  # the downloaded archive is gone
     assert second.restore_compile_cache(fresh) is False  # a pod with its own caches keeps them

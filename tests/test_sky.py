@@ -84,7 +84,7 @@ def header_commands(path: Path) -> list[str]:
         if not line.startswith("#"):
             break
         lines.append(line.lstrip("#").strip())
-    return [c.strip() for c in " ".join(l[:-1] if l.endswith("\\") else l + "\n" for l in lines).splitlines()
+    return [c.strip() for c in " ".join(x[:-1] if x.endswith("\\") else x + "\n" for x in lines).splitlines()
             if c.strip().startswith("sky ")]
 
 

@@ -220,7 +220,8 @@ def test_the_resumed_attempt_continues_from_the_checkpoint_complete_at_the_kill(
     step = int(name.split("-")[1])
     assert f"resuming from {name} (step {step})" in killed_run["second"].stdout
     info = json.loads((killed_run["run_dir"] / "run.json").read_text())
-    assert [a["exit_reason"] for a in info["attempts"]] == ["vanished", "finished"]  # SIGKILL records nothing; the next attempt marks it
+    # SIGKILL records nothing; the next attempt marks it
+    assert [a["exit_reason"] for a in info["attempts"]] == ["vanished", "finished"]
     assert json.loads((killed_run["run_dir"] / "final" / MARKER).read_text())["step"] == MAX_STEPS
 
 

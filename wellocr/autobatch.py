@@ -21,7 +21,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 

@@ -20,9 +20,10 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from wellocr.config import DataConfig
 from wellocr.errors import UserError
@@ -468,7 +469,8 @@ def sample_lengths(split: Split, cfg: DataConfig, processor: Any) -> list[int]:
         split.image_sizes, instructions, tokenizer(answers, add_special_tokens=False)["input_ids"]
     ):
         if instruction not in prompt_cache:
-            text = processor.apply_chat_template(prompt_messages(instruction), add_generation_prompt=True, tokenize=False)
+            text = processor.apply_chat_template(prompt_messages(instruction), add_generation_prompt=True,
+                                                 tokenize=False)
             prompt_cache[instruction] = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         image_tokens = count_image_tokens(processor, *prepared_size(w, h, cfg.min_pixels, cfg.max_pixels))
         # the template's single <|image_pad|> becomes image_tokens; +2 for <|im_end|> and the newline after it

@@ -7,7 +7,7 @@ service that stayed unreachable).
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 class UserError(Exception):

@@ -160,10 +160,12 @@ def lora_target_regex(lora: LoraConfig) -> str:
     """PEFT `target_modules` regex that follows the finetune_* flags the way Unsloth's does."""
     parts = []
     if lora.finetune_vision_layers:
-        mods = [m for m, on in ((_VISION_ATTN, lora.finetune_attention_modules), (_VISION_MLP, lora.finetune_mlp_modules)) if on]
+        wanted = ((_VISION_ATTN, lora.finetune_attention_modules), (_VISION_MLP, lora.finetune_mlp_modules))
+        mods = [m for m, on in wanted if on]
         parts.append(_VISION + "(" + "|".join(mods) + ")")
     if lora.finetune_language_layers:
-        mods = [m for m, on in ((_LANGUAGE_ATTN, lora.finetune_attention_modules), (_LANGUAGE_MLP, lora.finetune_mlp_modules)) if on]
+        wanted = ((_LANGUAGE_ATTN, lora.finetune_attention_modules), (_LANGUAGE_MLP, lora.finetune_mlp_modules))
+        mods = [m for m, on in wanted if on]
         parts.append(_LANGUAGE + "(" + "|".join(mods) + ")")
     return r"^(.*\.)?(" + "|".join(parts) + r")$"
 
@@ -205,7 +207,8 @@ def load_base_model(cfg: Config, backend: Backend, precision: str) -> tuple[Any,
             kwargs["quantization_config"] = _bnb_config(precision)
     elif cfg.model.load_in_4bit:
         log.info("model.load_in_4bit ignored on CPU (bitsandbytes 4-bit needs CUDA); loading full precision")
-    model = _from_pretrained(network_retry()(AutoModelForImageTextToText.from_pretrained), cfg.model.model_name, **kwargs)
+    loader = network_retry()(AutoModelForImageTextToText.from_pretrained)
+    model = _from_pretrained(loader, cfg.model.model_name, **kwargs)
     processor = network_retry()(load_processor)(
         cfg.model.model_name, cfg.model.model_revision, cfg.data.min_pixels, cfg.data.max_pixels
     )

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 SIGTERM_GRACE_S = 5.0  # RunPod's notice before SIGKILL
 

@@ -23,13 +23,20 @@ import shutil
 import tarfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, wait_exponential
 
 from wellocr.checkpoint import (
-    MARKER, RetentionPolicy, checkpoint_step, is_complete, latest_complete_checkpoint, read_marker, write_json_atomic,
+    MARKER,
+    RetentionPolicy,
+    checkpoint_step,
+    is_complete,
+    latest_complete_checkpoint,
+    read_marker,
+    write_json_atomic,
 )
 from wellocr.errors import UserError
 from wellocr.redact import redact
@@ -146,7 +153,7 @@ class RemoteStore:
         self._compile_cache_queued = False
 
     @classmethod
-    def from_config(cls, checkpoint_cfg: Any, run_name: str) -> "RemoteStore | None":
+    def from_config(cls, checkpoint_cfg: Any, run_name: str) -> RemoteStore | None:
         remote = getattr(checkpoint_cfg, "remote", None)
         return cls(remote, run_name) if remote else None
 

@@ -29,9 +29,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
 
 from wellocr import __version__
 from wellocr.checkpoint import write_json_atomic
@@ -69,7 +70,7 @@ class ManagedJob:
     stamp: str
 
     @classmethod
-    def from_env(cls, env: dict) -> "ManagedJob | None":
+    def from_env(cls, env: dict) -> ManagedJob | None:
         task_id = env.get("SKYPILOT_TASK_ID", "").strip()
         match = MANAGED_TASK_ID.match(task_id)
         if not match:
@@ -96,7 +97,7 @@ class ManagedJob:
             return None
         return f"it is a finished run of an earlier job with the same id ({seen[-1]})"
 
-    def record(self, run: "RunDir") -> None:
+    def record(self, run: RunDir) -> None:
         seen = run.read().get("skypilot", {}).get("task_ids", [])
         if self.task_id not in seen:
             run.update(skypilot={"managed_job_id": self.job_id, "task_ids": [*seen, self.task_id]})
@@ -166,7 +167,8 @@ def hardware() -> dict[str, Any]:
     info: dict[str, Any] = {"host": socket.gethostname(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_count=torch.cuda.device_count(), gpu_memory_gb=round(props.total_memory / 2**30, 1))
+        info.update(gpu=props.name, gpu_count=torch.cuda.device_count(),
+                    gpu_memory_gb=round(props.total_memory / 2**30, 1))
     else:
         info["gpu"] = None
     return info
@@ -219,7 +221,7 @@ class RunLock:
                     self.path.unlink(missing_ok=True)
                     continue
                 if time.time() >= deadline:
-                    raise UserError(
+                    raise UserError(  # noqa: B904 - the lock being held is the error, not the FileExistsError
                         f"run directory {self.path.parent} is in use by pid {holder.get('pid')} on "
                         f"{holder.get('host')}; wait for it to finish or pick another run.run_name"
                     )

@@ -449,7 +449,7 @@ class Style:
     label_variant: int
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _font_dir() -> str | None:
     try:
         import matplotlib

@@ -23,9 +23,9 @@ import torch
 from transformers import EarlyStoppingCallback
 from trl import SFTConfig
 
+from wellocr.artifacts import eval_dir_name
 from wellocr.autobatch import AutoBatchError, choose_micro_batch, training_probe, worst_case_rows
 from wellocr.bootstrap import StartupTimer
-from wellocr.artifacts import eval_dir_name
 from wellocr.callbacks import CheckpointCallback, CostCallback, RehearsalCallback, StartupCallback, StopCallback
 from wellocr.checkpoint import (
     RetentionPolicy,
