@@ -23,3 +23,12 @@ def test_every_bad_input_row_names_a_test_that_exists():
         assert named, f"no test named in: {row}"
         for prefix, test in named:
             assert test in defined[prefix], f"{TEST_FILES[prefix]} has no {test} (docs/BAD_INPUT.md: {row[:60]})"
+
+
+def test_the_readme_module_map_names_every_module_and_only_those():
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Where things live"):].split("\n## ")[0]
+    package = section[section.index("`wellocr/`"):section.index("`configs/`")]
+    named = set(re.findall(r"`([a-z_]+)`", package)) - {"main"}
+    modules = {p.stem for p in (REPO / "wellocr").glob("*.py") if p.stem != "__init__"}
+    assert named == modules, f"README lacks {sorted(modules - named)}; names missing {sorted(named - modules)}"
