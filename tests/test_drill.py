@@ -15,7 +15,6 @@ repo tree.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import subprocess
@@ -101,18 +100,6 @@ def volume_drill(tiny_model_dir, synth_data_dir, tmp_path_factory) -> Drill:
     result = passed(drill(work, tiny_model_dir, synth_data_dir, "--scenario", "controller-restart",
                           "--task", "sky/train_r16_volume.yaml"))
     return Drill(work, result, "controller-restart", REPO / "sky" / "train_r16_volume.yaml")
-
-
-@pytest.fixture(scope="module")
-def moto_url():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -229,4 +229,3 @@ def test_decoded_images_already_have_the_processor_size(model_dir, width, height
     _, grid_h, grid_w = inputs["image_grid_thw"][0].tolist()
     assert (grid_w * 16, grid_h * 16) == image.size  # the processor kept the decoded size
     assert _image_pad_count(budget, inputs) == count_image_tokens(budget, *fit_to_pixel_budget(width, height, lo, hi))
-    assert decode_image(encoded, lo, hi, snap=False).size == fit_to_pixel_budget(width, height, lo, hi)

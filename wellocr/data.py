@@ -347,24 +347,27 @@ def prepared_size(width: int, height: int, min_pixels: int, max_pixels: int) -> 
     return size
 
 
-def prepare_image(image: Any, min_pixels: int, max_pixels: int, snap: bool = True) -> Any:
+def prepare_image(image: Any, min_pixels: int, max_pixels: int) -> Any:
     """The one preparation of an image for the model, shared by training, evaluation and prediction: RGB, resized
-    once to `prepared_size`, so the model is shown the pixels it learnt on (`snap=False`: to the pixel budget only,
-    without importing transformers, for checks that run before Unsloth is imported)."""
+    once to `prepared_size`, so the model is shown the pixels it learnt on."""
     from PIL import Image
 
     image = image.convert("RGB")
-    fit = prepared_size if snap else fit_to_pixel_budget
-    size = fit(image.width, image.height, min_pixels, max_pixels)
+    size = prepared_size(image.width, image.height, min_pixels, max_pixels)
     return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
 
 
-def decode_image(image_base64: str, min_pixels: int, max_pixels: int, snap: bool = True) -> Any:
-    """A data set row's image (base64), decoded and prepared by `prepare_image`."""
+def open_image(image_base64: str) -> Any:
+    """A data set row's image (base64), decoded to RGB pixels as they are (PIL only: preflight's check)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(base64.b64decode(image_base64))) as img:
-        return prepare_image(img, min_pixels, max_pixels, snap)
+        return img.convert("RGB")
+
+
+def decode_image(image_base64: str, min_pixels: int, max_pixels: int) -> Any:
+    """A data set row's image (base64), decoded and prepared by `prepare_image`."""
+    return prepare_image(open_image(image_base64), min_pixels, max_pixels)
 
 
 def prompt_messages(instruction: str) -> list[dict]:

@@ -147,14 +147,14 @@ def check_output_dir(cfg: Config, run_dir: Path, needed: int, report: PreflightR
 
 
 def check_data(cfg: Config, report: PreflightReport) -> None:
-    from wellocr.data import decode_image, load_raw_splits
+    from wellocr.data import load_raw_splits, open_image
 
     splits = load_raw_splits(cfg.data)
     first = splits["train"][0] if len(splits["train"]) else None
     if first is None:
         raise UserError(f"data.dataset_name: '{cfg.data.dataset_name}' has an empty train split")
     try:
-        decode_image(first["image_base64"], cfg.data.min_pixels, cfg.data.max_pixels, snap=False)
+        open_image(first["image_base64"])
     except Exception as exc:  # noqa: BLE001 - any decode failure of row 0 is the user's data problem
         raise UserError(f"data set '{cfg.data.dataset_name}' train row 0 does not decode: {exc}") from None
     sizes = ", ".join(f"{name} {len(ds)}" for name, ds in splits.items())
