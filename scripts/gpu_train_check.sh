@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OF
 python3 - <<PY 2>&1 | tee "$OUT/build.log"
 import time, torch
 from wellocr.tiny import build_tiny_model
-from wellocr.synth import write_dataset
+from wellocr.synthetic import write_dataset
 t = time.time()
 with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a GPU init takes seconds, a CPU one minutes
     build_tiny_model("$WORK/qwen3-vl-2b-random", seed=0, arch="qwen3-vl-2b")
