@@ -1,9 +1,14 @@
 import json
+import os
 import shutil
 
+import pytest
+
+from wellocr import checkpoint
 from wellocr.checkpoint import (
     MARKER,
     RetentionPolicy,
+    atomic_path,
     best_checkpoint,
     checkpoint_eval_loss,
     incomplete_reason,
@@ -11,6 +16,9 @@ from wellocr.checkpoint import (
     list_checkpoints,
     mark_complete,
     remove_incomplete,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
 )
 
 
@@ -25,6 +33,39 @@ def make_checkpoint(run_dir, step, eval_loss=None, complete=True):
     if complete:
         mark_complete(path, step)
     return path
+
+
+@pytest.mark.parametrize("write, content, read", [
+    (write_text_atomic, "new text\n", lambda p: p.read_text()),
+    (write_bytes_atomic, b"new\x00bytes", lambda p: p.read_bytes()),
+    (write_json_atomic, {"new": [1, 2]}, lambda p: json.loads(p.read_text())),
+])
+def test_an_atomic_write_replaces_the_file_and_leaves_no_temp_file(tmp_path, monkeypatch, write, content, read):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: (synced.append(os.path.isdir(f"/proc/self/fd/{fd}")),
+                                                            real_fsync(fd)))
+    target = tmp_path / "file"
+    target.write_text("old")
+    write(target, content)
+    assert read(target) == content
+    assert os.listdir(tmp_path) == ["file"]
+    assert False in synced and True in synced  # the file, then its directory
+
+
+def test_a_failed_atomic_write_keeps_the_old_content_and_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "metrics.json"
+    write_json_atomic(target, {"old": 1})
+    with pytest.raises(TypeError):  # not JSON: json.dump fails after writing part of the object
+        write_json_atomic(target, {"a": 1, "b": object()})
+    assert json.loads(target.read_text()) == {"old": 1}
+    assert os.listdir(tmp_path) == ["metrics.json"]
+
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half of it")
+        raise RuntimeError("killed mid-write")
+    assert json.loads(target.read_text()) == {"old": 1}
+    assert os.listdir(tmp_path) == ["metrics.json"]
 
 
 def test_no_checkpoint_gives_none(tmp_path):

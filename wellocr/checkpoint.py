@@ -4,16 +4,21 @@ A `checkpoint-<step>/` (HF Trainer layout) or `final/` directory counts only whe
 written last, after every other file is flushed to disk: the step, the time and every file with its size. A
 SIGKILL mid-save leaves a directory without a valid marker, which `latest_complete_checkpoint` skips (saying so)
 in favour of the previous complete one.
+
+The one atomic file writer of the package lives here too (`atomic_path`, `write_text_atomic`, `write_bytes_atomic`,
+`write_json_atomic`): every file that a reader must see whole or not at all is written through it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,18 +42,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def _fsync_tree(path: Path) -> dict[str, int]:
-    sizes = {}
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MARKER):
-        with open(file, "rb") as fh:
-            os.fsync(fh.fileno())
-        sizes[str(file.relative_to(path))] = file.stat().st_size
-    for directory in [path, *(p for p in path.rglob("*") if p.is_dir())]:
-        _fsync_dir(directory)
-    return sizes
+# ---------------------------------------------------------------- atomic writes
+# A reader sees the old file or the new one, never half of one: every write goes to a hidden temp file beside the
+# target (`.<name>.<pid>.tmp`), flushed and fsynced, renamed over the target with os.replace, and then the directory
+# is fsynced so the rename itself survives a power loss. A failure before the rename removes the temp file and
+# leaves the target as it was.
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename into it) to disk; a filesystem that refuses is tolerated."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -61,15 +63,59 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+
+
+def temp_path_for(path: Path) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path to write `path`'s new content to (by any writer: a file handle, a ParquetWriter, a
+    download); on a normal exit it is fsynced and renamed over `path`, on an exception it is removed."""
+    path = Path(path)
+    tmp = temp_path_for(path)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+
+
+def write_text_atomic(path: Path, text: str, encoding: str = "utf-8") -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding=encoding) as fh:
+        fh.write(text)
+
+
+def write_json_atomic(path: Path, data: Any, indent: int | None = 2) -> None:
+    """Write `data` as JSON atomically (the content json.dump(data, indent=2) writes)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        json.dump(data, fh, indent=indent)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _fsync_tree(path: Path) -> dict[str, int]:
+    sizes = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MARKER):
+        fsync_file(file)
+        sizes[str(file.relative_to(path))] = file.stat().st_size
+    for directory in [path, *(p for p in path.rglob("*") if p.is_dir())]:
+        fsync_dir(directory)
+    return sizes
 
 
 def read_json_dict(path: Path) -> dict[str, Any]:

@@ -425,13 +425,12 @@ def validate(cfg: Config, origins: dict[str, str], default_source: str) -> None:
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config (no secrets: the schema has no secret fields, and values are redacted)."""
+    from wellocr.checkpoint import write_text_atomic
     from wellocr.redact import redact_data
 
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(redact_data(cfg.to_dict()), sort_keys=False)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def trajectory_differences(saved: Config, requested: Config) -> list[str]:

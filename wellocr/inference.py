@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from wellocr.artifacts import BASE_NAME, checkpoint_info
-from wellocr.checkpoint import write_json_atomic
+from wellocr.checkpoint import write_json_atomic, write_text_atomic
 from wellocr.config import Config
 from wellocr.errors import UserError
 from wellocr.metrics import compute_cer, compute_wer, score
@@ -270,12 +269,6 @@ def fixed_eval_rows(split: Any, n: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------- outputs
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def predictions_jsonl(records: list[dict]) -> str:

@@ -32,6 +32,7 @@ from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, 
 from wellocr.checkpoint import (
     MARKER,
     RetentionPolicy,
+    atomic_path,
     checkpoint_step,
     is_complete,
     latest_complete_checkpoint,
@@ -353,9 +354,8 @@ class RemoteStore:
             target = local_run_dir / rel
             if target.is_file() and (local_ahead or _mtime(listing[rel]) <= target.stat().st_mtime):
                 continue
-            tmp = local_run_dir / f".{rel}.remote-tmp"
-            self._get(rel, tmp, listing[rel].get("size"))
-            os.replace(tmp, target)
+            with atomic_path(target) as tmp:
+                self._get(rel, tmp, listing[rel].get("size"))
             print(f"remote: restored {rel}", flush=True)
 
         restored = None
@@ -384,9 +384,8 @@ class RemoteStore:
         fetched = 0
         for rel, info in listing.items():
             if rel.startswith("eval/") and not (local_run_dir / rel).is_file():
-                tmp = (local_run_dir / rel).with_name(f".{Path(rel).name}.remote-tmp")
-                self._get(rel, tmp, info.get("size"))
-                os.replace(tmp, local_run_dir / rel)
+                with atomic_path(local_run_dir / rel) as tmp:
+                    self._get(rel, tmp, info.get("size"))
                 fetched += 1
         if fetched:
             print(f"remote: restored {fetched} file(s) of eval/", flush=True)

@@ -15,12 +15,11 @@ import difflib
 import html
 import io
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
-from wellocr.checkpoint import list_checkpoints
+from wellocr.checkpoint import list_checkpoints, write_text_atomic
 
 THUMBNAIL_WIDTH = 560
 JPEG_QUALITY = 80
@@ -313,7 +312,5 @@ def write_report(path: Path, metrics: dict[str, Any], worst: list[dict], run_dir
                  eval_dir: Path | None = None) -> Path:
     """Render and write report.html atomically."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(render_report(metrics, worst, run_dir, eval_dir), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, render_report(metrics, worst, run_dir, eval_dir))
     return path

@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
+from wellocr.checkpoint import atomic_path, write_text_atomic
 from wellocr.errors import UserError
 
 FIELDS: tuple[str, ...] = (
@@ -748,30 +749,25 @@ def split_path(out_dir: Path, split: str) -> Path:
 def _write_split(path: Path, split: str, count: int, seed: int, difficulty: float, width: int,
                  image_format: str) -> None:
     """Streams rows into row groups under a hidden temp name, renamed only once complete."""
-    temp_path = path.with_name(f".{path.name}.tmp")
     offset = SPLIT_INDEX_OFFSET[split]
     report_every = max(1, count // 10)
     started = time.perf_counter()
     batch: dict[str, list[str]] = {"image_base64": [], "instruction": [], "answer": []}
-    try:
-        with pq.ParquetWriter(temp_path, SCHEMA) as writer:
-            for i in range(count):
-                image, answer = make_sample(seed, offset + i, difficulty, width)
-                batch["image_base64"].append(encode_image(image, image_format))
-                batch["instruction"].append(INSTRUCTION)
-                batch["answer"].append(answer)
-                if len(batch["answer"]) == ROW_GROUP_SIZE:
-                    writer.write_table(pa.table(batch, schema=SCHEMA))
-                    batch = {key: [] for key in batch}
-                done = i + 1
-                if done % report_every == 0 or done == count:
-                    rate = done / max(time.perf_counter() - started, 1e-9)
-                    print(f"synth: {split} {done}/{count} ({rate:.0f} img/s)", file=sys.stderr, flush=True)
-            if batch["answer"]:
+    with atomic_path(path) as temp_path, pq.ParquetWriter(temp_path, SCHEMA) as writer:
+        for i in range(count):
+            image, answer = make_sample(seed, offset + i, difficulty, width)
+            batch["image_base64"].append(encode_image(image, image_format))
+            batch["instruction"].append(INSTRUCTION)
+            batch["answer"].append(answer)
+            if len(batch["answer"]) == ROW_GROUP_SIZE:
                 writer.write_table(pa.table(batch, schema=SCHEMA))
-        os.replace(temp_path, path)
-    finally:
-        temp_path.unlink(missing_ok=True)
+                batch = {key: [] for key in batch}
+            done = i + 1
+            if done % report_every == 0 or done == count:
+                rate = done / max(time.perf_counter() - started, 1e-9)
+                print(f"synth: {split} {done}/{count} ({rate:.0f} img/s)", file=sys.stderr, flush=True)
+        if batch["answer"]:
+            writer.write_table(pa.table(batch, schema=SCHEMA))
 
 
 def _readme(counts: dict[str, int], seed: int, difficulty: float, width: int, image_format: str) -> str:
@@ -802,12 +798,6 @@ def _readme(counts: dict[str, int], seed: int, difficulty: float, width: int, im
     )
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    temp_path = path.with_name(f".{path.name}.tmp")
-    temp_path.write_text(text, encoding="utf-8")
-    os.replace(temp_path, path)
-
-
 def write_dataset(out_dir, train: int, eval: int, test: int = 0, seed: int = 0, difficulty: float = 0.3,
                   width: int = 1024, image_format: str = "JPEG") -> Path:
     """Writes a folder `datasets.load_dataset` (or the hub) reads with splits train, eval and optional test.
@@ -832,5 +822,5 @@ def write_dataset(out_dir, train: int, eval: int, test: int = 0, seed: int = 0, 
             split_path(out_dir, split).unlink(missing_ok=True)
     for split, count in counts.items():
         _write_split(split_path(out_dir, split), split, count, seed, difficulty, width, image_format)
-    _write_text_atomically(out_dir / "README.md", _readme(counts, seed, difficulty, width, image_format))
+    write_text_atomic(out_dir / "README.md", _readme(counts, seed, difficulty, width, image_format))
     return out_dir
