@@ -49,6 +49,22 @@ def test_picks_the_largest_micro_batch_that_fits_and_keeps_the_effective_batch(e
     assert calls == tried
 
 
+@pytest.mark.parametrize("exc, oom", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (torch.OutOfMemoryError("no message of the usual form"), True),
+    (RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 23.65 GiB total capacity)"), True),
+    (RuntimeError("CUDA out of memory (bitsandbytes)"), True),
+    (RuntimeError("CUDA error: out of memory"), True),
+    (RuntimeError("CUDA error: device-side assert triggered"), False),
+    (ValueError("not a memory problem"), False),
+])
+def test_one_oom_rule_for_the_probe_and_the_training_loop(exc, oom):
+    from wellocr import training
+
+    assert A.is_oom(exc) is oom
+    assert training.is_oom is A.is_oom  # the training loop's OOM adaptation uses the same rule
+
+
 def test_bitsandbytes_style_runtime_oom_counts_and_other_errors_propagate():
     def runtime_oom(micro):
         if micro > 2:

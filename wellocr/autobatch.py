@@ -45,6 +45,9 @@ def micro_batch_candidates(effective_batch: int) -> list[int]:
 
 
 def is_oom(exc: BaseException) -> bool:
+    """Whether `exc` is a CUDA out-of-memory error: torch's OutOfMemoryError, or a RuntimeError saying so (as
+    bitsandbytes and some kernels raise it). The one rule of the package: the micro-batch probe and the training
+    loop's OOM adaptation both use it."""
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 

@@ -24,7 +24,7 @@ from transformers import EarlyStoppingCallback
 from trl import SFTConfig
 
 from wellocr.artifacts import eval_dir_name
-from wellocr.autobatch import AutoBatchError, choose_micro_batch, training_probe, worst_case_rows
+from wellocr.autobatch import AutoBatchError, choose_micro_batch, is_oom, training_probe, worst_case_rows
 from wellocr.bootstrap import StartupTimer
 from wellocr.callbacks import CheckpointCallback, CostCallback, RehearsalCallback, StartupCallback, StopCallback
 from wellocr.checkpoint import (
@@ -293,10 +293,6 @@ def build_trainer(cfg: Config, run: RunDir, backend: Backend, precision: str, mo
     )
 
 
-def is_cuda_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
-
-
 def train_adapting_to_oom(run: RunDir, make_trainer, resume_from: Path | None, initial: dict) -> tuple[Any, Any]:
     """Train; on CUDA OOM halve the micro-batch and double accumulation (same effective batch), rebuild and
     resume from the last complete checkpoint, at most MAX_OOM_ADAPTATIONS times; the sizes go into run.json."""
@@ -306,7 +302,7 @@ def train_adapting_to_oom(run: RunDir, make_trainer, resume_from: Path | None, i
         try:
             return trainer, trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except Exception as exc:  # noqa: BLE001 - only OOM is handled, everything else re-raised
-            if not is_cuda_oom(exc):
+            if not is_oom(exc):
                 raise
             micro = sizes["per_device_train_batch_size"]
             del trainer
