@@ -57,6 +57,7 @@ from typing import Any
 from wellocr.artifacts import read_metrics, read_run_config_data
 from wellocr.checkpoint import read_json_dict, write_json_atomic
 from wellocr.errors import UserError
+from wellocr.rundir import PREEMPTED_REASONS
 
 LEDGER_VERSION = 1
 LEDGER_NAME = "cost.json"
@@ -335,7 +336,7 @@ def cost_report(run_dir: Path) -> dict[str, Any]:
         "gpu_hours": sum(segment_gpu_hours(s) for s in segments),
         "attempts": len(attempts) if attempts else len(segments),
         "segments": len(segments),
-        "preemptions": sum(1 for a in attempts if a.get("exit_reason") in ("preempted", "vanished")),
+        "preemptions": sum(1 for a in attempts if a.get("exit_reason") in PREEMPTED_REASONS),
         "steps_done": steps,
         "max_steps": max_steps,
         "usd_per_step": per_step,

@@ -47,6 +47,7 @@ LOCK_HEARTBEAT_S = 15.0
 LOCK_STALE_S = 90.0
 # An attempt still "running" when the next one starts ended without a word: SIGKILL, or a pod that vanished.
 VANISHED = "vanished"
+# The exit reasons of an attempt that a preemption ended (counted as preemptions by the tracker and the cost report).
 PREEMPTED_REASONS = frozenset({"preempted", VANISHED})
 TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth",
                     "unsloth_zoo", "wandb", "jiwer", "skypilot")
