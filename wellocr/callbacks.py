@@ -23,23 +23,10 @@ from typing import Any
 from transformers import TrainerCallback
 
 from wellocr.checkpoint import RetentionPolicy, mark_complete
-from wellocr.ledger import WARN_FRACTION, CostLedger, budget_exhausted
+from wellocr.ledger import WARN_FRACTION, CostLedger, budget_exhausted, process_start_time
 from wellocr.preemption import SIGTERM_GRACE_S, StopState
 
 log = logging.getLogger("wellocr")
-
-
-def process_start_time() -> float:
-    """Wall-clock time this process started (psutil comes with accelerate); import time as a fallback."""
-    try:
-        import psutil
-
-        return psutil.Process().create_time()
-    except Exception:  # noqa: BLE001 - an estimate is better than none
-        return _IMPORTED_AT
-
-
-_IMPORTED_AT = time.time()
 
 
 class StartupCallback(TrainerCallback):
@@ -49,7 +36,7 @@ class StartupCallback(TrainerCallback):
 
     def __init__(self, run: Any, attempt: int, marks: dict[str, float] | None = None, started_at: float | None = None):
         self.run, self.attempt, self.marks = run, attempt, marks if marks is not None else {}  # filled as phases end
-        self.started_at = started_at if started_at is not None else process_start_time()
+        self.started_at = started_at if started_at is not None else process_start_time()[0]
         self.done = False
 
     def on_step_end(self, args, state, control, **kwargs):

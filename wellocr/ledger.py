@@ -54,6 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from wellocr.artifacts import read_metrics, read_run_config_data
 from wellocr.checkpoint import read_json_dict, write_json_atomic
 from wellocr.errors import UserError
@@ -65,7 +67,7 @@ CURRENCY = "USD"
 WARN_FRACTION = 0.9
 WRITE_INTERVAL_S = 10.0  # heartbeats closer together than this update memory only; stops and train end flush
 
-_IMPORTED_AT = time.time()  # stands in for the process start where /proc is unavailable
+_IMPORTED_AT = time.time()  # stands in for the process start where it cannot be read
 
 # ---------------------------------------------------------------- rate table
 
@@ -147,37 +149,24 @@ def resolve_rate(cost_cfg: Any) -> tuple[float, str]:
 # ---------------------------------------------------------------- billing start
 
 
-def _proc_start_ticks(stat_path: str) -> int:
-    """Field 22 (starttime) of a /proc/<pid>/stat; the command name (field 2) may hold spaces and parentheses."""
-    text = Path(stat_path).read_text()
-    after_comm = text[text.rindex(")") + 2:].split()  # starts at field 3
-    return int(after_comm[22 - 3])
-
-
-def _host_boot_time() -> float:
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith("btime "):
-            return float(line.split()[1])
-    raise ValueError("no btime line in /proc/stat")
-
-
-def _started_at(pid: str) -> float:
-    return _host_boot_time() + _proc_start_ticks(f"/proc/{pid}/stat") / os.sysconf("SC_CLK_TCK")
+def started_at(pid: int | None = None) -> float:
+    """When process `pid` (None: this one) started, in Unix seconds (psutil: the kernel's start time of it)."""
+    return psutil.Process(pid).create_time()
 
 
 def process_start_time() -> tuple[float, str]:
     """This process's start (Unix seconds) and a `start_source` for it."""
     try:
-        return _started_at("self"), "process"
-    except (OSError, ValueError, IndexError) as exc:
-        return _IMPORTED_AT, f"process (module import time; /proc unavailable: {exc})"
+        return started_at(), "process"
+    except (OSError, psutil.Error) as exc:
+        return _IMPORTED_AT, f"process (module import time; process start unavailable: {exc})"
 
 
 def boot_time() -> tuple[float, str]:
-    """The machine's or container's start: PID 1's start time; the process start where /proc is unavailable."""
+    """The machine's or container's start: PID 1's start time; the process start where it cannot be read."""
     try:
-        return _started_at("1"), "boot"
-    except (OSError, ValueError, IndexError) as exc:
+        return started_at(1), "boot"
+    except (OSError, psutil.Error) as exc:
         start, _ = process_start_time()
         return start, f"process (no boot time: {exc})"
 
