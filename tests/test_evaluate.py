@@ -251,13 +251,6 @@ def test_inference_mode_switches_unsloth_models_only_for_the_unsloth_backend(nam
     assert model.training and FakeFastVisionModel.calls == switches
 
 
-def test_training_and_the_bench_still_find_their_names_in_evaluate():
-    """Until wellocr.train and benchmarks/bench.py import wellocr.inference and wellocr.artifacts."""
-    for name in ("fixed_eval_rows", "generation_metrics", "worst_samples", "evaluate_model", "eval_dir_name",
-                 "generate_with_counts", "row_inputs", "loss_collator"):
-        assert callable(getattr(evaluate, name)), name
-
-
 def test_generation_metrics_puts_a_training_model_back_into_training_mode(loaded):
     cfg, model, processor, split, backend = loaded
     model.train()
