@@ -36,18 +36,16 @@ SLOW_FIXTURES = {"trained_run"}
 SLOW_MODULES = {"test_drill.py", "test_tracking_cost_e2e.py"}
 STARTS_TRAINER = re.compile(r"\b(run_train|popen_train|run_train_recorded|train_billed_from_open)\("
                             r"|\"-m\", \"wellocr\.train\"|\"benchmarks\" / \"bench\.py\"")
-# Slow tests the rules above cannot see (module::function): the trainer's main() in-process, torch.compile probes.
-SLOW_TESTS = {"test_train.py::test_oom_halves_the_micro_batch_keeping_the_effective_batch",
-              "test_train.py::test_a_restart_finds_graphs_with_custom_autograd_functions_in_the_compile_cache"}
+# Slow tests the rules above cannot see (the trainer's main() in-process, torch.compile probes) carry
+# @pytest.mark.slow themselves.
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         function = getattr(item, "function", None)
         source = inspect.getsource(function) if function is not None else ""
-        named = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
         if (SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in SLOW_MODULES
-                or STARTS_TRAINER.search(source) or named in SLOW_TESTS):
+                or STARTS_TRAINER.search(source)):
             item.add_marker(pytest.mark.slow)
 
 

@@ -14,12 +14,6 @@ def test_every_module_marked_slow_exists():
     assert all((REPO / "tests" / name).is_file() for name in conftest.SLOW_MODULES), conftest.SLOW_MODULES
 
 
-def test_every_test_marked_slow_by_name_exists():
-    for name in conftest.SLOW_TESTS:
-        module, function = name.split("::")
-        assert f"def {function}(" in (REPO / "tests" / module).read_text(), name
-
-
 def test_every_fixture_marked_slow_is_a_conftest_fixture():
     assert all(callable(getattr(conftest, name, None)) for name in conftest.SLOW_FIXTURES), conftest.SLOW_FIXTURES
 

@@ -237,6 +237,7 @@ def oom_when(monkeypatch, condition):
     monkeypatch.setattr(WellocrSFTTrainer, "training_step", training_step)
 
 
+@pytest.mark.slow
 def test_oom_halves_the_micro_batch_keeping_the_effective_batch(make_config, monkeypatch, capsys, tmp_path):
     oom_when(monkeypatch, lambda micro: micro >= 2)
     cfg = make_config(**{"run.run_name": "oom"})
@@ -593,6 +594,7 @@ print(json.dumps({"grad": x.grad.tolist(), **{k: counts["autograd_cache_" + k] f
 
 @pytest.mark.skipif(not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")),
                     reason="inductor compiles C++ on CPU: no C++ compiler here")
+@pytest.mark.slow
 def test_a_restart_finds_graphs_with_custom_autograd_functions_in_the_compile_cache(tmp_path):
     """The real torch.compile (inductor, on CPU): by default AOTAutograd bypasses its cache for such a graph; with the
     setting use_compile_cache makes, the second process loads it, and the gradients are the same."""
