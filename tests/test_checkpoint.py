@@ -11,10 +11,12 @@ from wellocr.checkpoint import (
     atomic_path,
     best_checkpoint,
     checkpoint_eval_loss,
+    eval_losses,
     incomplete_reason,
     latest_complete_checkpoint,
     list_checkpoints,
     mark_complete,
+    read_trainer_state,
     remove_incomplete,
     write_bytes_atomic,
     write_json_atomic,
@@ -120,6 +122,20 @@ def test_remove_incomplete_deletes_only_incomplete(tmp_path):
 def test_eval_loss_is_read_at_the_checkpoint_step(tmp_path):
     assert checkpoint_eval_loss(make_checkpoint(tmp_path, 10, eval_loss=0.5)) == 0.5
     assert checkpoint_eval_loss(make_checkpoint(tmp_path, 20)) is None
+
+
+def test_the_trainer_state_reader_serves_the_eval_loss_readers(tmp_path):
+    from wellocr import compare, report
+
+    first, second = make_checkpoint(tmp_path, 10, eval_loss=0.7), make_checkpoint(tmp_path, 20, eval_loss=0.4)
+    assert read_trainer_state(second)["global_step"] == 20
+    assert eval_losses(read_trainer_state(second)) == [0.4] and eval_losses(read_trainer_state(second), step=10) == []
+    assert compare.best_eval_loss(tmp_path) == 0.4
+    assert report.read_log_history(tmp_path) == read_trainer_state(second)["log_history"]
+    (second / "trainer_state.json").write_text("{not json")
+    assert read_trainer_state(second) is None and read_trainer_state(tmp_path / "missing") is None
+    assert checkpoint_eval_loss(second) is None and compare.best_eval_loss(tmp_path) == 0.7
+    assert report.read_log_history(tmp_path) == read_trainer_state(first)["log_history"]  # the newest readable
 
 
 def test_seed_retention_case_adapted(tmp_path):

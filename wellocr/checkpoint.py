@@ -26,6 +26,7 @@ from typing import Any
 log = logging.getLogger("wellocr")
 
 MARKER = "wellocr_complete.json"
+TRAINER_STATE = "trainer_state.json"  # written by the HF Trainer into every checkpoint
 _STEP_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -185,15 +186,26 @@ def remove_incomplete(run_dir: Path) -> list[str]:
     return removed
 
 
-def checkpoint_eval_loss(path: Path) -> float | None:
-    """The eval loss measured at this checkpoint's step (from its trainer_state.json), if one was."""
-    step = checkpoint_step(path)
+def read_trainer_state(path: Path) -> dict[str, Any] | None:
+    """The HF Trainer's trainer_state.json of a checkpoint (or final/) directory; None when missing or unreadable."""
     try:
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = json.loads((Path(path) / TRAINER_STATE).read_text())
     except (OSError, ValueError):
         return None
-    losses = [e["eval_loss"] for e in state.get("log_history", []) if "eval_loss" in e and e.get("step") == step]
-    return float(losses[-1]) if losses else None
+    return state if isinstance(state, dict) else None
+
+
+def eval_losses(state: dict[str, Any] | None, step: int | None = None) -> list[float]:
+    """The eval losses in a trainer state's log history, oldest first (only those logged at `step` when given)."""
+    return [float(e["eval_loss"]) for e in (state or {}).get("log_history", [])
+            if isinstance(e.get("eval_loss"), (int, float)) and (step is None or e.get("step") == step)]
+
+
+def checkpoint_eval_loss(path: Path, state: dict[str, Any] | None = None) -> float | None:
+    """The eval loss measured at this checkpoint's step (from its trainer_state.json, or `state` when given: the
+    same file read elsewhere, e.g. from the bucket), if one was."""
+    losses = eval_losses(read_trainer_state(path) if state is None else state, checkpoint_step(path))
+    return losses[-1] if losses else None
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from wellocr.artifacts import read_metrics, read_run_config_data
-from wellocr.checkpoint import list_checkpoints, read_json_dict, read_marker
+from wellocr.checkpoint import eval_losses, list_checkpoints, read_json_dict, read_marker, read_trainer_state
 from wellocr.errors import UserError, run_cli
 from wellocr.ledger import LEDGER_NAME, read_ledger, segment_usd
 
@@ -57,11 +57,8 @@ def steps_done(run_dir: Path, run: dict[str, Any], ledger: dict[str, Any] | None
 
 def best_eval_loss(run_dir: Path) -> float | None:
     """Lowest eval loss logged up to any checkpoint (each trainer_state.json holds the history up to its step)."""
-    losses = []
-    for path in list_checkpoints(run_dir):
-        state = read_json_dict(path / "trainer_state.json")
-        losses += [e["eval_loss"] for e in state.get("log_history", []) if isinstance(e.get("eval_loss"), (int, float))]
-    return min(losses, default=None)
+    return min((loss for path in list_checkpoints(run_dir) for loss in eval_losses(read_trainer_state(path))),
+               default=None)
 
 
 def pick_metrics(run_dir: Path) -> tuple[str | None, dict[str, Any]]:

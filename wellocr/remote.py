@@ -31,8 +31,10 @@ from tenacity import Retrying, retry_if_not_exception_type, stop_after_attempt, 
 
 from wellocr.checkpoint import (
     MARKER,
+    TRAINER_STATE,
     RetentionPolicy,
     atomic_path,
+    checkpoint_eval_loss,
     checkpoint_step,
     is_complete,
     latest_complete_checkpoint,
@@ -522,13 +524,11 @@ class RemoteStore:
     def _remote_eval_loss(self, name: str) -> float | None:
         """wellocr.checkpoint.checkpoint_eval_loss for a remote checkpoint."""
         try:
-            state = json.loads(self._retry(lambda: self.fs.cat_file(self._remote(f"{name}/trainer_state.json")),
+            state = json.loads(self._retry(lambda: self.fs.cat_file(self._remote(f"{name}/{TRAINER_STATE}")),
                                            final=(FileNotFoundError,)))
         except (FileNotFoundError, ValueError):
             return None
-        step = checkpoint_step(Path(name))
-        losses = [e["eval_loss"] for e in state.get("log_history", []) if "eval_loss" in e and e.get("step") == step]
-        return float(losses[-1]) if losses else None
+        return checkpoint_eval_loss(Path(name), state if isinstance(state, dict) else {})
 
     # ------------------------------------------------------------ compile caches (one archive per run)
 

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from wellocr.checkpoint import list_checkpoints, write_text_atomic
+from wellocr.checkpoint import list_checkpoints, read_trainer_state, write_text_atomic
 
 THUMBNAIL_WIDTH = 560
 JPEG_QUALITY = 80
@@ -72,10 +72,9 @@ def read_log_history(run_dir: Path) -> list[dict]:
     """The trainer's log_history: final/'s trainer_state.json if it has one, else the newest checkpoint's."""
     candidates = [Path(run_dir) / "final", *reversed(list_checkpoints(Path(run_dir)))]
     for directory in candidates:
-        try:
-            return json.loads((directory / "trainer_state.json").read_text()).get("log_history", [])
-        except (OSError, ValueError):
-            continue
+        state = read_trainer_state(directory)
+        if state is not None:
+            return state.get("log_history", [])
     return []
 
 

@@ -8,11 +8,12 @@ aware). On CUDA it is TRL's (or Unsloth's patched) loss, unchanged.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
 from trl import SFTTrainer
+
+from wellocr.checkpoint import read_trainer_state
 
 
 def fused_loss_supported(device_type: str) -> bool:
@@ -62,8 +63,7 @@ class WellocrSFTTrainer(SFTTrainer):
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self.start_step = 0
         if isinstance(resume_from_checkpoint, (str, Path)):
-            state = Path(resume_from_checkpoint) / "trainer_state.json"
-            self.start_step = json.loads(state.read_text()).get("global_step", 0) if state.is_file() else 0
+            self.start_step = (read_trainer_state(Path(resume_from_checkpoint)) or {}).get("global_step", 0)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def log(self, logs, *args, **kwargs):
