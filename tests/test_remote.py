@@ -418,3 +418,13 @@ def test_compile_caches_travel_to_the_next_pod_through_the_bucket(s3, tmp_path, 
     with caplog.at_level(logging.WARNING, logger="wellocr"):
         assert store(url).restore_compile_cache(broken) is False  # slower, not wrong: never raised
     assert not broken.exists() and "compiles cold" in caplog.text
+
+
+def test_the_run_files_are_named_once_and_those_present_go_up(tmp_path):
+    from wellocr import remote, rundir
+
+    assert remote.RUN_FILES is rundir.RUN_FILES  # what is restored is what the checkpoints and the exit upload
+    run = rundir.RunDir(tmp_path)
+    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "bad_rows.jsonl").write_text("")
+    assert run.run_files() == [tmp_path / "run.json", tmp_path / "bad_rows.jsonl"]

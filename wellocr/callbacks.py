@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 from wellocr.checkpoint import RetentionPolicy, mark_complete
 from wellocr.ledger import WARN_FRACTION, CostLedger, budget_exhausted, process_start_time
 from wellocr.preemption import SIGTERM_GRACE_S, StopState
+from wellocr.rundir import RunDir
 
 log = logging.getLogger("wellocr")
 
@@ -137,9 +138,8 @@ class CheckpointCallback(TrainerCallback):
             for name in deleted:
                 self.remote.delete_checkpoint(name)
             self.remote.apply_retention(self.retention, self.protect)  # also what earlier machines left
-            for name in ("config.yaml", "run.json", "cost.json", "bad_rows.jsonl"):
-                if (self.run_dir / name).is_file():
-                    self.remote.upload_path(self.run_dir / name)
+            for path in RunDir(self.run_dir).run_files():
+                self.remote.upload_path(path)
             self.remote.upload_compile_cache()  # when it changed: the next pod starts warm
         return control
 

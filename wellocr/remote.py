@@ -43,10 +43,10 @@ from wellocr.checkpoint import (
 )
 from wellocr.errors import UserError
 from wellocr.redact import redact
+from wellocr.rundir import RUN_FILES
 
 log = logging.getLogger("wellocr")
 
-RUN_FILES = ("run.json", "config.yaml", "cost.json", "bad_rows.jsonl")
 COMPILE_CACHE_ARCHIVE = "compile-cache.tar.gz"  # a new pod's disk is empty: without it every restart compiles cold
 PROGRESS_EVERY_S = 10.0
 

@@ -49,6 +49,9 @@ LOCK_STALE_S = 90.0
 VANISHED = "vanished"
 # The exit reasons of an attempt that a preemption ended (counted as preemptions by the tracker and the cost report).
 PREEMPTED_REASONS = frozenset({"preempted", VANISHED})
+# The run's own files (beside its checkpoints, final/ and eval/) that go up to the bucket at every checkpoint and
+# come back first on a new machine (wellocr.remote).
+RUN_FILES = ("run.json", "config.yaml", "cost.json", "bad_rows.jsonl")
 TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth",
                     "unsloth_zoo", "wandb", "jiwer", "skypilot")
 
@@ -307,6 +310,10 @@ class RunDir:
     eval_dir = property(lambda self: self.path / "eval")
     logs_dir = property(lambda self: self.path / "logs")
     bad_rows_log = property(lambda self: self.path / "bad_rows.jsonl")
+
+    def run_files(self) -> list[Path]:
+        """The RUN_FILES of this run that exist now."""
+        return [self.path / name for name in RUN_FILES if (self.path / name).is_file()]
 
     def exists(self) -> bool:
         return self.run_json.is_file()

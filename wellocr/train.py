@@ -426,9 +426,8 @@ def sync_remote(cfg: Config, run: RunDir, remote: Any, outcome: Outcome, log_pat
         for path in (run.final_dir, run.eval_dir):
             if path.exists():
                 remote.upload_path(path)
-    for path in (run.config_file, run.run_json, run.cost_file):
-        if path.is_file():
-            remote.upload_path(path)
+    for path in run.run_files():
+        remote.upload_path(path)
     if log_path is not None:
         remote.upload_path(log_path, f"logs/{log_path.name}")
     # RunPod kills 5 s after SIGTERM; otherwise wait for the uploads (checkpoints, final, eval)
