@@ -176,6 +176,25 @@ def test_saved_config_round_trips_and_redacts_secrets(tmp_path, monkeypatch):
     assert reloaded == cfg
 
 
+def test_a_runs_config_is_read_by_its_run_directory(tmp_path):
+    from wellocr.artifacts import load_run_config
+    from wellocr.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    assert run.read_config_data() is None
+    with pytest.raises(UserError, match="no config.yaml there"):
+        load_run_config(run.path)
+    C.save_config(C.Config(), run.config_file)
+    assert run.read_config_data() == yaml.safe_load(run.config_file.read_text())
+    assert load_run_config(run.path) == C.Config()
+    run.config_file.write_text("train: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        run.read_config_data()
+    run.config_file.write_text("- a list\n")
+    with pytest.raises(UserError, match="not a mapping of config sections"):
+        run.read_config_data()
+
+
 def test_trajectory_differences_ignore_mutable_keys():
     saved, requested = C.Config(), C.Config()
     requested.train.max_steps = 900

@@ -9,8 +9,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from wellocr.checkpoint import (
     best_checkpoint,
     checkpoint_step,
@@ -20,37 +18,21 @@ from wellocr.checkpoint import (
 )
 from wellocr.config import Config, config_from_dict
 from wellocr.errors import UserError
+from wellocr.rundir import RunDir
 
-CONFIG_NAME = "config.yaml"
 BASE_NAME = "base"  # the evaluation of the base model, without any adapter
 
 
 # ---------------------------------------------------------------- the run's config
 
 
-def read_run_config_data(run_dir: Path) -> dict[str, Any] | None:
-    """The run's config.yaml as plain data (the saved, resolved config, not validated); None when there is none.
-
-    UserError when it is not valid YAML or not a mapping of sections.
-    """
-    path = Path(run_dir) / CONFIG_NAME
-    if not path.is_file():
-        return None
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: not a mapping of config sections; give a run directory made by wellocr.train")
-    return data
-
-
 def load_run_config(run_dir: Path) -> Config:
-    """The config a run was trained with (its config.yaml), validated."""
-    data = read_run_config_data(run_dir)
+    """The config a run was trained with (its config.yaml, read by wellocr.rundir.RunDir), validated."""
+    run = RunDir(run_dir)
+    data = run.read_config_data()
     if data is None:
-        raise UserError(f"--run {run_dir}: no {CONFIG_NAME} there; give a run directory made by wellocr.train")
-    return config_from_dict(data, str(Path(run_dir) / CONFIG_NAME))
+        raise UserError(f"--run {run_dir}: no {run.config_file.name} there; give a run directory made by wellocr.train")
+    return config_from_dict(data, str(run.config_file))
 
 
 # ---------------------------------------------------------------- checkpoints by name

@@ -26,10 +26,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from wellocr.artifacts import read_metrics, read_run_config_data
+from wellocr.artifacts import read_metrics
 from wellocr.checkpoint import eval_losses, list_checkpoints, read_json_dict, read_marker, read_trainer_state
 from wellocr.errors import UserError, run_cli
 from wellocr.ledger import LEDGER_NAME, read_ledger, segment_usd
+from wellocr.rundir import RunDir
 
 NOT_DIFFERENCES = frozenset({"run.run_name", "run.output_dir"})
 WANDB_OFFLINE_MODES = frozenset({"offline", "disabled", "dryrun"})
@@ -37,7 +38,7 @@ WANDB_OFFLINE_MODES = frozenset({"offline", "disabled", "dryrun"})
 
 def flat_config(run_dir: Path) -> dict[str, Any]:
     """config.yaml as `section.key` -> value (the saved, resolved config; no validation needed to compare)."""
-    data = read_run_config_data(run_dir) or {}
+    data = RunDir(run_dir).read_config_data() or {}
     flat = {}
     for section, values in data.items():
         if isinstance(values, dict):
@@ -87,7 +88,7 @@ def _number(value: Any) -> float | None:
 def run_summary(run_dir: Path) -> dict[str, Any]:
     """One row of the comparison, from the run directory alone. Raises UserError when it is not a run."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir() or not ((run_dir / "config.yaml").is_file() or (run_dir / "run.json").is_file()):
+    if not run_dir.is_dir() or not (RunDir(run_dir).config_file.is_file() or RunDir(run_dir).run_json.is_file()):
         raise UserError(f"{run_dir}: not a wellocr run directory (no config.yaml or run.json there)")
     run = read_json_dict(run_dir / "run.json")
     ledger = read_ledger(run_dir / LEDGER_NAME) if (run_dir / LEDGER_NAME).is_file() else None

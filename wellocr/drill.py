@@ -86,6 +86,8 @@ import psutil
 import yaml
 
 from wellocr.checkpoint import MARKER, latest_complete_checkpoint, read_marker
+from wellocr.errors import UserError
+from wellocr.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = ("kill", "controller-restart", "done-upload", "no-progress", "rehearsal")
@@ -528,7 +530,7 @@ class Drill:
         return launch.output_dir / (launch.run or "?")
 
     def max_steps(self, run_dir: Path) -> int | None:
-        config = read_json_yaml(run_dir / "config.yaml")
+        config = read_run_config(run_dir)
         return (config.get("train") or {}).get("max_steps")
 
     def check_first(self, launch: Launch) -> dict | None:
@@ -585,7 +587,7 @@ class Drill:
         c(attempts == [(k, first_reason), (k + 1, "finished")],
           f"run.json: attempt {k} ({first_reason}) and attempt {k + 1} (finished)", f"run.json attempts: {attempts}")
 
-        config = read_json_yaml(run_dir / "config.yaml")
+        config = read_run_config(run_dir)
         if not (config.get("wandb") or {}).get("enabled") or self.env.get("WANDB_MODE") == "disabled":
             print("NOTE W&B is off (wandb.enabled false or WANDB_MODE=disabled): run id not checked")
         else:
@@ -648,10 +650,11 @@ class Drill:
         return launch
 
 
-def read_json_yaml(path: Path) -> dict:
+def read_run_config(run_dir: Path) -> dict:
+    """The run's config.yaml as plain data, {} while it is missing or unreadable (the scenario checks report it)."""
     try:
-        return yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        return RunDir(run_dir).read_config_data() or {}
+    except (OSError, UserError):
         return {}
 
 

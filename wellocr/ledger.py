@@ -56,10 +56,10 @@ from typing import Any
 
 import psutil
 
-from wellocr.artifacts import read_metrics, read_run_config_data
+from wellocr.artifacts import read_metrics
 from wellocr.checkpoint import read_json_dict, write_json_atomic
 from wellocr.errors import UserError
-from wellocr.rundir import PREEMPTED_REASONS
+from wellocr.rundir import PREEMPTED_REASONS, RunDir
 
 LEDGER_VERSION = 1
 LEDGER_NAME = "cost.json"
@@ -302,7 +302,7 @@ def cost_report(run_dir: Path) -> dict[str, Any]:
         raise UserError(f"--run {run_dir}: no {LEDGER_NAME} (the run has no cost ledger yet; train it first)")
     segments = read_ledger(ledger_path)["segments"]
     try:
-        cfg = read_run_config_data(run_dir) or {}
+        cfg = RunDir(run_dir).read_config_data() or {}
     except (UserError, OSError):  # a report from the ledger alone is better than none
         cfg = {}
     run = read_json_dict(run_dir / "run.json")

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import yaml
+
 from wellocr import __version__
 from wellocr.checkpoint import write_json_atomic
 from wellocr.config import Config, default_run_name
@@ -317,6 +319,22 @@ class RunDir:
 
     def exists(self) -> bool:
         return self.run_json.is_file()
+
+    def read_config_data(self) -> dict[str, Any] | None:
+        """config.yaml as plain data (the saved, resolved config, not validated); None when there is none.
+
+        UserError when it is not valid YAML or not a mapping of sections.
+        """
+        path = self.config_file
+        if not path.is_file():
+            return None
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: not a mapping of config sections; give a run directory made by wellocr.train")
+        return data
 
     def read(self) -> dict[str, Any]:
         try:

@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from wellocr import bootstrap
 from wellocr.checkpoint import incomplete_reason, latest_complete_checkpoint, read_marker
 from wellocr.config import (
@@ -97,7 +95,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, RunDir, str, Any]:
     may change only what does not alter the training trajectory (steps, intervals, budget, W&B, ...)."""
     if args.resume:
         checkpoint = Path(args.resume)
-        if RunDir(checkpoint).exists() or (checkpoint / "config.yaml").is_file():
+        if RunDir(checkpoint).exists() or RunDir(checkpoint).config_file.is_file():
             newest = latest_complete_checkpoint(checkpoint, quiet=True)
             hint = f"--resume {newest}" if newest is not None else "a checkpoint-<step> directory"
             raise UserError(f"--resume {checkpoint}: this is a run directory, not a checkpoint; pass {hint}, or "
@@ -169,7 +167,7 @@ def has_progress(run: RunDir, remote: Any) -> bool:
 
 
 def _saved_config(run: RunDir) -> Config:
-    return config_from_dict(yaml.safe_load(run.config_file.read_text()), str(run.config_file))
+    return config_from_dict(run.read_config_data(), str(run.config_file))
 
 
 def _requested_config(args: argparse.Namespace, fallback: Config) -> Config:
