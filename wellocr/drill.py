@@ -87,7 +87,7 @@ import yaml
 
 from wellocr.checkpoint import MARKER, latest_complete_checkpoint, read_marker
 from wellocr.errors import UserError
-from wellocr.rundir import RunDir
+from wellocr.rundir import VANISHED, RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = ("kill", "controller-restart", "done-upload", "no-progress", "rehearsal")
@@ -679,7 +679,7 @@ def scenario_kill(d: Drill, restart_controller: bool = False) -> None:
     what = "a restarted controller's new task id" if restart_controller else "the same task id"
     print(f"drill: recovery with {what}: SKYPILOT_TASK_ID={second_id}", flush=True)
     second = d.launch(name, "recovery", d.pod_dir(new_pod=True), second_id)
-    d.check_recovery(before, first, second, "vanished")
+    d.check_recovery(before, first, second, VANISHED)
     if second.rc == 0 and second.run:
         d.remember_finished(second)
     if second.rc != 0:

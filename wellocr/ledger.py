@@ -30,11 +30,11 @@ Ledger file `<run dir>/cost.json` (schema version 1)::
 
 A segment costs `(last_heartbeat - start) / 3600 * hourly_rate * gpu_count`; the run costs the sum.
 
-Billing start (`cost.bill_from`): "boot" is the start of the machine or container, read from PID 1's start time
-(field 22 of /proc/1/stat, clock ticks after host boot) plus the host boot time (`btime` in /proc/stat): in a
-container that is the container's start, on a VM its boot. Without /proc the process start is used and
-`start_source` says so. A second attempt on the same host (a local retry) starts no earlier than the previous
-same-host segment's last heartbeat, so time already billed is not billed twice.
+Billing start (`cost.bill_from`): "boot" is the start of the machine or container, PID 1's start time (psutil:
+the kernel's start time of the process after the host's boot time): in a container that is the container's start,
+on a VM its boot. Where it cannot be read the process start is used and `start_source` says so. A second attempt
+on the same host (a local retry) starts no earlier than the previous same-host segment's last heartbeat, so time
+already billed is not billed twice.
 
 Rates are estimates unless `cost.hourly_rate` is set: see `RATE_TABLE` (and docs/COST.md) for each number's
 source and the date it was read.
