@@ -161,15 +161,15 @@ def log_at(callback, step, logs=None):
     return logs
 
 
-def test_callback_adds_cost_keys_to_the_logs(tmp_path):
+def test_callback_heartbeats_and_gives_the_cost_so_far_without_touching_the_logs(tmp_path):
     ledger, cost_cfg = dollar_per_second_ledger(tmp_path)
     callback = CostCallback(ledger, StopState(), cost_cfg, max_steps=100, clock=lambda: T0 + 10)
-    logs = log_at(callback, 10)
-    assert logs["loss"] == 1.0
-    assert logs["cost/usd"] == pytest.approx(10.0)
-    assert logs["cost/usd_per_step"] == pytest.approx(1.0)
-    assert logs["cost/projected_usd"] == pytest.approx(100.0)
+    assert log_at(callback, 10) == {"loss": 1.0}  # the console's logs stay the trainer's own
     assert ledger.segment["last_step"] == 10
+    metrics = callback.metrics(10)
+    assert metrics["cost/usd"] == pytest.approx(10.0)
+    assert metrics["cost/usd_per_step"] == pytest.approx(1.0)
+    assert metrics["cost/projected_usd"] == pytest.approx(100.0)
 
 
 def test_callback_warns_once_at_ninety_percent_of_the_cap(tmp_path, capsys):

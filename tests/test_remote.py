@@ -428,3 +428,20 @@ def test_the_run_files_are_named_once_and_those_present_go_up(tmp_path):
     (tmp_path / "run.json").write_text("{}")
     (tmp_path / "bad_rows.jsonl").write_text("")
     assert run.run_files() == [tmp_path / "run.json", tmp_path / "bad_rows.jsonl"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "remove"])
+def test_a_damaged_checkpoint_gets_the_same_verdict_here_and_in_the_bucket(run_dir, tmp_path, damage):
+    """One completeness rule (wellocr.checkpoint.marker_mismatch) for local directories and remote copies."""
+    from wellocr.checkpoint import incomplete_reason
+
+    url = f"file://{tmp_path / 'bucket'}"
+    remote = store(url)
+    upload_all(remote, run_dir)
+    for copy in (run_dir / "checkpoint-8", tmp_path / "bucket" / "exp" / "checkpoint-8"):
+        file = copy / "sub" / "optimizer.pt"
+        file.write_bytes(b"short") if damage == "truncate" else file.unlink()
+    local = incomplete_reason(run_dir / "checkpoint-8")
+    remote_marker, remote_reason = store(url)._complete_remote(store(url)._listing(), "checkpoint-8")
+    assert local is not None and remote_marker is None and remote_reason == local
+    assert store(url).latest_complete_checkpoint() == "checkpoint-4"

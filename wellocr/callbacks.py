@@ -165,10 +165,9 @@ class RehearsalCallback(TrainerCallback):
 
 
 class CostCallback(TrainerCallback):
-    """Heartbeat the ledger at every log, put cost into the logs, warn at 90% of the cap and stop at 100%.
-
-    Must come before loggers (W&B) in the callback list: they see the `cost/*` keys because `logs` is mutated.
-    """
+    """Heartbeat the ledger at every log, warn at 90% of the cap and stop at 100%. `metrics(step)` gives the cost
+    so far for W&B (wellocr.tracking.TrackingCallback asks for it), so the console logs stay the trainer's own and
+    the callbacks' order does not matter."""
 
     def __init__(self, ledger: CostLedger, stop_state: Any, cost_cfg: Any, max_steps: int,
                  clock: Callable[[], float] = time.time):
@@ -180,17 +179,18 @@ class CostCallback(TrainerCallback):
         self.warned = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        step = state.global_step
-        self.ledger.heartbeat(step, now=self.clock())
-        spent = self.ledger.total_usd()
-        if logs is not None:
-            logs["cost/usd"] = round(spent, 6)
-            if step > 0:
-                per_step = spent / step
-                logs["cost/usd_per_step"] = per_step
-                logs["cost/projected_usd"] = per_step * max(self.max_steps, step)
-        self._check_budget(spent)
+        self.ledger.heartbeat(state.global_step, now=self.clock())
+        self._check_budget(self.ledger.total_usd())
         return control
+
+    def metrics(self, step: int) -> dict[str, float]:
+        """cost/usd so far, and from step 1 on cost/usd_per_step and cost/projected_usd (at max_steps)."""
+        spent = self.ledger.total_usd()
+        out = {"cost/usd": round(spent, 6)}
+        if step > 0:
+            out["cost/usd_per_step"] = spent / step
+            out["cost/projected_usd"] = spent / step * max(self.max_steps, step)
+        return out
 
     def on_train_end(self, args, state, control, **kwargs):
         self.ledger.heartbeat(state.global_step, now=self.clock(), force=True)

@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,21 +142,31 @@ def read_marker(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def incomplete_reason(path: Path) -> str | None:
-    """Why `path` is not a usable checkpoint (None when it is complete and intact)."""
-    marker = read_marker(path)
+def marker_mismatch(marker: dict[str, Any] | None, size_of: Callable[[str], int | None]) -> str | None:
+    """The completeness rule, wherever the directory lies (here, or in object storage: wellocr.remote): why a
+    directory with this marker is not complete, given `size_of(relative path)` of its files (None: missing)."""
     if marker is None:
         return "no completeness marker (interrupted while saving)"
     files = marker.get("files")
     if not isinstance(files, dict) or not files:
         return "marker lists no files"
     for name, size in files.items():
-        file = path / name
-        if not file.is_file():
+        actual = size_of(name)
+        if actual is None:
             return f"{name} is missing"
-        if file.stat().st_size != size:
-            return f"{name} is {file.stat().st_size} bytes, marker says {size}"
+        if actual != size:
+            return f"{name} is {actual} bytes, marker says {size}"
     return None
+
+
+def incomplete_reason(path: Path) -> str | None:
+    """Why `path` is not a usable checkpoint (None when it is complete and intact)."""
+
+    def size_of(name: str) -> int | None:
+        file = path / name
+        return file.stat().st_size if file.is_file() else None
+
+    return marker_mismatch(read_marker(path), size_of)
 
 
 def is_complete(path: Path) -> bool:

@@ -38,6 +38,7 @@ from wellocr.checkpoint import (
     checkpoint_step,
     is_complete,
     latest_complete_checkpoint,
+    marker_mismatch,
     read_marker,
     write_json_atomic,
 )
@@ -269,15 +270,8 @@ class RemoteStore:
         if f"{name}/{MARKER}" not in listing:
             return None, "no completeness marker (upload interrupted)"
         marker = self._read_remote_marker(name)
-        if not marker or not isinstance(marker.get("files"), dict) or not marker["files"]:
-            return None, "unreadable marker"
-        for rel, size in marker["files"].items():
-            info = listing.get(f"{name}/{rel}")
-            if info is None:
-                return None, f"{rel} is missing"
-            if info.get("size") != size:
-                return None, f"{rel} is {info.get('size')} bytes, marker says {size}"
-        return marker, None
+        reason = marker_mismatch(marker, lambda rel: listing.get(f"{name}/{rel}", {}).get("size"))
+        return (marker, None) if reason is None else (None, reason)
 
     def _latest_remote(self, listing: dict[str, dict], quiet: bool = False) -> tuple[str | None, dict | None]:
         names = {rel.split("/", 1)[0] for rel in listing if "/" in rel}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from transformers import TrainerCallback
@@ -113,11 +114,13 @@ class Tracker:
 
 
 class TrackingCallback(TrainerCallback):
-    """Forward the Trainer's logs (plus GPU memory and samples/s) to W&B under stable names."""
+    """Forward the Trainer's logs (plus GPU memory, samples/s and `extra(step)`, e.g. the cost so far) to W&B under
+    stable names."""
 
-    def __init__(self, tracker: Tracker, samples_per_step: int):
+    def __init__(self, tracker: Tracker, samples_per_step: int, extra: Callable[[int], dict] | None = None):
         self.tracker = tracker
         self.samples_per_step = samples_per_step
+        self.extra = extra
         self._last: tuple[float, int] | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -129,6 +132,8 @@ class TrackingCallback(TrainerCallback):
             data["train/samples_per_second"] = (
                 (state.global_step - self._last[1]) * self.samples_per_step / (now - self._last[0]))
         self._last = (now, state.global_step)
+        if self.extra is not None:
+            data.update(self.extra(state.global_step))
         import torch
 
         if torch.cuda.is_available():

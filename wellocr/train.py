@@ -74,7 +74,19 @@ MAX_RETRIES_WITHOUT_PROGRESS = 3  # retryable exits in a row with no new step an
 # ---------------------------------------------------------------- config and run directory
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class Request:
+    """What the command line asks: the config (file and --set), which checkpoint to continue from, and the modes."""
+
+    config: str | None
+    set: list[str]
+    resume: str | None  # --resume CHECKPOINT_DIR
+    resume_latest: bool
+    preflight_only: bool
+    rehearse_preemption: bool
+
+
+def parse_args(argv: list[str] | None) -> Request:
     parser = argparse.ArgumentParser(prog="python -m wellocr.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="experiment YAML (default: $WELLOCR_CONFIG)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -87,10 +99,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rehearse-preemption", action="store_true",
                         help="stop once right after the first checkpoint with exit 75 (as a preemption would), "
                              "then, relaunched, finish and print a PASS/FAIL verdict of the recovery")
-    return parser.parse_args(argv)
+    return Request(**vars(parser.parse_args(argv)))
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[Config, RunDir, str, Any]:
+def resolve_config(args: Request) -> tuple[Config, RunDir, str, Any]:
     """The run's config and directory. On resume the run's saved config.yaml is the config; requested values
     may change only what does not alter the training trajectory (steps, intervals, budget, W&B, ...)."""
     if args.resume:
@@ -170,7 +182,7 @@ def _saved_config(run: RunDir) -> Config:
     return config_from_dict(run.read_config_data(), str(run.config_file))
 
 
-def _requested_config(args: argparse.Namespace, fallback: Config) -> Config:
+def _requested_config(args: Request, fallback: Config) -> Config:
     """The --config/$WELLOCR_CONFIG file with --set, or without one the run's saved config with --set."""
     try:
         path = find_config_path(args.config)
@@ -297,7 +309,7 @@ class Claim:
     attempt: int | None
 
 
-def claim_run(args: argparse.Namespace, command: list[str]) -> Claim:
+def claim_run(args: Request, command: list[str]) -> Claim:
     """Config and run directory resolved, the directory locked, the config saved, the attempt recorded."""
     refuse_an_empty_remote()
     cfg, run, how, remote = resolve_config(args)
@@ -344,7 +356,7 @@ def guarded(body: Any, stop: StopState) -> Outcome:
         return Outcome("crashed", EXIT_ERROR)
 
 
-def close_attempt(claim: Claim, outcome: Outcome, args: argparse.Namespace) -> Outcome:
+def close_attempt(claim: Claim, outcome: Outcome, args: Request) -> Outcome:
     """Record the attempt's end, finish the uploads (a finished run: read back), print the cost report and, for a
     rehearsal, its verdict. Returns the outcome the process exits with."""
     run, remote = claim.run, claim.remote
@@ -368,7 +380,7 @@ def refuse_an_empty_remote() -> None:
                         "(a preemption then restarts from step 0)")
 
 
-def attempt_outcome(claim: Claim, args: argparse.Namespace, stop: StopState) -> Outcome:
+def attempt_outcome(claim: Claim, args: Request, stop: StopState) -> Outcome:
     """Train, unless the run is done (then only its uploads are finished) or stuck in retries."""
     run = claim.run
     stuck = retries_without_progress(run.read().get("attempts", [])[:-1])
@@ -382,7 +394,7 @@ def attempt_outcome(claim: Claim, args: argparse.Namespace, stop: StopState) -> 
     return train(claim.cfg, run, args, stop, claim.attempt, claim.remote)
 
 
-def train(cfg: Config, run: RunDir, args: argparse.Namespace, stop: StopState, attempt: int, remote: Any) -> Outcome:
+def train(cfg: Config, run: RunDir, args: Request, stop: StopState, attempt: int, remote: Any) -> Outcome:
     """Stage 1 hands over to stage 2: caches and backend (bootstrap), assets, preflight, then the recipe."""
     timer = bootstrap.StartupTimer()
     backend = bootstrap.prepare(cfg, remote)  # the compile caches are set: torch may be imported from here on

@@ -102,11 +102,12 @@ def run(a: Attempt) -> Outcome:
         data = prepare_data(cfg, processor, run_dir)
         a.timer.mark("data")
         callbacks = training_callbacks(a, ledger, resume_from)
+        cost = next(c for c in callbacks if isinstance(c, CostCallback))
         probe = probe_trainer_factory(cfg, run_dir, a.backend, a.precision, model, processor, data)
         sizes = batch_sizes(cfg, run_dir, a.backend, probe)
         a.timer.mark("auto_batch")  # the probe runs in the first attempt only
         callbacks.append(TrackingCallback(tracker, sizes["per_device_train_batch_size"]
-                                          * sizes["gradient_accumulation_steps"]))
+                                          * sizes["gradient_accumulation_steps"], extra=cost.metrics))
         hook = generation_eval_hook(cfg, a.backend, processor, data, tracker)
 
         def make_trainer(micro_batch: int, accumulation: int) -> Any:
@@ -140,8 +141,7 @@ def resume_point(a: Attempt) -> tuple[Path | None, int]:
 
 def training_callbacks(a: Attempt, ledger: CostLedger, resume_from: Path | None) -> list:
     """Checkpoint completeness and retention (+ uploads), the stop requests, the cost ledger and budget, the
-    start-up timing, and the rehearsal's one stop. The cost callback adds its keys to the logs before the tracking
-    callback (appended last, once the batch sizes are known) sends them."""
+    start-up timing, and the rehearsal's one stop (W&B's callback joins once the batch sizes are known)."""
     retention = RetentionPolicy(a.cfg.checkpoint.keep_best, a.cfg.checkpoint.keep_recent)
     protect = {resume_from.name} if resume_from is not None else set()
     callbacks = [
