@@ -10,6 +10,8 @@ Unsloth; pyinstrument for --resume-profile). On a GPU, offline (it downloads not
 MFU is measured against (default: the H200's 790). docs/BENCHMARKS.md has the commands behind its numbers.
 
 CPU (what tests/test_bench.py runs): `python benchmarks/bench.py --tiny`; data pipeline alone: `--data-only`.
+The whole shipped run under a memory cap, evaluations included, through the real entry point: `--whole-run`
+(benchmarks/whole_run.py has what it measures).
 
 What it does, offline: builds a random-weight model of the real Qwen3-VL-2B architecture (`wellocr.tiny`, built
 ON the GPU in bf16 in a subprocess, so the init is not the 100 s CPU init) and synthetic 27-field headers at the
@@ -1052,10 +1054,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "e.g. TORCH_CACHING_PRECOMPILE=1 twice: the first records, the second loads")
     p.add_argument("--resume-profile", action="store_true",
                    help="one more resume under pyinstrument; its call tree goes to LOGS/BACKEND-resume-profile.txt")
+    p.add_argument("--whole-run", action="store_true",
+                   help="the shipped config end to end through python -m wellocr.train under --cap-gb, with its "
+                        "evaluations, then one restart (benchmarks/whole_run.py)")
+    p.add_argument("--whole-steps", type=int, help="--whole-run: optimizer steps (default 12; --tiny 3)")
+    p.add_argument("--eval-every", type=int, help="--whole-run: evaluation and save interval (default 6; --tiny 2)")
+    p.add_argument("--project-steps", type=int, default=500, help="--whole-run: steps of the projected run")
+    p.add_argument("--project-every", type=int, default=50, help="--whole-run: its evaluation interval")
     p.add_argument("--worker", choices=("build", "quantize", "hf", "unsloth"), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--launched-at", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.data_given = args.data is not None
+    args.whole_steps = args.whole_steps or (3 if args.tiny else 12)
+    args.eval_every = args.eval_every or (2 if args.tiny else 6)
     for key, value in DEFAULTS[args.tiny].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -1107,6 +1119,13 @@ def main(argv: list[str] | None = None) -> int:
             worker.result["wall_s"] = time.time() - args.launched_at
             worker.save()
         return 0
+    if args.whole_run:
+        sys.path.insert(0, str(SCRIPT.parent))
+        import whole_run
+
+        report = whole_run.run(args)
+        print(f"\nwrote {args.out}; logs in {args.logs}", flush=True)
+        return 0 if all("error" not in m for m in report["backends"].values()) else 1
     if args.data_only:
         Path(args.work).mkdir(parents=True, exist_ok=True)
         ensure_data(args)

@@ -179,3 +179,23 @@ def test_the_bench_is_not_in_the_package():
     packages = find_packages(str(REPO), include=find["include"])
     assert "wellocr" in packages and not any(p.startswith("benchmarks") for p in packages)
     assert not (REPO / "wellocr" / "bench.py").exists()
+
+
+def test_whole_run_mode_runs_the_shipped_config_through_the_entry_point(tiny_model_dir, tmp_path):
+    """`--whole-run --tiny`: configs/train_r16.yaml through `python -m wellocr.train` (evaluations included), then a
+    restart; the numbers come from what the run recorded, so a change there cannot silently empty the table."""
+    out = tmp_path / "whole.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--whole-run", "--tiny",
+                             "--model", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--out", str(out)],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["meta"]["config"].endswith("configs/train_r16.yaml")
+    m = report["backends"]["hf"]
+    assert m["exit_code"] == 0 and m["fallback"] is False
+    assert set(m["peaks"]) == {"auto_batch", "train", "eval_loss", "generation", "final_eval"}
+    assert m["samples_per_s"] > 0 and len(m["eval_loss_s"]) >= 1 and len(m["generation_s"]) >= 1
+    assert 0 < m["projection"]["overhead"] < 1 and m["projection"]["evaluations"] == 10
+    assert m["memory_line"].startswith("peak process memory")
+    assert m["restart"]["exit_code"] == 0 and m["restart"]["to_first_step_s"] > 0
+    assert "| hf | 2x4 | no |" in result.stdout

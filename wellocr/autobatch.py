@@ -10,7 +10,8 @@ as the longest, so no later batch of any image size can need more) at each candi
 out-of-memory; the trainable weights are put back afterwards, so training starts from the same adapter.
 
 - budget: explicit GB (e.g. the 24 of a 4090 while probing on a bigger GPU), enforced with
-  `torch.cuda.set_per_process_memory_fraction`; by default the GPU's own memory minus `HEADROOM` (10%).
+  `torch.cuda.set_per_process_memory_fraction`; by default what the process may use (the GPU's memory, or the
+  `WELLOCR_GPU_MEMORY_GB` cap) minus `HEADROOM` (10%), which evaluation and fragmentation need beside training.
 - CPU: `auto` means 2 (no probing), or the largest divisor of the effective batch below 2.
 
 Imports no transformers at module level (Unsloth must be imported before transformers in a training process).
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,6 +33,7 @@ log = logging.getLogger("wellocr")
 GIB = 2**30
 HEADROOM = 0.10  # fraction of the GPU kept free when no budget is given (fragmentation, optimizer state)
 CPU_MICRO_BATCH = 2
+CAP_ENV = "WELLOCR_GPU_MEMORY_GB"
 
 
 class AutoBatchError(RuntimeError):
@@ -79,8 +82,32 @@ def memory_cap(budget_gb: float | None, device: int = 0) -> Iterator[float | Non
 
 
 def default_budget_gb(device: int = 0) -> float:
-    """The GPU's memory minus HEADROOM, in GiB."""
-    return torch.cuda.get_device_properties(device).total_memory / GIB * (1 - HEADROOM)
+    """What this process may use of the GPU (its per-process fraction of the memory) minus HEADROOM, in GiB."""
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = getter(device) if getter is not None else 1.0
+    return torch.cuda.get_device_properties(device).total_memory * fraction / GIB * (1 - HEADROOM)
+
+
+def cap_process_memory(environ: dict | None = None) -> float | None:
+    """`WELLOCR_GPU_MEMORY_GB=N`: this process uses at most N GiB of the GPU, for its whole life (torch's
+    per-process memory fraction) — a 24 GB card's budget on a larger GPU, or a GPU shared with another process.
+    Returns the cap set (None: not asked for, or no GPU). Call before the first CUDA allocation."""
+    from wellocr.errors import UserError
+
+    raw = (os.environ if environ is None else environ).get(CAP_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        cap = float(raw)
+    except ValueError:
+        cap = 0.0
+    if not cap > 0:
+        raise UserError(f"{CAP_ENV}={raw!r}: expected GiB of GPU memory, a number > 0 (e.g. 22), or unset it")
+    if not torch.cuda.is_available():
+        return None
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GIB / total), 0)
+    return min(cap, total / GIB)
 
 
 def choose_micro_batch(probe: Callable[[int], None], effective_batch: int = 8, device: str = "cuda",

@@ -7,6 +7,8 @@
   split by phase, with torch.compile's cache hits and misses (did the caches on the volume work?).
 - `StopCallback`: turns a SIGTERM (RunPod gives 5 s before SIGKILL) or a stop request (budget cap) into a clean
   stop at the next step boundary, with a save when it fits in the time left.
+- `PhaseCallback`: tells a wellocr.phases.PhaseMonitor when training starts and each step ends (per-phase peak
+  memory and the step intervals the run keeps).
 - `CostCallback`: keeps the run's cost ledger (wellocr.ledger) alive, puts cost into the logs and requests that
   stop when the budget cap is reached.
 """
@@ -24,10 +26,27 @@ from transformers import TrainerCallback
 
 from wellocr.checkpoint import RetentionPolicy, mark_complete
 from wellocr.ledger import WARN_FRACTION, CostLedger, budget_exhausted, process_start_time
+from wellocr.phases import PhaseMonitor
 from wellocr.preemption import SIGTERM_GRACE_S, StopState
 from wellocr.rundir import RunDir
 
 log = logging.getLogger("wellocr")
+
+
+class PhaseCallback(TrainerCallback):
+    """Training is the phase between evaluations; a checkpoint save is not part of a step's interval."""
+
+    def __init__(self, monitor: PhaseMonitor):
+        self.monitor = monitor
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.monitor.switch("train")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.monitor.step_end()
+
+    def on_save(self, args, state, control, **kwargs):
+        self.monitor.interrupted()
 
 
 class StartupCallback(TrainerCallback):

@@ -176,38 +176,51 @@ def sample_record(index: int, prediction: str, reference: str, loss: float) -> d
 
 
 def score_rows(model: Any, processor: Any, cfg: Config, rows: list[dict], batch_size: int, keep_images: bool = False,
-               *, backend: Backend) -> tuple[list[dict], dict[str, Any]]:
+               *, backend: Backend, max_new_tokens: int | None = None,
+               shrink_on_oom: bool = False) -> tuple[list[dict], dict[str, Any]]:
     """Generate, score and compute the loss of raw rows (a list or a Dataset), one batch of images at a time.
 
+    `shrink_on_oom`: on CUDA out-of-memory the batch is halved and tried again (down to 1), for an evaluation
+    that shares the GPU with training; the size it ended with is returned as generation["batch_size"].
     Returns per-sample records (with the PIL image under "image" when keep_images) and throughput figures.
     """
     from tqdm.auto import tqdm
 
-    max_new_tokens = cfg.eval.max_new_tokens
+    max_new_tokens = max_new_tokens or cfg.eval.max_new_tokens
     records: list[dict] = []
     seconds, new_tokens, hit_limit = 0.0, 0, 0
     progress = tqdm(total=len(rows), desc="evaluating", unit="sample", disable=len(rows) <= batch_size)
+    start = 0
     with progress, inference_mode(model, backend):
-        for start in range(0, len(rows), batch_size):
+        while start < len(rows):
             batch = _take(rows, start, start + batch_size)
             images, instructions, answers = row_inputs(batch, cfg)
             fill = batch_size - len(batch) if compiles_per_batch_size(backend) else 0
             started = time.perf_counter()
-            predictions, counts = generate_with_counts(model, processor, images + images[-1:] * fill,
-                                                       instructions + instructions[-1:] * fill, max_new_tokens,
-                                                       backend=backend)
+            try:
+                predictions, counts = generate_with_counts(model, processor, images + images[-1:] * fill,
+                                                           instructions + instructions[-1:] * fill, max_new_tokens,
+                                                           backend=backend)
+                losses = per_sample_losses(model, processor, loss_examples(images, instructions, answers),
+                                           batch_size, backend=backend)
+            except Exception as exc:  # noqa: BLE001 - only CUDA out-of-memory is handled, the rest re-raised
+                if not (shrink_on_oom and batch_size > 1 and _is_oom(exc)):
+                    raise
+                batch_size //= 2
+                _release_memory()
+                print(f"wellocr: CUDA out of memory in evaluation; generating {batch_size} rows at a time", flush=True)
+                continue
             predictions, counts = predictions[:len(batch)], counts[:len(batch)]
             seconds += time.perf_counter() - started
             new_tokens += sum(counts)
             hit_limit += sum(n >= max_new_tokens for n in counts)
-            losses = per_sample_losses(model, processor, loss_examples(images, instructions, answers), batch_size,
-                                       backend=backend)
             for row, image, prediction, answer, loss in zip(batch, images, predictions, answers, losses):
                 record = sample_record(row["row_index"], prediction, answer, loss)
                 if keep_images:
                     record["image"] = image
                 records.append(record)
             progress.update(len(batch))
+            start += len(batch)
     generation = {
         "samples_per_second": len(rows) / seconds if seconds else 0.0,
         "new_tokens_per_second": new_tokens / seconds if seconds else 0.0,
@@ -218,6 +231,18 @@ def score_rows(model: Any, processor: Any, cfg: Config, rows: list[dict], batch_
         "hit_max_new_tokens": hit_limit,
     }
     return records, generation
+
+
+def _is_oom(exc: BaseException) -> bool:
+    from wellocr.autobatch import is_oom
+
+    return is_oom(exc)
+
+
+def _release_memory() -> None:
+    from wellocr.phases import release_cached_memory
+
+    release_cached_memory()
 
 
 def compiles_per_batch_size(backend: Backend) -> bool:
@@ -251,16 +276,28 @@ def _finite(value: float) -> float:
 
 
 def generation_metrics(model: Any, processor: Any, cfg: Config, rows: list[dict], batch_size: int, *,
-                       backend: Backend) -> dict[str, Any]:
+                       backend: Backend, max_new_tokens: int | None = None) -> dict[str, Any]:
     """Corpus CER/WER of a few fixed eval rows, for logging at each evaluation during training.
 
     `rows` are raw data set rows (image_base64, instruction, answer, row_index), e.g. `fixed_eval_rows`.
-    Returns {"eval/cer", "eval/wer", "records"}; each record holds index, prediction, reference, cer, wer,
-    loss and the decoded PIL image. The model goes back to training mode afterwards if it was training.
+    Returns {"eval/cer", "eval/wer", "records", "batch_size"}; each record holds index, prediction, reference,
+    cer, wer, loss and the decoded PIL image; batch_size is what fitted beside training (halved on CUDA
+    out-of-memory). The model goes back to training mode afterwards if it was training.
     """
-    records, _ = score_rows(model, processor, cfg, rows, batch_size, keep_images=True, backend=backend)
+    records, generation = score_rows(model, processor, cfg, rows, batch_size, keep_images=True, backend=backend,
+                                     max_new_tokens=max_new_tokens, shrink_on_oom=True)
     corpus = score([r["reference"] for r in records], [r["prediction"] for r in records])
-    return {"eval/cer": corpus["cer"], "eval/wer": corpus["wer"], "records": records}
+    return {"eval/cer": corpus["cer"], "eval/wer": corpus["wer"], "records": records,
+            "batch_size": generation["batch_size"]}
+
+
+def generation_limit(processor: Any, references: list[str], max_new_tokens: int) -> int:
+    """Tokens worth generating for rows whose answers are known: 1.25 x the longest reference + 16, at most
+    max_new_tokens. A transcription longer than that is wrong already; an early model that repeats itself would
+    otherwise run every row to the limit at every evaluation."""
+    longest = max((len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in references),
+                  default=0)
+    return min(max_new_tokens, int(longest * 1.25) + 16)
 
 
 def fixed_eval_rows(split: Any, n: int) -> list[dict]:

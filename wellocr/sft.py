@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback
 from trl import SFTTrainer
 
 from wellocr.checkpoint import read_trainer_state
+from wellocr.phases import release_cached_memory
 
 
 def fused_loss_supported(device_type: str) -> bool:
@@ -50,14 +51,17 @@ class ResumeCallback(TrainerCallback):
 
 class WellocrSFTTrainer(SFTTrainer):
     """`generation_eval(model, step) -> dict` (optional) adds generation-based metrics (eval/cer, eval/wer) to
-    every evaluation: the eval loss alone says little about transcription quality. A resumed run's closing
-    metrics (steps/s, samples/s, train loss) are this process's own, not averaged over steps it did not train."""
+    every evaluation: the eval loss alone says little about transcription quality. `phases` (a
+    wellocr.phases.PhaseMonitor, optional) is told when an evaluation starts and ends, and the memory the
+    evaluation cached is handed back before training continues. A resumed run's closing metrics (steps/s,
+    samples/s, train loss) are this process's own, not averaged over steps it did not train."""
 
     start_step = 0
 
-    def __init__(self, *args, generation_eval=None, **kwargs):
+    def __init__(self, *args, generation_eval=None, phases=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.generation_eval = generation_eval
+        self.phases = phases
         self.add_callback(ResumeCallback())
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -72,13 +76,21 @@ class WellocrSFTTrainer(SFTTrainer):
         return super().log(logs, *args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
+        self._phase("eval_loss")
         metrics = super().evaluate(*args, **kwargs)
         if self.generation_eval is not None:
+            self._phase("generation")
             extra = self.generation_eval(self.model, self.state.global_step)
             if extra:
                 self.log(extra)
                 metrics.update(extra)
+        release_cached_memory()
+        self._phase("train")
         return metrics
+
+    def _phase(self, name: str) -> None:
+        if self.phases is not None:
+            self.phases.switch(name)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if fused_loss_supported(self.args.device.type):

@@ -4,6 +4,10 @@ Imported only after `wellocr.bootstrap` pointed the compile caches at the run's 
 (Unsloth before transformers/TRL/PEFT), so torch, transformers and TRL are ordinary top-level imports here.
 
     run(attempt): resume point → ledger and tracker → load → data → trainer → fit (OOM fallback) → finalize
+
+Evaluation shares the GPU with training: the eval-loss pass keeps no logits (`prediction_loss_only`), the
+in-training generation pass shrinks its batch on CUDA out-of-memory instead of failing the run, and the memory an
+evaluation cached is handed back before training continues; `wellocr.phases` records each phase's peak.
 """
 
 from __future__ import annotations
@@ -12,10 +16,9 @@ import functools
 import gc
 import logging
 import os
-import resource
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,14 @@ from trl import SFTConfig
 from wellocr.artifacts import eval_dir_name
 from wellocr.autobatch import AutoBatchError, choose_micro_batch, is_oom, training_probe, worst_case_rows
 from wellocr.bootstrap import StartupTimer
-from wellocr.callbacks import CheckpointCallback, CostCallback, RehearsalCallback, StartupCallback, StopCallback
+from wellocr.callbacks import (
+    CheckpointCallback,
+    CostCallback,
+    PhaseCallback,
+    RehearsalCallback,
+    StartupCallback,
+    StopCallback,
+)
 from wellocr.checkpoint import (
     RetentionPolicy,
     checkpoint_step,
@@ -37,10 +47,17 @@ from wellocr.checkpoint import (
 from wellocr.config import Config
 from wellocr.data import Split, enforce_max_length, load_splits, trainer_dataset
 from wellocr.errors import UserError
-from wellocr.inference import evaluate_model, fixed_eval_rows, generation_metrics, worst_samples
+from wellocr.inference import (
+    evaluate_model,
+    fixed_eval_rows,
+    generation_limit,
+    generation_metrics,
+    worst_samples,
+)
 from wellocr.ledger import CostLedger, budget_exhausted
 from wellocr.model import Backend, load_for_training, resolve_precision
 from wellocr.outcome import EXIT_OK, EXIT_PREEMPTED, Outcome, OutOfMemory
+from wellocr.phases import PhaseMonitor
 from wellocr.preemption import StopState
 from wellocr.rundir import PREEMPTED_REASONS, RunDir, hardware
 from wellocr.sft import WellocrSFTTrainer
@@ -71,6 +88,7 @@ class Attempt:
     backend: Backend
     stop: StopState
     timer: StartupTimer
+    phases: PhaseMonitor = field(default_factory=PhaseMonitor)
     remote: Any = None  # wellocr.remote.RemoteStore
     resume: Path | None = None  # --resume CHECKPOINT; None: the newest complete checkpoint of the run, if any
     resume_latest: bool = False
@@ -104,6 +122,7 @@ def run(a: Attempt) -> Outcome:
         callbacks = training_callbacks(a, ledger, resume_from)
         cost = next(c for c in callbacks if isinstance(c, CostCallback))
         probe = probe_trainer_factory(cfg, run_dir, a.backend, a.precision, model, processor, data)
+        a.phases.switch("auto_batch")
         sizes = batch_sizes(cfg, run_dir, a.backend, probe)
         a.timer.mark("auto_batch")  # the probe runs in the first attempt only
         callbacks.append(TrackingCallback(tracker, sizes["per_device_train_batch_size"]
@@ -112,7 +131,7 @@ def run(a: Attempt) -> Outcome:
 
         def make_trainer(micro_batch: int, accumulation: int) -> Any:
             return build_trainer(cfg, run_dir, a.backend, a.precision, model, processor, data, micro_batch,
-                                 accumulation, callbacks, generation_eval=hook)
+                                 accumulation, callbacks, generation_eval=hook, phases=a.phases)
 
         trainer, result = train_adapting_to_oom(run_dir, make_trainer, resume_from, sizes)
         step = trainer.state.global_step
@@ -122,6 +141,8 @@ def run(a: Attempt) -> Outcome:
     finally:
         ledger.heartbeat(step, force=True)
         tracker.finish()
+        a.phases.switch(None)
+        run_dir.update_attempt(a.number, **a.phases.summary())
 
 
 def resume_point(a: Attempt) -> tuple[Path | None, int]:
@@ -150,6 +171,7 @@ def training_callbacks(a: Attempt, ledger: CostLedger, resume_from: Path | None)
         StopCallback(a.stop),
         CostCallback(ledger, a.stop, a.cfg.cost, a.cfg.train.max_steps),
         StartupCallback(a.run, a.number, a.timer.marks),
+        PhaseCallback(a.phases),
     ]
     if a.rehearse_preemption:
         callbacks.append(RehearsalCallback(a.run, a.stop))
@@ -177,10 +199,12 @@ def finalize(a: Attempt, trainer: Any, result: Any, processor: Any, data: Data, 
     metrics = result.metrics if result is not None else {}
     print(f"this attempt: steps {start_step + 1}-{step} in {metrics.get('train_runtime', elapsed):.1f} s, "
           f"{metrics.get('train_steps_per_second', 0):.2f} steps/s, train loss "
-          f"{metrics.get('train_loss', float('nan')):.4f}, peak memory {peak_memory_gb(a.backend.device):.1f} GB",
-          flush=True)
+          f"{metrics.get('train_loss', float('nan')):.4f}", flush=True)
     print(f"final adapter: {final}", flush=True)
+    a.phases.switch("final_eval")
     evaluate_final(a.cfg, a.run, a.backend, trainer.model, processor, data, tracker)
+    a.phases.switch(None)
+    print(a.phases.describe(), flush=True)
     print(f"cost: ${ledger.total_usd():.4f} over {len(ledger.segments)} attempt(s) "
           f"(python -m wellocr.cost --run {a.run.path})", flush=True)
     return Outcome(reason, EXIT_OK, step)
@@ -236,6 +260,7 @@ def sft_config(cfg: Config, run: RunDir, backend: Backend, precision: str, max_l
         save_steps=t.save_steps,
         save_total_limit=None,  # wellocr.checkpoint.RetentionPolicy decides, after the completeness marker
         metric_for_best_model="eval_loss",
+        prediction_loss_only=True,  # eval/cer and eval/wer come from generation: no logits kept (they filled GPUs)
         greater_is_better=False,
         load_best_model_at_end=False,
         restore_callback_states_from_checkpoint=True,
@@ -269,7 +294,7 @@ def dataloader_workers(requested: int) -> int:
 
 def build_trainer(cfg: Config, run: RunDir, backend: Backend, precision: str, model: Any, processor: Any,
                   data: Data, micro_batch: int, accumulation: int, callbacks: list, probe: bool = False,
-                  generation_eval: Any = None) -> Any:
+                  generation_eval: Any = None, phases: PhaseMonitor | None = None) -> Any:
     args = sft_config(cfg, run, backend, precision, data.max_length, micro_batch, accumulation, probe)
     collator = None
     if backend.name == "unsloth":
@@ -290,6 +315,7 @@ def build_trainer(cfg: Config, run: RunDir, backend: Backend, precision: str, mo
         data_collator=collator,
         callbacks=callbacks,
         generation_eval=generation_eval,
+        phases=phases,
     )
 
 
@@ -384,20 +410,19 @@ def save_final(trainer: Any, run: RunDir, step: int) -> Path:
     return run.final_dir
 
 
-def peak_memory_gb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_reserved() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 def generation_eval_hook(cfg: Config, backend: Backend, processor: Any, data: Data, tracker: Any):
-    """At every evaluation: CER/WER of a fixed eval subset, and its worst samples as a W&B table."""
+    """At every evaluation: CER/WER of a fixed eval subset, and its worst samples as a W&B table. Generation stops
+    at `generation_limit` of the subset's answers (the final evaluation uses eval.max_new_tokens)."""
     if cfg.eval.generation_samples <= 0:
         return None
     rows = fixed_eval_rows(data.splits["eval"], cfg.eval.generation_samples)
+    limit = generation_limit(processor, [r["answer"] for r in rows], cfg.eval.max_new_tokens)
+    batch = {"size": cfg.eval.batch_size}  # halved for the rest of the run when it did not fit beside training
 
     def evaluate(model: Any, step: int) -> dict:
-        result = generation_metrics(model, processor, cfg, rows, cfg.eval.batch_size, backend=backend)
+        result = generation_metrics(model, processor, cfg, rows, batch["size"], backend=backend,
+                                    max_new_tokens=limit)
+        batch["size"] = result["batch_size"]
         columns = ["step", "index", "image", "prediction", "reference", "loss", "cer", "wer"]
         for by in ("loss", "cer"):
             worst = worst_samples(result["records"], cfg.eval.worst_k, by=by)
