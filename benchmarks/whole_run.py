@@ -69,7 +69,7 @@ def ensure_data(args: Any) -> None:
     from wellocr.synthetic import write_dataset
 
     if not (Path(args.whole_data) / "README.md").is_file():
-        train_rows, eval_rows = (8, 4) if args.tiny else (64, 16)
+        train_rows, eval_rows = (8, 4) if args.tiny else (64, 8)
         write_dataset(args.whole_data, train=train_rows, eval=eval_rows, seed=0, width=args.image_size[0])
 
 

@@ -234,8 +234,11 @@ class FakeFastVisionModel:
         cls.calls.append("for_inference")
 
     @classmethod
-    def for_training(cls, model, use_gradient_checkpointing):
+    def for_training(cls, model, use_gradient_checkpointing=None):
         cls.calls.append("for_training")
+        for module in model.modules():  # what an explicit False (or a mode it does not know) does
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = bool(use_gradient_checkpointing)
 
 
 @pytest.mark.parametrize("name, switches", [("unsloth", ["for_inference", "for_training"]), ("hf", [])])
@@ -244,11 +247,14 @@ def test_inference_mode_switches_unsloth_models_only_for_the_unsloth_backend(nam
     monkeypatch.setitem(sys.modules, "unsloth", type(sys)("unsloth"))
     monkeypatch.setattr(sys.modules["unsloth"], "FastVisionModel", FakeFastVisionModel, raising=False)
     monkeypatch.setattr(FakeFastVisionModel, "calls", [])
-    model = torch.nn.Linear(2, 2)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].gradient_checkpointing, model[1].gradient_checkpointing = "unsloth", True  # Unsloth's offloading mode
     model.train()
     with inference.inference_mode(model, Backend(name, "cpu", "test")):
         assert not model.training and not torch.is_grad_enabled()
     assert model.training and FakeFastVisionModel.calls == switches
+    # a training step after an evaluation checkpoints as before (without, it kept every activation: CUDA OOM)
+    assert (model[0].gradient_checkpointing, model[1].gradient_checkpointing) == ("unsloth", True)
 
 
 def test_generation_metrics_puts_a_training_model_back_into_training_mode(loaded):

@@ -34,10 +34,11 @@ log = logging.getLogger("wellocr")
 
 
 class PhaseCallback(TrainerCallback):
-    """Training is the phase between evaluations; a checkpoint save is not part of a step's interval."""
+    """Training is the phase between evaluations; a checkpoint save is not part of a step's interval. The
+    numbers so far go into run.json's attempt at every save, so a run stopped early keeps them."""
 
-    def __init__(self, monitor: PhaseMonitor):
-        self.monitor = monitor
+    def __init__(self, monitor: PhaseMonitor, run: RunDir | None = None, attempt: int = 0):
+        self.monitor, self.run, self.attempt = monitor, run, attempt
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.monitor.switch("train")
@@ -47,6 +48,8 @@ class PhaseCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.monitor.interrupted()
+        if self.run is not None:
+            self.run.update_attempt(self.attempt, **self.monitor.summary())
 
 
 class StartupCallback(TrainerCallback):

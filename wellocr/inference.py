@@ -46,15 +46,18 @@ def is_unsloth(backend: Backend) -> bool:
 
 @contextlib.contextmanager
 def inference_mode(model: Any, backend: Backend) -> Iterator[None]:
-    """Eval mode and no grad for the block; a model that was training is put back into training mode.
+    """Eval mode and no grad for the block; a model that was training is put back into training mode, with
+    every module's gradient checkpointing exactly as it was.
 
     Unsloth models switch with `FastVisionModel.for_inference/for_training` (it also changes padding and which
     outputs the compiled forward returns), so those are used when the model was loaded by the Unsloth backend.
+    Its checkpointing flags are not always booleans (its own offloading mode): a training step after an
+    evaluation without them keeps every activation, several times the memory the auto batch probe measured.
     """
     import torch
 
     was_training = model.training
-    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    checkpointing = {m: m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")}
     fast_vision = None
     if is_unsloth(backend):
         from unsloth import FastVisionModel as fast_vision
@@ -67,8 +70,10 @@ def inference_mode(model: Any, backend: Backend) -> Iterator[None]:
     finally:
         if was_training:
             if fast_vision is not None:
-                fast_vision.for_training(model, use_gradient_checkpointing=checkpointing)
+                fast_vision.for_training(model)
             model.train()
+            for module, value in checkpointing.items():
+                module.gradient_checkpointing = value
 
 
 def _end_token_ids(model: Any, processor: Any) -> set[int]:

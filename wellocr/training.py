@@ -171,7 +171,7 @@ def training_callbacks(a: Attempt, ledger: CostLedger, resume_from: Path | None)
         StopCallback(a.stop),
         CostCallback(ledger, a.stop, a.cfg.cost, a.cfg.train.max_steps),
         StartupCallback(a.run, a.number, a.timer.marks),
-        PhaseCallback(a.phases),
+        PhaseCallback(a.phases, a.run, a.number),
     ]
     if a.rehearse_preemption:
         callbacks.append(RehearsalCallback(a.run, a.stop))
