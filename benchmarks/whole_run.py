@@ -73,12 +73,16 @@ def ensure_data(args: Any) -> None:
         write_dataset(args.whole_data, train=train_rows, eval=eval_rows, seed=0, width=args.image_size[0])
 
 
-def measure(args: Any, backend: str) -> dict[str, Any]:
-    """The whole run, then one restart; both read back from run.json and the logs."""
+def measure(args: Any, backend: str, report: dict) -> dict[str, Any]:
+    """The whole run, then one restart; both read back from run.json and the logs (the report is written after
+    each, so a bench stopped during the restart keeps the run's numbers)."""
+    from bench import write_json
+
     shutil.rmtree(Path(args.work) / backend / "whole-runs", ignore_errors=True)
     started = time.time()
     code, log = train(args, backend, "run", [])
     out: dict[str, Any] = {"exit_code": code, "wall_s": round(time.time() - started, 1), "log": str(log)}
+    report["backends"][backend] = out
     run_dir = Path(args.work) / backend / "whole-runs" / RUN
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     attempts = run.get("attempts", [])
@@ -90,6 +94,7 @@ def measure(args: Any, backend: str) -> dict[str, Any]:
     out["fallback"] = bool(run.get("adapted_batch")) or "CUDA out of memory at micro-batch" in text
     out["eval_oom_shrinks"] = text.count("CUDA out of memory in evaluation")
     out["memory_line"] = next((line for line in text.splitlines() if line.startswith("peak ")), None)
+    write_json(Path(args.out), report)
     code, log = train(args, backend, "restart", ["--resume-latest", "--set", f"train.max_steps={args.whole_steps + 1}",
                                                  "--set", "eval.max_new_tokens=8", "--set",
                                                  "eval.generation_samples=0"])
@@ -158,7 +163,7 @@ def run(args: Any) -> dict[str, Any]:
                            stdout=log, stderr=subprocess.STDOUT, check=True)
     ensure_data(args)
     for backend in [b for b in args.backends if b != "unsloth" or cuda]:
-        report["backends"][backend] = measure(args, backend)
+        measure(args, backend, report)
         write_json(Path(args.out), report)
     print_table(report)
     return report
