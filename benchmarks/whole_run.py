@@ -88,6 +88,8 @@ def measure(args: Any, backend: str, report: dict) -> dict[str, Any]:
     attempts = run.get("attempts", [])
     if code != 0 or not attempts:
         out["error"] = f"exit {code}, see {log}"
+        if attempts:
+            out.update(summarise(run, attempts[0], args))
         return out
     text = log.read_text(errors="replace")
     out.update(summarise(run, attempts[0], args))
