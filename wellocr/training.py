@@ -345,7 +345,7 @@ def train_adapting_to_oom(run: RunDir, make_trainer, resume_from: Path | None, i
             run.update(adapted_batch=sizes)
             print(f"wellocr: CUDA out of memory at micro-batch {micro}; retrying with "
                   f"{sizes['per_device_train_batch_size']} x {sizes['gradient_accumulation_steps']} accumulation "
-                  "(same effective batch)", flush=True)
+                  f"(same effective batch). {str(exc).strip()[:400]}", flush=True)
             remove_incomplete(run.path)
             resume_from = latest_complete_checkpoint(run.path)
     raise AssertionError("unreachable")
