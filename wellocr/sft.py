@@ -76,6 +76,7 @@ class WellocrSFTTrainer(SFTTrainer):
         return super().log(logs, *args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
+        release_cached_memory()  # what training cached: the evaluation's room, and its own peak in the phase record
         self._phase("eval_loss")
         training = self.model.training
         metrics = super().evaluate(*args, **kwargs)
