@@ -192,11 +192,15 @@ def test_report_splits_the_cost_by_cloud(tmp_path, capsys):
     assert re.search(rf"\non aws +\${aws / 2:,.2f} over 0\.50 GPU-hours \(1 segment\)\n", out), out
 
 
-def test_a_local_run_is_billed_from_its_process_start_not_the_machines_boot(tmp_path):
-    """The default (bill_from auto) off SkyPilot: a 10 s local run is not billed for the hours since boot."""
+def test_a_local_run_is_billed_from_its_process_start_not_the_machines_boot(tmp_path, capsys):
+    """The default (bill_from auto) off SkyPilot: a 10 s local run is not billed for the hours since boot, and the
+    report says how the start was chosen."""
     ledger = L.CostLedger.open(tmp_path / "cost.json", CostConfig(hourly_rate=1.0), 1, 0, env={})
     assert ledger.segment["start_source"] == "process (not a SkyPilot pod)"
     assert ledger.segment["start"] == pytest.approx(L.process_start_time()[0])
+    assert L.cost_report(tmp_path)["billed_from"] == {"process (not a SkyPilot pod)": 1}
+    assert C.main(["--run", str(tmp_path)]) == 0
+    assert re.search(r"\nbilled from +process \(not a SkyPilot pod\) \(1 segment\)\n", capsys.readouterr().out)
 
 
 def test_a_skypilot_pod_is_billed_from_boot_also_on_a_relaunch_there(tmp_path):

@@ -319,6 +319,9 @@ def cost_report(run_dir: Path) -> dict[str, Any]:
     }
     report["rates"] = [dict(zip(("gpu_type", "gpu_count", "hourly_rate", "rate_source"), r)) for r in report["rates"]]
     report["clouds"] = cloud_split(segments)
+    report["billed_from"] = {}
+    for s in segments:  # how each segment's billing start was chosen (cost.bill_from), in ledger order
+        report["billed_from"][s["start_source"]] = report["billed_from"].get(s["start_source"], 0) + 1
     report.update(startup_cost(attempts, segments))
     report.update(controller_cost(run, segments))
     base, final = read_metrics(run_dir / "eval/base/metrics.json"), read_metrics(run_dir / "eval/final/metrics.json")
@@ -397,6 +400,9 @@ def format_report(report: dict[str, Any]) -> str:
     if report["startup_s"] is not None:
         rows.append(("start-up", f"{report['startup_s']:.0f} s from process start to first step over "
                                  f"{report['startup_attempts']} attempt(s), {_money(report['startup_usd'], 4)}"))
+    if report["billed_from"]:
+        rows.append(("billed from", "; ".join(f"{source} ({n} segment{'s' if n != 1 else ''})"
+                                              for source, n in report["billed_from"].items())))
     for cloud, part in report["clouds"].items():
         plural = "s" if part["segments"] != 1 else ""
         rows.append((f"on {cloud}", f"{_money(part['usd'])} over {part['gpu_hours']:.2f} GPU-hours "
