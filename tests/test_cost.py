@@ -213,6 +213,14 @@ def test_a_skypilot_pod_is_billed_from_boot_also_on_a_relaunch_there(tmp_path):
     assert relaunch.segment["start_source"].startswith("boot (a SkyPilot pod: SKYPILOT_TASK_ID) (after the previous")
 
 
+def test_an_unpriced_gpu_of_ones_own_machine_trains_unbilled_but_on_a_cloud_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(L, "device_gpu", lambda: "NVIDIA GeForce RTX 3080")  # a GPU this machine does not have
+    local = L.CostLedger.open(tmp_path / "a.json", CostConfig(), 1, 0, env={}).segment
+    assert (local["cloud"], local["hourly_rate"]) == ("local", 0.0) and "not billed" in local["rate_source"]
+    with pytest.raises(UserError, match=r"cost\.gpu_type: no price known for 'NVIDIA GeForce RTX 3080'"):
+        L.CostLedger.open(tmp_path / "b.json", CostConfig(), 1, 0, env=AWS)
+
+
 def test_unknown_gpu_without_rate_is_a_user_error_naming_the_fix(tmp_path):
     with pytest.raises(UserError, match=r"cost\.gpu_type.*'TPU-v9'.*cost\.hourly_rate"):
         L.CostLedger.open(tmp_path / "cost.json", cfg(gpu_type="TPU-v9"), 1, 0)

@@ -192,7 +192,12 @@ class CostLedger:
         now = time.time() if now is None else now
         env = os.environ if env is None else env
         cloud, gpu = resolve_where(cost_cfg, env)
-        rate, rate_source = resolve_rate(cost_cfg, cloud, gpu)
+        try:
+            rate, rate_source = resolve_rate(cost_cfg, cloud, gpu)
+        except UserError:
+            if cost_cfg.gpu_type != "auto" or cloud != prices.LOCAL:
+                raise  # on a cloud, an unpriced GPU would make the budget cap meaningless
+            rate, rate_source = 0.0, f"no price known for {gpu}: a local run, not billed (cost.hourly_rate bills it)"
         data = read_ledger(path)
         host = socket.gethostname() if host is None else host
         managed_job = env.get(MANAGED_JOB_ENV, "").strip() or None

@@ -17,7 +17,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 from wellocr.errors import UserError
 
@@ -168,7 +167,3 @@ def write_table(prices: Iterable[Price], path: Path = PRICES_CSV) -> None:
         writer.writerow(FIELDS)
         for p in sorted(prices, key=lambda p: (p.cloud, p.gpu)):
             writer.writerow([p.cloud, p.gpu, f"{p.spot:g}", f"{p.on_demand:g}", p.source])
-
-
-def as_dict(price: Price) -> dict[str, Any]:
-    return {k: getattr(price, k) for k in FIELDS}
