@@ -1,8 +1,8 @@
 """`python -m wellocr.cost --run RUN_DIR [--json] | --rates` — what a run has cost, from its ledger.
 
-The ledger (`<run dir>/cost.json`), the rate table, the budget cap and the report are in wellocr.ledger (its
-docstring has the ledger's format and how billing starts); training keeps the ledger with
-wellocr.callbacks.CostCallback. `--json` keys: docs/COST.md.
+The ledger (`<run dir>/cost.json`), the budget cap and the report are in wellocr.ledger (its docstring has the
+ledger's format and how billing starts), the price table per cloud in wellocr.prices; training keeps the ledger
+with wellocr.callbacks.CostCallback. `--json` keys: docs/COST.md.
 """
 
 from __future__ import annotations
