@@ -1,6 +1,7 @@
 """The cost ledger, the budget cap and `python -m wellocr.cost`."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -12,11 +13,17 @@ from transformers import TrainerControl, TrainerState
 from conftest import strip_results
 from wellocr import cost as C
 from wellocr import ledger as L
+from wellocr import prices as P
 from wellocr.callbacks import CostCallback, StopCallback, StopState
 from wellocr.config import CostConfig
 from wellocr.errors import UserError
 
 T0 = 1_800_000_000.0  # an explicit "now" for tests that must not depend on the clock
+
+
+REPO = Path(__file__).resolve().parents[1]
+RUNPOD = {"SKYPILOT_CLUSTER_INFO": json.dumps({"cluster_name": "c", "cloud": "RunPod", "region": "CA"})}
+AWS = {"SKYPILOT_CLUSTER_INFO": json.dumps({"cluster_name": "c", "cloud": "AWS", "region": "us-east-2"})}
 
 
 def cfg(**values) -> CostConfig:
@@ -97,22 +104,121 @@ def test_configured_rate_wins_over_the_table():
     assert L.resolve_rate(cfg(hourly_rate=1.23)) == (1.23, "config (cost.hourly_rate)")
 
 
-def test_table_rate_names_the_gpu_the_kind_and_its_source():
-    rate, spot_source = L.resolve_rate(cfg(gpu_type="rtx-4090", spot_instance=True))
-    _, on_demand_source = L.resolve_rate(cfg(gpu_type="RTX4090", spot_instance=False))
-    assert rate == L.RATE_TABLE["RTX4090"].spot
-    assert spot_source.startswith("table: RTX4090 spot estimate (SkyPilot RunPod catalog")
-    assert on_demand_source.startswith("table: RTX4090 on-demand estimate") and "2026" in on_demand_source
+def test_configured_rate_wins_over_the_table_on_any_cloud():
+    assert L.resolve_rate(cfg(hourly_rate=1.23), "aws", "L4") == (1.23, "config (cost.hourly_rate)")
+
+
+def test_table_rate_names_the_gpu_the_kind_the_cloud_and_its_catalog_source():
+    rate, spot_source = L.resolve_rate(cfg(spot_instance=True), "runpod", "NVIDIA GeForce RTX 4090")
+    l4, on_demand_source = L.resolve_rate(cfg(spot_instance=False), "aws", "NVIDIA L4")
+    assert (rate, l4) == (P.price_table()[("runpod", "RTX4090")].spot, P.price_table()[("aws", "L4")].on_demand)
+    assert spot_source.startswith("table: RTX4090 spot on runpod (skypilot-catalog catalogs/v8/runpod/vms.csv @")
+    assert on_demand_source.startswith("table: L4 on-demand on aws (skypilot-catalog catalogs/v8/aws/vms.csv @")
+
+
+def test_a_gpu_the_cloud_has_no_row_for_is_priced_at_runpods_and_says_so():
+    rate, source = L.resolve_rate(cfg(), "aws", "RTX4090")  # also a local GPU run: cloud "local"
+    assert rate == P.price_table()[("runpod", "RTX4090")].spot
+    assert source.endswith("aws has no row for it: runpod's price as the estimate")
 
 
 def test_cpu_runs_cost_nothing():
     assert L.resolve_rate(cfg(gpu_type="CPU"))[0] == 0.0
+    assert L.resolve_rate(cfg(gpu_type="auto"), "local", "CPU") == (0.0, "CPU: not billed")
 
 
-def test_every_table_entry_has_a_source_and_sane_rates():
-    for entry in L.RATE_TABLE.values():
-        assert entry.spot_source and entry.on_demand_source
-        assert 0 <= entry.spot <= entry.on_demand < 20
+def test_every_table_row_has_a_catalog_source_and_sane_rates():
+    for price in P.price_table().values():
+        assert price.source.startswith("skypilot-catalog catalogs/v8/") and "@" in price.source
+        assert 0 < price.spot <= price.on_demand < 20
+
+
+def test_device_names_key_the_table_like_catalog_names():
+    names = {"NVIDIA GeForce RTX 4090": "RTX4090", "NVIDIA L4": "L4", "rtx-4090": "RTX4090", "NVIDIA H200": "H200",
+             "NVIDIA A100-SXM4-80GB": "A10080GB", "A100-80GB": "A10080GB", "NVIDIA RTX A6000": "RTXA6000"}
+    assert {name: P.gpu_key(name) for name in names} == names
+
+
+@pytest.mark.parametrize("env, cloud", [
+    (RUNPOD, "runpod"), (AWS, "aws"), ({}, "local"),
+    ({"SKYPILOT_CLUSTER_INFO": "{not json"}, "local"), ({"SKYPILOT_CLUSTER_INFO": '{"cloud": ""}'}, "local"),
+])
+def test_the_cloud_comes_from_skypilots_cluster_info(env, cloud):
+    assert P.cloud_from_env(env)[0] == cloud
+
+
+def test_one_ledger_prices_each_attempt_for_the_cloud_it_ran_on(tmp_path):
+    """A job preempted on RunPod and recovered on AWS: two segments, each at its own cloud's price, one budget."""
+    path = tmp_path / "cost.json"
+    first = L.CostLedger.open(path, cfg(gpu_type="RTX4090"), 1, 0, now=T0, start=T0, host="pod-a", env=RUNPOD)
+    first.heartbeat(10, now=T0 + 3600, force=True)
+    second = L.CostLedger.open(path, cfg(gpu_type="L4"), 2, 10, now=T0 + 4000, start=T0 + 4000, host="vm-b",
+                               env=AWS)
+    second.heartbeat(20, now=T0 + 4000 + 7200, force=True)
+    table = P.price_table()
+    segments = read(path)["segments"]
+    assert [(s["cloud"], s["gpu_type"], s["hourly_rate"]) for s in segments] == [
+        ("runpod", "RTX4090", table[("runpod", "RTX4090")].spot), ("aws", "L4", table[("aws", "L4")].spot)]
+    spent = table[("runpod", "RTX4090")].spot + 2 * table[("aws", "L4")].spot
+    assert second.total_usd() == pytest.approx(spent)
+    assert L.budget_exhausted(second, cfg(budget_cap=spent * 0.99)).startswith("budget cap $")
+
+
+def test_auto_prices_the_device_this_process_runs_on(tmp_path):
+    ledger = L.CostLedger.open(tmp_path / "cost.json", CostConfig(), 1, 0, env=AWS)
+    assert (ledger.segment["cloud"], ledger.segment["gpu_type"]) == ("aws", L.device_gpu())
+    if L.device_gpu() == "CPU":  # this machine: no GPU, nothing billed
+        assert (ledger.segment["hourly_rate"], ledger.segment["rate_source"]) == (0.0, "CPU: not billed")
+
+
+def test_report_splits_the_cost_by_cloud(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    first = L.CostLedger.open(run / "cost.json", cfg(), 1, 0, now=T0, start=T0, host="a", env=RUNPOD)
+    first.heartbeat(5, now=T0 + 3600, force=True)
+    second = L.CostLedger.open(run / "cost.json", cfg(gpu_type="L4"), 2, 5, now=T0 + 4000, start=T0 + 4000,
+                               host="b", env=AWS)
+    second.heartbeat(9, now=T0 + 4000 + 1800, force=True)
+    report = L.cost_report(run)
+    runpod, aws = P.price_table()[("runpod", "RTX4090")].spot, P.price_table()[("aws", "L4")].spot
+    assert list(report["clouds"]) == ["runpod", "aws"]
+    assert report["clouds"]["runpod"] == {"usd": pytest.approx(runpod), "gpu_hours": pytest.approx(1.0),
+                                          "segments": 1}
+    assert report["clouds"]["aws"]["usd"] == pytest.approx(aws / 2)
+    assert report["total_usd"] == pytest.approx(runpod + aws / 2)
+    assert C.main(["--run", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"\non runpod +\${runpod:,.2f} over 1\.00 GPU-hours \(1 segment\)\n", out), out
+    assert re.search(rf"\non aws +\${aws / 2:,.2f} over 0\.50 GPU-hours \(1 segment\)\n", out), out
+
+
+def test_a_local_run_is_billed_from_its_process_start_not_the_machines_boot(tmp_path, capsys):
+    """The default (bill_from auto) off SkyPilot: a 10 s local run is not billed for the hours since boot, and the
+    report says how the start was chosen."""
+    ledger = L.CostLedger.open(tmp_path / "cost.json", CostConfig(hourly_rate=1.0), 1, 0, env={})
+    assert ledger.segment["start_source"] == "process (not a SkyPilot pod)"
+    assert ledger.segment["start"] == pytest.approx(L.process_start_time()[0])
+    assert L.cost_report(tmp_path)["billed_from"] == {"process (not a SkyPilot pod)": 1}
+    assert C.main(["--run", str(tmp_path)]) == 0
+    assert re.search(r"\nbilled from +process \(not a SkyPilot pod\) \(1 segment\)\n", capsys.readouterr().out)
+
+
+def test_a_skypilot_pod_is_billed_from_boot_also_on_a_relaunch_there(tmp_path):
+    path = tmp_path / "cost.json"
+    first = L.CostLedger.open(path, CostConfig(hourly_rate=1.0), 1, 0, env=RUNPOD)
+    assert first.segment["start_source"] == "boot (a SkyPilot pod: SKYPILOT_CLUSTER_INFO)"
+    assert first.segment["start"] == pytest.approx(L.boot_time()[0])
+    first.heartbeat(1, now=time.time(), force=True)
+    relaunch = L.CostLedger.open(path, CostConfig(hourly_rate=1.0), 2, 1, env={"SKYPILOT_TASK_ID": "sky-1"})
+    assert relaunch.segment["start_source"].startswith("boot (a SkyPilot pod: SKYPILOT_TASK_ID) (after the previous")
+
+
+def test_an_unpriced_gpu_of_ones_own_machine_trains_unbilled_but_on_a_cloud_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(L, "device_gpu", lambda: "NVIDIA GeForce RTX 3080")  # a GPU this machine does not have
+    local = L.CostLedger.open(tmp_path / "a.json", CostConfig(), 1, 0, env={}).segment
+    assert (local["cloud"], local["hourly_rate"]) == ("local", 0.0) and "not billed" in local["rate_source"]
+    with pytest.raises(UserError, match=r"cost\.gpu_type: no price known for 'NVIDIA GeForce RTX 3080'"):
+        L.CostLedger.open(tmp_path / "b.json", CostConfig(), 1, 0, env=AWS)
 
 
 def test_unknown_gpu_without_rate_is_a_user_error_naming_the_fix(tmp_path):
@@ -289,9 +395,21 @@ def test_report_on_missing_run_dir_exits_2(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: --run ")
 
 
-def test_docs_hold_the_current_rate_table():
-    docs = Path(__file__).resolve().parents[1] / "docs" / "COST.md"
-    assert L.rate_table_markdown() in docs.read_text()
+def test_docs_hold_the_current_price_table():
+    assert P.table_markdown() in (REPO / "docs" / "COST.md").read_text()
+
+
+def test_the_build_script_rebuilds_the_shipped_rows_from_the_checked_in_catalog_rows(tmp_path):
+    """scripts/build_prices.py on tests/data/catalog (rows of skypilot-catalog at the commits below) gives the
+    rows wellocr/prices.csv ships for the GPUs of sky/train_r16.yaml."""
+    out = tmp_path / "prices.csv"
+    result = subprocess.run([sys.executable, "scripts/build_prices.py", "tests/data/catalog", "--out", str(out),
+                             "--commit", "runpod=01acdfd419ce5afae1289ff14825b893ced0c196",
+                             "--commit", "aws=00148f2af3672e2229b4f7bf8157d5a3f36e3c35"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "2 rebuilt" in result.stdout
+    assert out.read_text() == P.PRICES_CSV.read_text()
 
 
 def test_cost_callback_is_a_trainer_callback():

@@ -3,10 +3,13 @@ it, retries end when they make no progress, and a job without a bucket is refuse
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from conftest import run_train
+from wellocr import prices
 from wellocr import train as T
 from wellocr.checkpoint import MARKER
 from wellocr.config import load_config
@@ -132,3 +135,34 @@ def test_a_rehearsal_that_never_stopped_or_had_no_bucket_fails(tmp_path):
     run.update(attempts=[{"attempt": 1, "exit_reason": "finished", "start_step": 0, "started_at": 0, "ended_at": 9}])
     verdict = T.rehearsal_verdict(run, None, T.Outcome("finished", 0, 6))
     assert verdict.startswith("rehearsal: FAIL: the run never stopped after a checkpoint; no checkpoint.remote")
+
+
+def test_a_recovery_on_another_cloud_continues_the_run_in_one_ledger_priced_per_cloud(make_config, tmp_path):
+    """sky/train_r16.yaml's recovery across clouds: attempt 1 on a RunPod pod stops after its first checkpoint
+    (exit 75), attempt 2 starts on an AWS machine with an empty disk, resumes from the bucket, and the run's one
+    ledger holds two segments, each priced for its cloud and GPU, under one budget cap."""
+    bucket, runs = tmp_path / "bucket", tmp_path / "runs"
+    cfg = make_config(**{"run.run_name": "xcloud", "checkpoint.remote": f"file://{bucket}", "train.max_steps": 4,
+                         "train.save_steps": 2, "train.eval_steps": 4, "eval.generation_samples": 1,
+                         "cost.spot_instance": True, "cost.budget_cap": 1000.0})
+    pods = [("RunPod", "RTX4090"), ("AWS", "L4")]  # cost.gpu_type names the GPU a CPU test cannot have
+    results = []
+    for cloud, gpu in pods:
+        info = json.dumps({"cluster_name": "wellocr-r16-7", "cloud": cloud, "region": "r", "zone": None})
+        results.append(run_train("--config", str(cfg), "--resume-latest", "--rehearse-preemption",
+                                 "--set", f"cost.gpu_type={gpu}", env={"SKYPILOT_CLUSTER_INFO": info}))
+        shutil.rmtree(runs, ignore_errors=True)  # the next attempt lands on another machine: an empty disk
+    assert [r.returncode for r in results] == [75, 0], results[-1].stderr[-2000:]
+    assert "resuming from checkpoint-2 (step 2)" in results[1].stdout
+    segments = json.loads((bucket / "xcloud" / "cost.json").read_text())["segments"]
+    table = prices.price_table()
+    assert [(s["attempt"], s["cloud"], s["gpu_type"], s["hourly_rate"], s["start_step"]) for s in segments] == [
+        (1, "runpod", "RTX4090", table[("runpod", "RTX4090")].spot, 0),
+        (2, "aws", "L4", table[("aws", "L4")].spot, 2)]
+    assert all("skypilot-catalog catalogs/v8/" in s["rate_source"] for s in segments)
+    assert all(s["start_source"].startswith("boot (a SkyPilot pod: SKYPILOT_CLUSTER_INFO)") for s in segments)
+    cost = subprocess.run([sys.executable, "-m", "wellocr.cost", "--run", str(bucket / "xcloud"), "--json"],
+                          capture_output=True, text=True)
+    report = json.loads(cost.stdout)
+    assert list(report["clouds"]) == ["runpod", "aws"] and all(c["usd"] > 0 for c in report["clouds"].values())
+    assert report["total_usd"] == pytest.approx(sum(c["usd"] for c in report["clouds"].values()))

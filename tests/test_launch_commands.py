@@ -177,8 +177,9 @@ def check(command_module, command: str):
 
 def test_the_quoted_commands_are_found():
     where = {w for w, _ in COMMANDS}
-    assert {"README.md", "docs/RUNPOD.md", "docs/COST.md", "configs/train_r16.yaml", "sky/train_r16.yaml",
-            "sky/train_r16_volume.yaml", "sky/quick_val.yaml", "sky/checkpoint_volume.yaml"} <= where
+    assert {"README.md", "docs/RUNPOD.md", "docs/CLOUDS.md", "docs/COST.md", "configs/train_r16.yaml",
+            "sky/train_r16.yaml", "sky/train_r16_runpod.yaml", "sky/train_r16_volume.yaml", "sky/quick_val.yaml",
+            "sky/checkpoint_volume.yaml"} <= where
     launches = [c for _, c in COMMANDS if c.startswith("sky jobs launch sky/train_r16.yaml")]
     assert len(launches) >= 4 and any("\\" not in c and "--secret AWS_SECRET_ACCESS_KEY" in c for c in launches)
     assert ("sky/train_r16.yaml", "sky jobs logs --controller <id>") in COMMANDS
@@ -193,10 +194,11 @@ def test_skypilot_accepts_the_quoted_command(sky_cli, where, command):
 
 
 def test_the_object_storage_launch_gets_the_remote_and_every_secret(sky_cli):
-    command = next(c for w, c in COMMANDS if w == "docs/RUNPOD.md" and c.startswith("sky jobs launch sky/train_r16"))
-    (task,) = check(sky_cli, command).tasks
-    assert task.envs["WELLOCR_REMOTE"] == "s3://my-bucket/wellocr"
-    assert {k: v.get_secret_value() for k, v in task.secrets.items()} == USER_SHELL
+    for where in ("docs/RUNPOD.md", "docs/CLOUDS.md"):
+        command = next(c for w, c in COMMANDS if w == where and c.startswith("sky jobs launch sky/train_r16"))
+        (task,) = check(sky_cli, command).tasks
+        assert task.envs["WELLOCR_REMOTE"] == "s3://my-bucket/wellocr"
+        assert {k: v.get_secret_value() for k, v in task.secrets.items()} == USER_SHELL
 
 
 # ---------------------------------------------------------------- the checks catch broken commands

@@ -1,11 +1,13 @@
-"""The SkyPilot files in sky/: valid for SkyPilot 0.14 on RunPod, checked offline (no credentials, no network).
+"""The SkyPilot files in sky/: valid for SkyPilot 0.14 on every cloud they name, checked offline (no credentials,
+no network).
 
 Three layers, each a test that a broken task file fails:
-- SkyPilot's own checks: `sky.Task.from_yaml` (schema, typos), RunPod's feature check on every resources (what
-  `sky launch` refuses on RunPod, e.g. bucket mounts; the optimizer does not run it offline), and for volume files
-  `sky.volumes.Volume.from_yaml_config(...).validate()`.
-- `sky_problems`: what SkyPilot does not check offline (GPU, spot, job_recovery values, secrets, the config the
-  task trains with, where checkpoints survive a preemption).
+- SkyPilot's own checks: `sky.Task.from_yaml` (schema, typos), each entry's cloud's feature check
+  (`sky.<Cloud>.check_features_are_supported`: what `sky launch` refuses there, e.g. bucket mounts on RunPod; the
+  optimizer does not run it offline), and for volume files `sky.volumes.Volume.from_yaml_config(...).validate()`.
+- `sky_problems`: what SkyPilot does not check offline (GPU and cloud against the multi-cloud rule on the checked-in
+  catalog rows, spot, job_recovery values, secrets, the config the task trains with, where checkpoints survive a
+  preemption).
 - The `run:` sections are executed with bash (as SkyPilot does: `bash -i <script>` in the workdir) with a stand-in
   `python` that records the trainer's command line and environment: the tests see exactly the arguments and
   variables the trainer would get and the exit code SkyPilot would see. Each `run:` is one `exec`'d trainer call:
@@ -33,6 +35,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from wellocr import prices
 from wellocr.config import load_config
 from wellocr.errors import UserError
 from wellocr.rundir import resolve_run_name
@@ -42,7 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 SKY_DIR = REPO / "sky"
 SKY_FILES = sorted(SKY_DIR.glob("*.yaml"))
 
-GPU = {"RTX4090": 1}
+# The (cloud, GPU) pairs a task may name, each checked against SkyPilot's catalog rows in tests/data/catalog/.
+CLOUD_GPUS = {("runpod", "RTX4090"), ("aws", "L4")}
+CATALOG = Path(__file__).parent / "data" / "catalog"
 RECOVERY_KEYS = {"strategy", "max_restarts_on_errors", "recover_on_exit_codes"}
 STRATEGIES = {"FAILOVER", "EAGER_NEXT_REGION"}
 TASK_ID = "sky-managed-2026-11-28-12-00-00-000000_wellocr-r16_7-0"  # what a managed job's pod sees
@@ -182,8 +187,9 @@ def run_section(task, tmp_path: Path, env: dict | None = None, trainer_exit: int
 # ---------------------------------------------------------------- what SkyPilot does not check offline
 
 
-def runpod_feature_check(task) -> None:
-    """RunPod's provisioner check, as `sky launch` runs it: raises sky.exceptions.NotSupportedError."""
+def cloud_feature_check(task) -> None:
+    """Each entry's cloud's provisioner check, as `sky launch` runs it there (`sky.RunPod`, `sky.AWS`, ...):
+    raises sky.exceptions.NotSupportedError."""
     import sky
 
     for resources in task.resources:
@@ -192,7 +198,15 @@ def runpod_feature_check(task) -> None:
         if autostop is not None and autostop.enabled:
             features.add(sky.clouds.CloudImplementationFeatures.AUTODOWN if autostop.down
                          else sky.clouds.CloudImplementationFeatures.AUTOSTOP)
-        sky.RunPod.check_features_are_supported(resources, features)
+        type(resources.cloud).check_features_are_supported(resources, features)
+
+
+def catalog_problems(cloud: str, accelerator: str) -> list[str]:
+    """Why (cloud, accelerator) fails the multi-cloud rule on the checked-in catalog rows ([] when it passes)."""
+    path = CATALOG / cloud / "vms.csv"
+    if not path.is_file():
+        return [f"{cloud}: no catalog rows in {path.relative_to(REPO)}"]
+    return prices.qualifies(accelerator, prices.read_catalog_rows(path))
 
 
 def credential_problems(where: str, text: str) -> list[str]:
@@ -215,10 +229,15 @@ def sky_problems(path: Path, tmp_path: Path) -> list[str]:
         problems.append(f"the file must open with a comment giving its launch command (sky/{path.name})")
 
     for resources in task.resources:
-        if resources.accelerators != GPU:
-            problems.append(f"accelerators must be exactly {GPU}, got {resources.accelerators}")
-        if not sky.RunPod().is_same_cloud(resources.cloud):
-            problems.append(f"cloud must be RunPod (infra: runpod), got {resources.cloud}")
+        cloud = str(resources.cloud).lower() if resources.cloud else None
+        gpus = resources.accelerators or {}
+        if len(gpus) != 1 or list(gpus.values()) != [1]:
+            problems.append(f"each entry names one GPU (accelerators: NAME:1), got {gpus}")
+        elif (cloud, next(iter(gpus))) not in CLOUD_GPUS:
+            problems.append(f"({cloud}, {next(iter(gpus))}) is not one of {sorted(CLOUD_GPUS)} (infra and "
+                            "accelerators of an entry)")
+        else:
+            problems += catalog_problems(cloud, next(iter(gpus)))
         if managed and not resources.use_spot:
             problems.append("a managed training job runs on spot pods: use_spot: true")
         recovery = resources.job_recovery
@@ -371,9 +390,10 @@ GOOD_JOB = textwrap.dedent("""\
 # ---------------------------------------------------------------- the shipped files
 
 
-def test_sky_dir_holds_the_smoke_test_both_managed_jobs_and_the_volume():
-    assert {p.name for p in TASK_FILES} >= {"quick_val.yaml", "train_r16.yaml", "train_r16_volume.yaml"}
-    assert {p.name for p in MANAGED_FILES} >= {"train_r16.yaml", "train_r16_volume.yaml"}
+def test_sky_dir_holds_the_smoke_test_the_managed_jobs_and_the_volume():
+    assert {p.name for p in TASK_FILES} >= {"quick_val.yaml", "train_r16.yaml", "train_r16_runpod.yaml",
+                                            "train_r16_volume.yaml"}
+    assert {p.name for p in MANAGED_FILES} >= {"train_r16.yaml", "train_r16_runpod.yaml", "train_r16_volume.yaml"}
     assert "quick_val.yaml" not in {p.name for p in MANAGED_FILES}
     assert {p.name for p in VOLUME_FILES} == {"checkpoint_volume.yaml"}
 
@@ -385,8 +405,27 @@ def test_skypilot_parses_the_task(sky, path):
 
 
 @pytest.mark.parametrize("path", TASK_FILES, ids=[p.name for p in TASK_FILES])
-def test_runpod_supports_every_feature_the_task_needs(sky, path):
-    runpod_feature_check(load_task(sky, path))
+def test_each_cloud_supports_every_feature_the_task_needs(sky, path):
+    cloud_feature_check(load_task(sky, path))
+
+
+def test_the_multi_cloud_job_fails_over_across_clouds_the_others_stay_on_runpod(sky):
+    """sky/train_r16.yaml names every (cloud, GPU) pair of the rule, RunPod first; the RunPod-only job and the
+    network-volume job (a volume lives in one RunPod data center) name RunPod alone, with the same GPU."""
+    multi = load_task(sky, SKY_DIR / "train_r16.yaml")
+    pairs = [(str(r.cloud).lower(), *r.accelerators) for r in multi.resources]
+    assert set(pairs) == CLOUD_GPUS and len(pairs) == len(CLOUD_GPUS)
+    assert raw(SKY_DIR / "train_r16.yaml")["resources"]["ordered"][0]["infra"] == "runpod"
+    assert all(r.use_spot and r.job_recovery == multi.resources[0].job_recovery for r in multi.resources)
+    for name in ("train_r16_runpod.yaml", "train_r16_volume.yaml"):
+        assert [(str(r.cloud).lower(), *r.accelerators) for r in load_task(sky, SKY_DIR / name).resources] == [
+            ("runpod", "RTX4090")]
+
+
+@pytest.mark.parametrize("cloud_gpu", sorted(CLOUD_GPUS), ids=lambda p: "-".join(p))
+def test_every_listed_gpu_qualifies_in_its_clouds_catalog_rows(cloud_gpu):
+    """>= 22 GB, bf16 (compute capability >= 8.0), a spot price in every checked-in row of SkyPilot's catalog."""
+    assert catalog_problems(*cloud_gpu) == []
 
 
 @pytest.mark.parametrize("path", TASK_FILES, ids=[p.name for p in TASK_FILES])
@@ -509,7 +548,21 @@ def test_feature_check_rejects_a_bucket_mount_on_runpod(sky, tmp_path):
     path = write_task(tmp_path, GOOD_JOB + "file_mounts:\n  /data:\n    source: s3://wellocr-example-bucket/data\n"
                                            "    mode: MOUNT\n")
     with pytest.raises(sky.exceptions.NotSupportedError, match="storage_mounting"):
-        runpod_feature_check(load_task(sky, path))
+        cloud_feature_check(load_task(sky, path))
+
+
+def test_checks_reject_a_gpu_outside_the_rule(sky, tmp_path):
+    path = write_task(tmp_path, GOOD_JOB.replace("  infra: runpod\n  accelerators: RTX4090:1\n",
+                                                 "  infra: aws\n  accelerators: T4:1\n"))
+    assert sky_problems(path, tmp_path) == [f"(aws, T4) is not one of {sorted(CLOUD_GPUS)} (infra and accelerators "
+                                            "of an entry)"]
+
+
+def test_rule_rejects_a_gpu_without_bf16_or_memory_or_spot():
+    row = {"InstanceType": "x", "AcceleratorName": "T4", "AcceleratorCount": "1", "SpotPrice": "", "Price": "0.5",
+           "GpuInfo": "{'Gpus': [], 'TotalGpuMemoryInMiB': 15360}"}
+    problems = prices.qualifies("T4", [row])
+    assert [p.split(": ", 1)[1].split(" ")[0] for p in problems] == ["a", "15.0", "no"], problems
 
 
 def test_checks_reject_retrying_out_of_memory(sky, tmp_path):

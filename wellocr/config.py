@@ -176,12 +176,16 @@ class RunConfig(_Section):
 
 
 class CostConfig(_Section):
-    gpu_type: str = _f("RTX4090", "GPU type for the cost ledger's rate table")
+    gpu_type: str = _f("auto", "GPU priced in the price table; auto = the device's GPU (CPU without one)")
+    cloud: str = _f("auto", "cloud priced in the price table (runpod, aws, ...); auto = the cloud SkyPilot reports "
+                    "(SKYPILOT_CLUSTER_INFO), local without it")
     gpu_count: Int = _f(1, "GPUs billed per pod", ge=1)
     spot_instance: bool = _f(True, "billed at the spot rate")
-    hourly_rate: OptFloat = _f(None, "USD per GPU-hour; null = the rate table's estimate for gpu_type", ge=0)
-    bill_from: Literal["boot", "process"] = _f(
-        "boot", "a segment is billed from the machine's boot (setup and downloads included) or from the process start")
+    hourly_rate: OptFloat = _f(None, "USD per GPU-hour; wins over the price table; null = the table's price for "
+                               "cloud and gpu_type", ge=0)
+    bill_from: Literal["auto", "boot", "process"] = _f(
+        "auto", "a segment is billed from the machine's boot (setup and downloads included) or from the process "
+        "start; auto = boot on a SkyPilot pod (SkyPilot's environment variables), process elsewhere")
     budget_cap: Float = _f(10.0, "USD over all attempts; at the cap the run saves and stops (exit 0)", ge=0)
 
 

@@ -15,10 +15,11 @@ Ledger file `<run dir>/cost.json` (schema version 1)::
           "start": 1795872829.0,         # billing start, Unix seconds
           "start_source": "boot",        # "boot" | "process", optionally + " (note)"; see below
           "last_heartbeat": 1795876429.0,# last time the process was seen alive, Unix seconds
-          "gpu_type": "RTX4090",         # cost.gpu_type
+          "cloud": "runpod",             # cost.cloud; auto: SKYPILOT_CLUSTER_INFO's cloud, "local" without it
+          "gpu_type": "NVIDIA GeForce RTX 4090",  # cost.gpu_type; auto: the device's name, "CPU" without a GPU
           "gpu_count": 1,                # cost.gpu_count
           "hourly_rate": 0.74,           # USD per GPU-hour
-          "rate_source": "config (cost.hourly_rate)",  # or "table: <gpu> <spot|on-demand> estimate (<source>)"
+          "rate_source": "config (cost.hourly_rate)",  # or "table: <gpu> <spot|on-demand> on <cloud> (<source>)"
           "spot": true,                  # cost.spot_instance
           "start_step": 40,              # optimizer step the attempt resumed from
           "last_step": 95,               # optimizer step at the last heartbeat
@@ -30,17 +31,21 @@ Ledger file `<run dir>/cost.json` (schema version 1)::
 
 A segment costs `(last_heartbeat - start) / 3600 * hourly_rate * gpu_count`; the run costs the sum.
 
-Billing start (`cost.bill_from`): "boot" is the start of the machine or container, PID 1's start time (psutil:
-the kernel's start time of the process after the host's boot time): in a container that is the container's start,
-on a VM its boot. Where it cannot be read the process start is used and `start_source` says so. A second attempt
-on the same host (a local retry) starts no earlier than the previous same-host segment's last heartbeat, so time
-already billed is not billed twice.
+Billing start (`cost.bill_from`): "auto" (the default) is "boot" on a SkyPilot pod (one of SkyPilot's variables
+SKYPILOT_CLUSTER_INFO, SKYPILOT_TASK_ID, SKYPILOT_MANAGED_JOB_ID is set, also after a relaunch on the same pod) and
+"process" elsewhere (a local run is billed from its own start, not the machine's). "boot" is the start of the
+machine or container, PID 1's start time (psutil: the kernel's start time of the process after the host's boot
+time): in a container that is the container's start, on a VM its boot. Where it cannot be read the process start is
+used and `start_source` says so. A second attempt on the same host (a local retry) starts no earlier than the
+previous same-host segment's last heartbeat, so time already billed is not billed twice.
 
-Rates are estimates unless `cost.hourly_rate` is set: see `RATE_TABLE` (and docs/COST.md) for each number's
-source and the date it was read.
+Rates: `cost.hourly_rate` when set (the user's number wins), else the price table (wellocr.prices, shipped as
+wellocr/prices.csv) for the segment's cloud and GPU, with its catalog source in `rate_source`. One job may run on
+several clouds: each segment carries its own cloud and rate, the budget cap is over all of them.
 
 `wellocr.callbacks.CostCallback` keeps the ledger during training; this module imports neither torch nor
-transformers, so the report is quick to print.
+transformers at import time (only `device_gpu`, when a training attempt opens its segment, asks torch for the GPU's
+name), so the report is quick to print.
 """
 
 from __future__ import annotations
@@ -50,12 +55,13 @@ import math
 import os
 import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from wellocr import prices
 from wellocr.artifacts import read_metrics
 from wellocr.checkpoint import read_json_dict, write_json_atomic
 from wellocr.errors import UserError
@@ -69,44 +75,10 @@ WRITE_INTERVAL_S = 10.0  # heartbeats closer together than this update memory on
 
 _IMPORTED_AT = time.time()  # stands in for the process start where it cannot be read
 
-# ---------------------------------------------------------------- rate table
+# ---------------------------------------------------------------- rates
 
-SKY_CATALOG_URL = ("https://github.com/skypilot-org/skypilot-catalog/blob/01acdfd419ce5afae1289ff14825b893ced0c196/"
-                   "catalogs/v8/runpod/vms.csv")
 _SKY = "SkyPilot RunPod catalog v8 @01acdfd4, read 2026-11-28"
-
-
-@dataclass(frozen=True)
-class TableRate:
-    """USD per GPU-hour on RunPod, with where each number came from. Estimates: prices move, and community and
-    secure cloud differ; set `cost.hourly_rate` to what the RunPod console shows for exact numbers."""
-
-    name: str
-    spot: float
-    on_demand: float
-    spot_source: str
-    on_demand_source: str
-    note: str = ""
-
-
-# Keys are upper-cased with everything but letters and digits removed (see `_table_key`). Every GPU figure is from
-# the catalog SkyPilot 0.14 prices RunPod with (SKY_CATALOG_URL; *_SECURE rows, price / GPU count, the same in every
-# region). That catalog lists SpotPrice = Price, and SkyPilot bids the SpotPrice per GPU for a spot pod, so the spot
-# figure is the most a spot pod can cost: RunPod's interruptible prices are often lower (docs/COST.md).
-RATE_TABLE: dict[str, TableRate] = {
-    "RTX4090": TableRate("RTX4090", 0.74, 0.74, _SKY, _SKY),
-    "RTX3090": TableRate("RTX3090", 0.50, 0.50, _SKY, _SKY),
-    "RTXA6000": TableRate("A6000", 0.53, 0.53, _SKY, _SKY, "catalog name RTXA6000"),
-    "L40S": TableRate("L40S", 0.99, 0.99, _SKY, _SKY),
-    "A10080GB": TableRate("A100-80GB", 1.39, 1.39, _SKY, _SKY, "A100 PCIe 80GB"),
-    "H100": TableRate("H100", 2.89, 2.89, _SKY, _SKY, "H100 PCIe"),
-    "H100SXM": TableRate("H100-SXM", 3.29, 3.29, _SKY, _SKY),
-    "H200": TableRate("H200", 4.59, 4.59, _SKY, _SKY, "catalog name H200-SXM"),
-    "CPU": TableRate("CPU", 0.0, 0.0, "local runs are not billed", "local runs are not billed",
-                     "tests and smoke runs on your own machine"),
-}
-_ALIASES = {"A6000": "RTXA6000", "A100": "A10080GB", "H200SXM": "H200", "H100PCIE": "H100"}
-
+SKYPILOT_ENV = ("SKYPILOT_CLUSTER_INFO", "SKYPILOT_TASK_ID", "SKYPILOT_MANAGED_JOB_ID")  # set on a SkyPilot pod
 
 # The SkyPilot jobs controller, billed on top of the GPU pods and not in the ledger. With only RunPod enabled,
 # `sky jobs launch` starts it on a RunPod CPU pod of 4+ vCPUs and 16 GB (SkyPilot 0.14 jobs/constants.py
@@ -117,33 +89,32 @@ CONTROLLER_RATE_SOURCE = f"RunPod cpu3g-4-16, {_SKY}"
 MANAGED_JOB_ENV = "SKYPILOT_MANAGED_JOB_ID"
 
 
-def _table_key(gpu_type: str) -> str:
-    key = "".join(ch for ch in gpu_type.upper() if ch.isalnum())
-    return _ALIASES.get(key, key)
+def device_gpu() -> str:
+    """The GPU this process trains on, as torch names it ("NVIDIA GeForce RTX 4090"), or "CPU" without one."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else prices.CPU
 
 
-def rate_table_markdown() -> str:
-    """The rate table as markdown (docs/COST.md holds this output; a test keeps the two in sync)."""
-    lines = ["| cost.gpu_type | spot $/GPU-h | source | on-demand $/GPU-h | source | note |",
-             "|---|---|---|---|---|---|"]
-    for e in RATE_TABLE.values():
-        lines.append(f"| `{e.name}` | {e.spot:.2f} | {e.spot_source} | {e.on_demand:.2f} | {e.on_demand_source} "
-                     f"| {e.note} |")
-    return "\n".join(lines) + "\n"
+def resolve_where(cost_cfg: Any, env: Mapping[str, str]) -> tuple[str, str]:
+    """(cloud, gpu) a segment is priced for: `cost.cloud` / `cost.gpu_type`, or with "auto" the cloud SkyPilot
+    reports (SKYPILOT_CLUSTER_INFO; "local" without it) and the device's GPU."""
+    cloud = prices.cloud_from_env(env)[0] if cost_cfg.cloud == "auto" else cost_cfg.cloud.strip().lower()
+    gpu = device_gpu() if cost_cfg.gpu_type == "auto" else cost_cfg.gpu_type
+    return cloud, gpu
 
 
-def resolve_rate(cost_cfg: Any) -> tuple[float, str]:
-    """(USD per GPU-hour, where it came from): `cost.hourly_rate` when set, else the table's estimate."""
+def resolve_rate(cost_cfg: Any, cloud: str = prices.LOCAL, gpu: str | None = None) -> tuple[float, str]:
+    """(USD per GPU-hour, where it came from). Precedence: `cost.hourly_rate` when set (the user's number wins),
+    else the price table's row for (cloud, GPU) (wellocr/prices.csv, spot or on-demand by cost.spot_instance)."""
     if cost_cfg.hourly_rate is not None:
         return float(cost_cfg.hourly_rate), "config (cost.hourly_rate)"
-    entry = RATE_TABLE.get(_table_key(cost_cfg.gpu_type))
-    if entry is None:
-        known = ", ".join(e.name for e in RATE_TABLE.values())
-        raise UserError(f"cost.gpu_type: no rate known for '{cost_cfg.gpu_type}' (known: {known}); "
-                        "set cost.hourly_rate to its USD per GPU-hour")
-    if cost_cfg.spot_instance:
-        return entry.spot, f"table: {entry.name} spot estimate ({entry.spot_source})"
-    return entry.on_demand, f"table: {entry.name} on-demand estimate ({entry.on_demand_source})"
+    return prices.lookup(cloud, cost_cfg.gpu_type if gpu is None else gpu, cost_cfg.spot_instance)
+
+
+def on_skypilot_pod(env: Mapping[str, str]) -> str | None:
+    """The SkyPilot variable that says this process runs on a SkyPilot pod (None elsewhere)."""
+    return next((name for name in SKYPILOT_ENV if env.get(name, "").strip()), None)
 
 
 # ---------------------------------------------------------------- billing start
@@ -209,32 +180,45 @@ class CostLedger:
 
     @classmethod
     def open(cls, path: Path, cost_cfg: Any, attempt: int, start_step: int, now: float | None = None, *,
-             start: float | None = None, host: str | None = None, env: dict[str, str] | None = None,
+             start: float | None = None, host: str | None = None, env: Mapping[str, str] | None = None,
              write_interval_s: float = WRITE_INTERVAL_S) -> CostLedger:
         """Append this attempt's segment and write the ledger.
 
         `start` overrides the billing start that `cost.bill_from` gives (boot or process start); either way a
         segment never starts before the last heartbeat of an earlier segment on the same host. `env` (default
-        os.environ) tells whether the attempt runs under a SkyPilot managed job (SKYPILOT_MANAGED_JOB_ID).
+        os.environ) gives the cloud (SKYPILOT_CLUSTER_INFO), whether this is a SkyPilot pod (for bill_from auto)
+        and whether the attempt runs under a managed job (SKYPILOT_MANAGED_JOB_ID).
         """
         now = time.time() if now is None else now
-        rate, rate_source = resolve_rate(cost_cfg)
+        env = os.environ if env is None else env
+        cloud, gpu = resolve_where(cost_cfg, env)
+        try:
+            rate, rate_source = resolve_rate(cost_cfg, cloud, gpu)
+        except UserError:
+            if cost_cfg.gpu_type != "auto" or cloud != prices.LOCAL:
+                raise  # on a cloud, an unpriced GPU would make the budget cap meaningless
+            rate, rate_source = 0.0, f"no price known for {gpu}: a local run, not billed (cost.hourly_rate bills it)"
         data = read_ledger(path)
         host = socket.gethostname() if host is None else host
-        managed_job = (os.environ if env is None else env).get(MANAGED_JOB_ENV, "").strip() or None
+        managed_job = env.get(MANAGED_JOB_ENV, "").strip() or None
+        pod = on_skypilot_pod(env)
         if start is not None:
             source = "explicit"
-        elif cost_cfg.bill_from == "boot":
+        elif cost_cfg.bill_from == "boot" or (cost_cfg.bill_from == "auto" and pod):
             start, source = boot_time()
+            if cost_cfg.bill_from == "auto" and source == "boot":
+                source = f"boot (a SkyPilot pod: {pod})"
         else:
             start, source = process_start_time()
+            if cost_cfg.bill_from == "auto" and source == "process":
+                source = "process (not a SkyPilot pod)"
         billed_until = max((s["last_heartbeat"] for s in data["segments"] if s.get("host") == host), default=None)
         if billed_until is not None and billed_until > start:
             start, source = billed_until, f"{source} (after the previous segment on this host)"
         start = min(start, now)
         data["segments"].append({
             "attempt": attempt, "start": start, "start_source": source, "last_heartbeat": now,
-            "gpu_type": cost_cfg.gpu_type, "gpu_count": cost_cfg.gpu_count, "hourly_rate": rate,
+            "cloud": cloud, "gpu_type": gpu, "gpu_count": cost_cfg.gpu_count, "hourly_rate": rate,
             "rate_source": rate_source, "spot": cost_cfg.spot_instance, "start_step": start_step,
             "last_step": start_step, "host": host, "sky_managed_job_id": managed_job,
         })
@@ -339,6 +323,10 @@ def cost_report(run_dir: Path) -> dict[str, Any]:
         "cer_base": None, "cer_final": None, "cer_points_gained": None, "usd_per_cer_point": None,
     }
     report["rates"] = [dict(zip(("gpu_type", "gpu_count", "hourly_rate", "rate_source"), r)) for r in report["rates"]]
+    report["clouds"] = cloud_split(segments)
+    report["billed_from"] = {}
+    for s in segments:  # how each segment's billing start was chosen (cost.bill_from), in ledger order
+        report["billed_from"][s["start_source"]] = report["billed_from"].get(s["start_source"], 0) + 1
     report.update(startup_cost(attempts, segments))
     report.update(controller_cost(run, segments))
     base, final = read_metrics(run_dir / "eval/base/metrics.json"), read_metrics(run_dir / "eval/final/metrics.json")
@@ -347,6 +335,18 @@ def cost_report(run_dir: Path) -> dict[str, Any]:
         report.update(cer_base=base["cer"], cer_final=final["cer"], cer_points_gained=points,
                       usd_per_cer_point=total / points if points > 0 else None)
     return report
+
+
+def cloud_split(segments: list[dict]) -> dict[str, dict[str, Any]]:
+    """Dollars, GPU-hours and segments per cloud, in the order the run first reached each ("unknown": ledgers
+    written before segments recorded their cloud)."""
+    split: dict[str, dict[str, Any]] = {}
+    for s in segments:
+        entry = split.setdefault(s.get("cloud") or "unknown", {"usd": 0.0, "gpu_hours": 0.0, "segments": 0})
+        entry["usd"] += segment_usd(s)
+        entry["gpu_hours"] += segment_gpu_hours(s)
+        entry["segments"] += 1
+    return split
 
 
 def is_managed_job(run: dict[str, Any], segments: list[dict]) -> bool:
@@ -405,6 +405,13 @@ def format_report(report: dict[str, Any]) -> str:
     if report["startup_s"] is not None:
         rows.append(("start-up", f"{report['startup_s']:.0f} s from process start to first step over "
                                  f"{report['startup_attempts']} attempt(s), {_money(report['startup_usd'], 4)}"))
+    if report["billed_from"]:
+        rows.append(("billed from", "; ".join(f"{source} ({n} segment{'s' if n != 1 else ''})"
+                                              for source, n in report["billed_from"].items())))
+    for cloud, part in report["clouds"].items():
+        plural = "s" if part["segments"] != 1 else ""
+        rows.append((f"on {cloud}", f"{_money(part['usd'])} over {part['gpu_hours']:.2f} GPU-hours "
+                                    f"({part['segments']} segment{plural})"))
     for rate in report["rates"]:
         rows.append(("rate", f"${rate['hourly_rate']:.2f}/GPU-hour x {rate['gpu_count']} {rate['gpu_type']} "
                              f"({rate['rate_source']})"))

@@ -143,8 +143,20 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+BF16_CAPABILITY = (8, 0)  # Ampere and newer: bf16 in hardware
+
+
+def precision_for_capability(capability: tuple[int, int] | None) -> str:
+    """The "auto" precision for a device of this CUDA compute capability (None: no GPU): bf16 from Ampere (8.0) on,
+    fp16 before it, fp32 on CPU. By capability, not `torch.cuda.is_bf16_supported()`: that also says yes where bf16
+    is only emulated (a T4, 7.5), which trains several times slower than fp16."""
+    if capability is None:
+        return "fp32"
+    return "bf16" if tuple(capability) >= BF16_CAPABILITY else "fp16"
+
+
 def resolve_precision(precision: str, device: str) -> str:
-    """"auto" → bf16 where the GPU supports it, else fp16 on CUDA, fp32 on CPU."""
+    """"auto" → bf16 where the GPU supports it in hardware, else fp16 on CUDA, fp32 on CPU."""
     import torch
 
     if device != "cuda":
@@ -152,7 +164,10 @@ def resolve_precision(precision: str, device: str) -> str:
             log.warning("train.precision %s needs CUDA; using fp32 on CPU", precision)
         return "fp32"
     if precision == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return precision_for_capability(torch.cuda.get_device_capability())
+    if precision == "bf16" and precision_for_capability(torch.cuda.get_device_capability()) != "bf16":
+        log.warning("train.precision bf16 on a GPU of compute capability %s.%s: emulated, slow; auto picks fp16",
+                    *torch.cuda.get_device_capability())
     return precision
 
 
