@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from wellocr.artifacts import evaluation_kind, list_evaluations, seconds_per_image
 from wellocr.checkpoint import list_checkpoints, read_trainer_state, write_text_atomic
 
 THUMBNAIL_WIDTH = 560
@@ -252,33 +253,10 @@ def _metrics_table(metrics: dict[str, Any], base: dict[str, Any] | None) -> str:
     return f"<h2>{title}</h2>\n{table}\n{note}"
 
 
-def evaluation_kind(metrics: dict[str, Any]) -> str:
-    """"engine" (a classical OCR baseline), "base" (the base model, no adapter) or "fine-tuned"."""
-    if metrics.get("engine"):
-        return "engine"
-    return "base" if metrics.get("base_model") else "fine-tuned"
-
-
-def seconds_per_image(metrics: dict[str, Any]) -> float | None:
-    """An engine's CPU seconds per image, or a model's generation seconds per sample (at its batch size)."""
-    engine = metrics.get("engine") or {}
-    if isinstance(engine.get("seconds_per_image"), (int, float)):
-        return float(engine["seconds_per_image"])
-    rate = _metric(metrics, "generation.samples_per_second")
-    return 1.0 / rate if rate else None
-
-
 def sibling_evaluations(run_dir: Path, metrics: dict[str, Any], eval_dir: Path | None = None) -> list[tuple]:
     """(name, metrics) of every evaluation in `<run>/eval/` on the split of `metrics`, this one included (named by
     `eval_dir`), fine-tuned first, then base, then engines."""
-    found: dict[str, dict[str, Any]] = {}
-    for path in sorted((Path(run_dir) / "eval").glob("*/metrics.json")):
-        try:
-            other = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(other, dict) and other.get("split") == metrics.get("split"):
-            found[path.parent.name] = other
+    found = {name: other for name, other in list_evaluations(run_dir) if other.get("split") == metrics.get("split")}
     if eval_dir is not None:
         found[Path(eval_dir).name] = metrics
     order = {"fine-tuned": 0, "base": 1, "engine": 2}
