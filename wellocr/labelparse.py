@@ -38,7 +38,7 @@ FUZZY_MIN_LENGTH = 6  # labels this long forgive one wrong character
 LABEL_GAP = 0.55  # a label starts after a gap of this many word heights (or first in line, or with a colon)
 SAME_LINE = 0.6  # words are on one line when their centres differ by less than this many word heights
 BELOW_LINES = 3.0  # a value below its label starts within this many label heights of the label's bottom
-_GLUED_COLON = re.compile(r"^([^\W\d_][^:\d]*:)(\S+)$")
+_GLUED_COLON = re.compile(r"^([^\W\d_][^:]*:)(\S+)$")
 
 
 class Word(NamedTuple):
