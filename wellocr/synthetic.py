@@ -23,6 +23,10 @@ A sample depends only on ``(seed, index)``: any slice can be regenerated on its 
 gives split ``train`` the indices ``0..n-1`` and offsets ``eval`` and ``test`` by `SPLIT_INDEX_OFFSET`,
 so a split's rows do not change when another split's size does.
 
+`make_sample_with_words` also returns every word drawn with its box (`write_dataset(word_boxes=True)` writes them to
+the sidecar ``words/<split>.jsonl``): the true words in their true places, on which the baseline parser
+(wellocr.labelparse) is tested without any OCR engine in between.
+
 The command: ``python -m wellocr.synth`` (wellocr/synth.py). Train and eval need at least one row each:
 `datasets` cannot load an empty parquet split.
 """
