@@ -123,6 +123,15 @@ def test_a_value_that_reads_like_a_label_under_a_line_of_labels_is_a_value():
     assert parsed(words) == "WELL: State AB No. 5\nFIELD: Wildcat"
 
 
+def test_a_cell_rule_read_as_a_bar_or_a_wide_gap_ends_a_value():
+    rule = [["KB:", 10, 10, 40, 24], ["1439", 50, 10, 90, 24], ["ft|pF", 96, 10, 150, 24], ["2243", 160, 10, 200, 24]]
+    assert parsed(rule) == "ELEV KB: 1439 ft"
+    misread_next_label = [["TD", 10, 10, 30, 24], ["DRILLER:", 36, 10, 110, 24], ["8408", 120, 10, 160, 24],
+                          ["ft", 166, 10, 180, 24], ["TD", 400, 10, 420, 24], ["LocceR:", 426, 10, 490, 24],
+                          ["8401", 500, 10, 540, 24]]
+    assert parsed(misread_next_label) == "DEPTH DRILLER: 8408 ft"
+
+
 def test_a_label_glued_to_its_value_by_a_colon_is_split():
     assert parsed([["COMPANY:ACME", 10, 10, 130, 24], ["OIL", 136, 10, 170, 24]]) == "COMPANY: ACME OIL"
 

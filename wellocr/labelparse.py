@@ -36,9 +36,12 @@ DEFAULT_LABELS = "header_labels.yaml"
 MAX_LABEL_WORDS = 6
 FUZZY_MIN_LENGTH = 6  # labels this long forgive one wrong character
 LABEL_GAP = 0.55  # a label starts after a gap of this many word heights (or first in line, or with a colon)
+GAP_IN_LABEL = 2.5  # a label's words are at most this many word heights apart (a dropped "-" leaves a hole)
+GAP_IN_VALUE = 1.5  # a wider gap between two words of a value ends the value: the next cell begins there
 SAME_LINE = 0.6  # words are on one line when their centres differ by less than this many word heights
 BELOW_LINES = 3.0  # a value below its label starts within this many label heights of the label's bottom
 _GLUED_COLON = re.compile(r"^([^\W\d_][^:]*:)(\S+)$")
+RULES = "|[]"  # what engines read a cell's vertical rule as: a boundary, never text
 
 
 class Word(NamedTuple):
@@ -125,16 +128,26 @@ def load_label_table(extra: Path | None = None) -> LabelTable:
 
 
 def split_glued(words: list[Word]) -> list[Word]:
-    """Words like "COMPANY:ACME" (engines that drop spaces) as "COMPANY:" + "ACME", boxes split by characters."""
+    """Words like "COMPANY:ACME" (engines that drop spaces) as "COMPANY:" + "ACME", and a cell's rule read into a
+    word ("|Acme", "ft|DF") as a word "|" of its own; boxes are split in proportion to the characters."""
     out: list[Word] = []
     for word in words:
-        match = _GLUED_COLON.match(word.text)
-        if match is None:
-            out.append(word)
+        pieces: list[str] = []
+        for part in re.split(f"([{re.escape(RULES)}]+)", word.text):
+            glued = _GLUED_COLON.match(part)
+            if part and part.strip(RULES) == "":
+                pieces.append("|")
+            elif glued:
+                pieces += glued.groups()
+            elif part:
+                pieces.append(part)
+        if len(pieces) == 1:
+            out.append(word if pieces[0] == word.text else word._replace(text=pieces[0]))
             continue
-        head, tail = match.groups()
-        cut = word.x0 + (word.x1 - word.x0) * len(head) / len(word.text)
-        out += [Word(head, word.x0, word.y0, cut, word.y1), Word(tail, cut, word.y0, word.x1, word.y1)]
+        per_char, x = (word.x1 - word.x0) / max(sum(len(p) for p in pieces), 1), word.x0
+        for piece in pieces:
+            out.append(Word(piece, x, word.y0, x + per_char * len(piece), word.y1))
+            x += per_char * len(piece)
     return out
 
 
@@ -167,7 +180,7 @@ def _group(words: list[Word], slope: float) -> list[list[Word]]:
         for line in lines:
             last = line[-1]
             distance = abs(level(last) - level(word))
-            if last.x0 < word.x0 + 0.5 * word.height and distance < SAME_LINE * min(last.height, word.height):
+            if last.x0 < word.x0 + 0.5 * word.height and distance < SAME_LINE * max(last.height, word.height):
                 if best_distance is None or distance < best_distance:
                     best, best_distance = line, distance
         if best is None:
@@ -211,7 +224,8 @@ class _Matcher:
         for fuzzy in (False, True):
             for n in range(min(MAX_LABEL_WORDS, len(line) - i), 0, -1):
                 span = line[i:i + n]
-                if any(b.x0 - a.x1 > LABEL_GAP * 2 * max(a.height, b.height) for a, b in zip(span, span[1:])):
+                if any(b.x0 - a.x1 > GAP_IN_LABEL * max(a.height, b.height) or "|" in (a.text, b.text)
+                       for a, b in zip(span, span[1:])):
                     continue
                 key = label_key("".join(w.text for w in span))
                 if not key or (n > 1 and not label_key(span[-1].text)):
@@ -235,7 +249,7 @@ def find_labels(lines: list[list[Word]], matcher: _Matcher) -> list[Label]:
                 gap = word.x0 - line[i - 1].x1 if i else None
                 height = max(word.height, line[i - 1].height) if i else word.height
                 after_label = previous_label is not None and previous_label.end == i
-                stands_alone = gap is None or gap >= LABEL_GAP * height or line[i - 1].text.endswith(":")
+                stands_alone = gap is None or gap >= LABEL_GAP * height or line[i - 1].text.endswith((":", "|"))
                 has_colon = line[i + n - 1].text.rstrip().endswith(":")
                 if (stands_alone or has_colon) and not (after_label and gap is not None and gap < 3 * height):
                     previous_label = Label(name, line_no, i, i + n)
@@ -259,8 +273,19 @@ def _labels_under_label_lines_are_values(lines: list[list[Word]], labels: list[L
     return [label for line_no in sorted(by_line) for label in by_line[line_no]]
 
 
-def _clean(words: list[Word]) -> str:
-    return " ".join(w.text for w in words).strip().lstrip(":").strip()
+def _value(words: list[Word]) -> str:
+    """The value's text: its words up to a rule, a wide gap (the next cell) or an unknown label ("Xyz:")."""
+    taken: list[Word] = []
+    for word in words:
+        if word.text == "|":
+            if taken:
+                break
+            continue
+        if taken and (word.x0 - taken[-1].x1 > GAP_IN_VALUE * max(word.height, taken[-1].height)
+                      or (word.text.endswith(":") and len(word.text) > 1 and taken[-1].text != ":")):
+            break
+        taken.append(word)
+    return " ".join(w.text for w in taken).strip().lstrip(":：").strip()
 
 
 def assign_values(lines: list[list[Word]], labels: list[Label]) -> None:
@@ -273,7 +298,7 @@ def assign_values(lines: list[list[Word]], labels: list[Label]) -> None:
         line = lines[label.line]
         following = [other for other in by_line[label.line] if other.start >= label.end]
         stop = following[0].start if following else len(line)
-        label.value = _clean(line[label.end:stop])
+        label.value = _value(line[label.end:stop])
         if label.value:
             continue
         first, last = line[label.start], line[label.end - 1]
@@ -284,14 +309,14 @@ def assign_values(lines: list[list[Word]], labels: list[Label]) -> None:
             if min(w.y0 for w in below) - last.y1 > BELOW_LINES * first.height:
                 break
             column = [j for j, w in enumerate(below) if left <= (w.x0 + w.x1) / 2 < right]
-            if not column:
+            if not any(label_key(below[j].text) for j in column):  # nothing, or a stray dash of the line above
                 continue
             taken = []
             for j in column:
                 if (below_no, j) in starts:
                     break
                 taken.append(below[j])
-            label.value = _clean(taken)
+            label.value = _value(taken)
             break
 
 
