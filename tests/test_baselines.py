@@ -238,3 +238,9 @@ def test_a_missing_engine_package_is_a_one_line_error_naming_the_extra(headers_r
     assert evaluate.main(["--run", str(headers_run), "--engine", "rapidocr"]) == 2
     assert capsys.readouterr().err.strip() == ("error: --engine: the Python package rapidocr-onnxruntime is not "
                                                "installed; install it with pip install -e '.[baselines]'")
+
+
+def test_labels_without_an_engine_is_a_one_line_error(headers_run, capsys):
+    assert evaluate.main(["--run", str(headers_run), "--labels", "labels.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --labels: only used with --engine (it extends the baseline "
+                                               "parser's label table)")
