@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wellocr import compare, evaluate
+from wellocr import compare, evaluate, synth
 from wellocr.errors import UserError
 from wellocr.labelparse import Word, answer_text, label_key, load_label_table, parse_words
 from wellocr.metrics import field_scores
@@ -63,6 +63,13 @@ def test_the_word_box_sidecar_holds_each_rows_words_and_leaves_the_data_set_alon
     assert rows[1]["words"] == make_sample_with_words(3, EVAL + 1, 0.3, 512)[2]
     _, answer = make_sample(3, EVAL + 1, 0.3, 512)
     assert field_scores([answer], [parsed(rows[1]["words"])])["exact_match"] >= 0.9
+
+
+def test_the_synth_command_writes_the_sidecar_with_word_boxes(tmp_path):
+    assert synth.main(["--out", str(tmp_path), "--train", "1", "--eval", "1", "--seed", "0", "--width", "320",
+                       "--word-boxes"]) == 0
+    assert [json.loads(line)["row"] for line in words_path(tmp_path, "train").read_text().splitlines()] == [0]
+    assert words_path(tmp_path, "eval").is_file()
 
 
 def test_word_boxes_sit_on_ink_and_words_spell_the_values():
