@@ -1,7 +1,7 @@
 """report.html: what it contains, and that a real browser renders it, sample images included.
 
 The browser tests need Debian's headless Chromium at /usr/bin/chromium (`apt-get install -y chromium`) and are
-skipped, saying so, where it is missing.
+skipped, saying so, where it is missing; the baseline beside the model needs Debian's `tesseract-ocr` as well.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from wellocr.report import diff_html, find_base_metrics, render_report, training
 CHROMIUM = Path("/usr/bin/chromium")
 needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium is not installed at "
                                     "/usr/bin/chromium (apt-get install -y chromium)")
+needs_tesseract = pytest.mark.skipif(shutil.which("tesseract") is None, reason="the tesseract program is not "
+                                     "installed (apt-get install -y tesseract-ocr)")
 WINDOW = (1200, 2400)
 # Appended to a copy of the report: once the page has loaded, count the <img> elements that decoded.
 IMAGE_PROBE = """<script>window.addEventListener("load", () => {
@@ -34,9 +36,12 @@ IMAGE_PROBE = """<script>window.addEventListener("load", () => {
 
 @pytest.fixture(scope="module")
 def report(trained_run, tmp_path_factory) -> Path:
-    """report.html of a 3-sample evaluation of the shared run's final adapter."""
+    """report.html of a 3-sample evaluation of the shared run's final adapter, after a Tesseract baseline on the same
+    3 samples (where Tesseract is installed)."""
     run_dir = tmp_path_factory.mktemp("report") / trained_run.name
     shutil.copytree(trained_run, run_dir)
+    if shutil.which("tesseract") is not None:
+        assert evaluate.main(["--run", str(run_dir), "--engine", "tesseract", "--limit", "3"]) == 0
     assert evaluate.main(["--run", str(run_dir), "--limit", "3"]) == 0
     return run_dir / "eval" / "final-n3" / "report.html"
 
@@ -72,6 +77,18 @@ def test_browser_screenshot_shows_a_rendered_page(report, tmp_path):
         # a blank or error page is nearly one colour; text, tables and scans are not
         assert ImageStat.Stat(gray).stddev[0] > 20
         assert sum(1 for count in gray.histogram() if count) > 100  # anti-aliased text, photos of scans
+
+
+@needs_chromium
+@needs_tesseract
+def test_browser_shows_the_baseline_beside_the_model(report, tmp_path):
+    dom = chromium(tmp_path, "--dump-dom", report.as_uri()).stdout
+    table = dom.split('<table id="side-by-side">')[1].split("</table>")[0]
+    rows = {re.findall(r"<td>([^<]*)</td>", cells)[0]: (kind, re.findall(r"<td>([^<]*)</td>", cells)[1:])
+            for kind, cells in re.findall(r'<tr data-kind="([^"]+)">(.*?)</tr>', table)}
+    assert rows["final-n3 (this report)"][0] == "fine-tuned"
+    kind, cells = rows["tesseract-n3"]
+    assert kind == "engine" and cells[:2] == ["engine", "3"] and all(re.fullmatch(r"\d+\.\d+", c) for c in cells[2:])
 
 
 # ---------------------------------------------------------------- in the HTML

@@ -104,3 +104,30 @@ def read_metrics(path: Path) -> dict[str, Any] | None:
     if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
         data = {**data["metrics"], **{k: v for k, v in data.items() if k != "metrics"}}
     return data if isinstance(data, dict) else None
+
+
+def evaluation_kind(metrics: dict[str, Any]) -> str:
+    """"engine" (a classical OCR baseline, wellocr.baselines), "base" (the base model, no adapter) or
+    "fine-tuned"."""
+    if metrics.get("engine"):
+        return "engine"
+    return "base" if metrics.get("base_model") else "fine-tuned"
+
+
+def seconds_per_image(metrics: dict[str, Any]) -> float | None:
+    """An engine's CPU seconds per image, or a model's generation seconds per sample (at its batch size)."""
+    value = (metrics.get("engine") or {}).get("seconds_per_image")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    rate = (metrics.get("generation") or {}).get("samples_per_second")
+    return 1.0 / rate if isinstance(rate, (int, float)) and rate > 0 else None
+
+
+def list_evaluations(run_dir: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(name, metrics) of every readable `<run>/eval/<name>/metrics.json`, by name."""
+    found = []
+    for path in sorted((Path(run_dir) / "eval").glob("*/metrics.json")):
+        metrics = read_metrics(path)
+        if metrics is not None:
+            found.append((path.parent.name, metrics))
+    return found

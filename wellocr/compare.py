@@ -7,11 +7,16 @@ eval loss, CER, WER, field accuracy, cost and wall time. Everything is read from
 - steps: the furthest of run.json attempts' `step`, the final/ and checkpoint markers, and the cost ledger
 - best eval loss: the lowest `eval_loss` in the checkpoints' trainer_state.json log history
 - CER / WER / field accuracy (`fields.exact_match`): eval/final/metrics.json, else the newest
-  eval/*/metrics.json on the eval split that evaluated an adapter (not the base model)
+  eval/*/metrics.json on the eval split that evaluated an adapter (not the base model, not an OCR engine)
 - cost: cost.json (wellocr.ledger); wall time: the sum of run.json attempts' ended_at - started_at
 
+Below it, one row per evaluation (run x `eval/<name>/`): fine-tuned checkpoints, the base model and classical OCR
+engines (`python -m wellocr.evaluate --engine`), each with its split, samples, field exact match, field F1, CER,
+WER and seconds per image, so "is the fine-tuned model better than Tesseract on my headers?" is one look.
+
 `--json` prints `{"differing_keys": [...], "runs": [{run, path, config, steps, best_eval_loss, cer, wer,
-field_accuracy, metrics_from, cost_usd, wall_time_s, wandb}]}` with null for anything unknown.
+field_accuracy, metrics_from, cost_usd, wall_time_s, wandb}], "evaluations": [{run, evaluation, kind, split,
+samples, limit, field_exact_match, field_f1, cer, wer, seconds_per_image}]}` with null for anything unknown.
 `--wandb` adds each run's W&B URL and fills CER/WER the run directory lacks from the W&B run summary
 (`eval/cer`, `eval/wer`), through `wandb.Api()`; offline or on any failure it warns in one line and goes on.
 """
@@ -26,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from wellocr.artifacts import read_metrics
+from wellocr.artifacts import evaluation_kind, list_evaluations, read_metrics, seconds_per_image
 from wellocr.checkpoint import eval_losses, list_checkpoints, read_json_dict, read_marker, read_trainer_state
 from wellocr.errors import UserError, run_cli
 from wellocr.ledger import LEDGER_NAME, read_ledger, segment_usd
@@ -70,7 +75,7 @@ def pick_metrics(run_dir: Path) -> tuple[str | None, dict[str, Any]]:
     candidates = []
     for path in (run_dir / "eval").glob("*/metrics.json"):
         metrics = read_metrics(path)
-        if not metrics or metrics.get("base_model") or path.parent.name == "base":
+        if not metrics or metrics.get("base_model") or path.parent.name == "base" or metrics.get("engine"):
             continue
         if metrics.get("split", "eval") != "eval":
             continue
@@ -111,6 +116,20 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         "wandb": None,
         "wandb_run_id": run.get("wandb_run_id"),
     }
+
+
+def evaluation_rows(run: str, run_dir: Path) -> list[dict[str, Any]]:
+    """One row per evaluation the run holds: fine-tuned first, then base, then engines, each by name."""
+    order = {"fine-tuned": 0, "base": 1, "engine": 2}
+    rows = []
+    for name, metrics in list_evaluations(run_dir):
+        fields = metrics.get("fields") if isinstance(metrics.get("fields"), dict) else {}
+        rows.append({"run": run, "evaluation": name, "kind": evaluation_kind(metrics), "split": metrics.get("split"),
+                     "samples": metrics.get("samples"), "limit": metrics.get("limit"),
+                     "field_exact_match": _number(fields.get("exact_match")), "field_f1": _number(fields.get("f1")),
+                     "cer": _number(metrics.get("cer")), "wer": _number(metrics.get("wer")),
+                     "seconds_per_image": seconds_per_image(metrics)})
+    return sorted(rows, key=lambda r: (order[r["kind"]], r["evaluation"]))
 
 
 def differing_keys(rows: list[dict[str, Any]]) -> list[str]:
@@ -169,7 +188,8 @@ def compare(run_dirs: list[Path], use_wandb: bool = False) -> tuple[dict[str, An
     rows = sort_by_cer(rows)
     runs = [{**{k: v for k, v in r.items() if k not in ("config", "wandb_run_id")},
              "config": {k: r["config"].get(k) for k in diff}} for r in rows]
-    return {"differing_keys": diff, "runs": runs}, warning
+    evaluations = [e for r in rows for e in evaluation_rows(r["run"], Path(r["path"]))]
+    return {"differing_keys": diff, "runs": runs, "evaluations": evaluations}, warning
 
 
 def _duration(seconds: float | None) -> str:
@@ -197,12 +217,24 @@ def format_table(result: dict[str, Any]) -> str:
         if has_wandb:
             cells.append((r["wandb"] or {}).get("url", "-"))
         lines.append(cells)
-    widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
-    render = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
-    out = [render(header), render(["-" * w for w in widths]), *(render(row) for row in lines)]
+    out = _render(header, lines)
     if not diff and len(result["runs"]) > 1:
         out.append("(the runs' configs are identical)")
+    evaluations = result.get("evaluations") or []
+    if evaluations:
+        header = ["run", "evaluation", "kind", "split", "samples", "field exact", "field F1", "CER", "WER",
+                  "s/image"]
+        lines = [[e["run"], e["evaluation"], e["kind"], _cell(e["split"]), _cell(e["samples"]),
+                  _cell(e["field_exact_match"], "{:.1%}"), _cell(e["field_f1"], "{:.4f}"), _cell(e["cer"], "{:.4f}"),
+                  _cell(e["wer"], "{:.4f}"), _cell(e["seconds_per_image"], "{:.2f}")] for e in evaluations]
+        out += ["", *_render(header, lines)]
     return "\n".join(out) + "\n"
+
+
+def _render(header: list[str], lines: list[list[Any]]) -> list[str]:
+    widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
+    render = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    return [render(header), render(["-" * w for w in widths]), *(render(row) for row in lines)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,12 @@
 
     python -m wellocr.evaluate --run RUN_DIR [--checkpoint final|best|latest|PATH] [--split eval]
                                [--limit N] [--base-model] [--batch-size B]
+    python -m wellocr.evaluate --run RUN_DIR --engine tesseract|rapidocr|easyocr [--split eval] [--limit N]
+                               [--labels FILE]
+
+`--engine` scores a classical OCR engine instead of a model, on the CPU (wellocr.baselines: the engine's words,
+parsed into `LABEL: value` lines by wellocr.labelparse; `--labels FILE` extends its label table), into
+`<run>/eval/<engine>[-<split>][-n<N>]/` with the same three files.
 
 Every sample is transcribed with batched greedy decoding, scored against its reference (wellocr.metrics) and
 given its own loss: the mean cross-entropy over its answer tokens (+ `<|im_end|>` and the newline after it),
@@ -61,6 +67,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="evaluate the base model without any adapter (--checkpoint is then ignored)")
     parser.add_argument("--batch-size", type=positive_int,
                         help="samples per generate() and loss batch (default: the run's eval.batch_size)")
+    parser.add_argument("--engine", choices=("tesseract", "rapidocr", "easyocr"),
+                        help="score this classical OCR engine (CPU) instead of a model: a baseline")
+    parser.add_argument("--labels", type=Path,
+                        help="with --engine: a YAML file of printed labels added to wellocr/header_labels.yaml")
     return parser.parse_args(argv)
 
 
@@ -86,6 +96,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise UserError(f"--run {run_dir}: no such directory")
     cfg = load_run_config(run_dir)
+    if args.engine is not None:
+        return run_engine(args, cfg)
+    if args.labels is not None:
+        raise UserError("--labels: only used with --engine (it extends the baseline parser's label table)")
     adapter_dir, name = (None, BASE_NAME) if args.base_model else resolve_checkpoint(run_dir, args.checkpoint)
     backend = inference.prepare_backend(cfg)
     splits = load_splits(cfg.data)
@@ -96,6 +110,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     metrics = inference.evaluate_model(model, processor, cfg, splits[args.split], out_dir, name, limit=args.limit,
                                        batch_size=args.batch_size, run_dir=run_dir, checkpoint_path=adapter_dir,
                                        backend=backend)
+    print_summary(metrics, out_dir)
+    return metrics
+
+
+def run_engine(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
+    from wellocr.baselines import evaluate_engine, load_engine, print_summary
+    from wellocr.data import load_splits
+    from wellocr.labelparse import load_label_table
+
+    load_label_table(args.labels)  # a bad --labels file and a missing engine fail before the data set is read
+    engine = load_engine(args.engine)
+    splits = load_splits(cfg.data)
+    if args.split not in splits:
+        raise UserError(f"--split {args.split}: the data set has no such split (splits: {', '.join(splits)})")
+    out_dir = args.run / "eval" / eval_dir_name(engine.name, args.split, args.limit)
+    metrics = evaluate_engine(engine, cfg, splits[args.split], out_dir, limit=args.limit, run_dir=args.run,
+                              labels=args.labels)
     print_summary(metrics, out_dir)
     return metrics
 

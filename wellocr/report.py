@@ -3,7 +3,9 @@
 Everything is inline (CSS, the training-curve PNG and the sample images as data URIs), so the file can be
 copied off a pod or attached to a message and still render. Sections: header (run, checkpoint, split, date);
 headline metrics, with the base model's column and the change beside them when a base-model evaluation of the
-same split sits in `<run>/eval/base*/`; training curves (from the newest `trainer_state.json`); the worst
+same split sits in `<run>/eval/base*/`; every evaluation of the run on the same split side by side (fine-tuned,
+base, classical OCR engines: field exact match, field F1, CER, WER, seconds per image), with a note when CER and
+field exact match rank them differently; training curves (from the newest `trainer_state.json`); the worst
 samples, each with its image and reference vs prediction, differences marked (<del> in the reference, <ins> in
 the prediction); and per-field scores.
 """
@@ -19,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from wellocr.artifacts import evaluation_kind, list_evaluations, seconds_per_image
 from wellocr.checkpoint import list_checkpoints, read_trainer_state, write_text_atomic
 
 THUMBNAIL_WIDTH = 560
@@ -80,7 +83,7 @@ def read_log_history(run_dir: Path) -> list[dict]:
 
 def find_base_metrics(run_dir: Path, metrics: dict[str, Any], eval_dir: Path | None = None) -> dict | None:
     """A base-model evaluation of the same split from `<run>/eval/base*/`: same --limit first, else the largest."""
-    if metrics.get("base_model"):
+    if metrics.get("base_model") or metrics.get("engine"):
         return None
     found = []
     for path in sorted((Path(run_dir) / "eval").glob("base*/metrics.json")):
@@ -203,8 +206,13 @@ def _header(metrics: dict[str, Any], run_dir: Path | None) -> str:
     ckpt = metrics["checkpoint"]
     step = f" (step {ckpt['step']})" if ckpt.get("step") is not None else ""
     samples = f"{metrics['samples']}" + (f" (--limit {metrics['limit']})" if metrics.get("limit") else "")
-    items = [("checkpoint", f"{ckpt['name']}{step}"), ("split", metrics["split"]), ("samples", samples),
+    engine = metrics.get("engine")
+    what = (("engine", f"{metrics.get('model', '')} {engine.get('options') or ''}".strip()) if engine
+            else ("checkpoint", f"{ckpt['name']}{step}"))
+    items = [what, ("split", metrics["split"]), ("samples", samples),
              ("model", metrics.get("model", "")), ("date", metrics.get("created_at", ""))]
+    if engine:
+        del items[3]
     meta = " · ".join(f"{html.escape(k)} <b>{html.escape(str(v))}</b>" for k, v in items)
     return f"<h1>Evaluation of {html.escape(run)}</h1>\n<div class=\"meta\">{meta}</div>"
 
@@ -245,6 +253,59 @@ def _metrics_table(metrics: dict[str, Any], base: dict[str, Any] | None) -> str:
     return f"<h2>{title}</h2>\n{table}\n{note}"
 
 
+def sibling_evaluations(run_dir: Path, metrics: dict[str, Any], eval_dir: Path | None = None) -> list[tuple]:
+    """(name, metrics) of every evaluation in `<run>/eval/` on the split of `metrics`, this one included (named by
+    `eval_dir`), fine-tuned first, then base, then engines."""
+    found = {name: other for name, other in list_evaluations(run_dir) if other.get("split") == metrics.get("split")}
+    if eval_dir is not None:
+        found[Path(eval_dir).name] = metrics
+    order = {"fine-tuned": 0, "base": 1, "engine": 2}
+    return sorted(found.items(), key=lambda item: (order[evaluation_kind(item[1])], item[0]))
+
+
+SIDE_BY_SIDE = (("fields.exact_match", "Field exact match"), ("fields.f1", "Field F1"), ("cer", "CER"),
+                ("wer", "WER"))
+
+
+def _side_by_side(evaluations: list[tuple], current: str | None) -> str:
+    """One row per evaluation of the split; shown when the run has more than this one."""
+    if len(evaluations) < 2:
+        return ""
+    head = ("<tr><th>evaluation</th><th>kind</th><th>samples</th>"
+            + "".join(f"<th>{html.escape(label)}</th>" for _, label in SIDE_BY_SIDE) + "<th>s / image</th></tr>")
+    rows = []
+    for name, other in evaluations:
+        mark = " (this report)" if name == current else ""
+        seconds = seconds_per_image(other)
+        cells = "".join(f"<td>{_fmt(_metric(other, key))}</td>" for key, _ in SIDE_BY_SIDE)
+        rows.append(f'<tr data-kind="{evaluation_kind(other)}"><td>{html.escape(name)}{mark}</td>'
+                    f"<td>{evaluation_kind(other)}</td><td>{other.get('samples', '–')}</td>{cells}"
+                    f"<td>{'–' if seconds is None else f'{seconds:.2f}'}</td></tr>")
+    legend = ("<p class=\"legend\">Every evaluation of this run on this split "
+              "(<code>python -m wellocr.evaluate</code>; engines with <code>--engine</code>). Seconds per image: "
+              "for an engine, CPU time reading one image; "
+              "for a model, generation time per sample at its batch size on its device. Compare rows with the "
+              "same number of samples.</p>")
+    return (f"<h2>Side by side: fine-tuned, base and OCR engines</h2>\n<table id=\"side-by-side\">{head}"
+            f"{''.join(rows)}</table>\n{legend}{_disagreement(evaluations)}")
+
+
+def _disagreement(evaluations: list[tuple]) -> str:
+    """A note for the first pair that CER and field exact match rank in opposite orders."""
+    scored = [(name, _metric(m, "cer"), _metric(m, "fields.exact_match")) for name, m in evaluations]
+    scored = [s for s in scored if s[1] is not None and s[2] is not None]
+    for name_a, cer_a, exact_a in scored:
+        for name_b, cer_b, exact_b in scored:
+            if cer_a < cer_b and exact_a < exact_b:
+                return (f'<p class="legend" id="cer-vs-fields"><b>{html.escape(name_a)}</b> has the lower CER '
+                        f"({cer_a:.3f} vs {cer_b:.3f}) but <b>{html.escape(name_b)}</b> gets more fields exactly "
+                        f"right ({exact_b:.3f} vs {exact_a:.3f}). CER counts character edits over the whole "
+                        "answer, so a reading that is nearly right everywhere (say, with its spaces dropped) scores "
+                        "well on it; a field counts only when its whole value is right, under the right label. "
+                        "Field exact match is what a user of the extracted fields gets.</p>")
+    return ""
+
+
 def _per_field(metrics: dict[str, Any]) -> str:
     per_field = (metrics.get("fields") or {}).get("per_field") or {}
     if not per_field:
@@ -271,7 +332,9 @@ def _sample(record: dict[str, Any], rank: int) -> str:
     image = '<span class="empty">(no image)</span>'
     if record.get("image") is not None:
         image = f'<img alt="row {record["index"]}" src="{image_data_uri(record["image"])}">'
-    scores = f"CER {record['cer']:.3f} · WER {record['wer']:.3f} · loss {record['loss']:.3f}"
+    scores = f"CER {record['cer']:.3f} · WER {record['wer']:.3f}"
+    if record.get("loss") is not None:
+        scores += f" · loss {record['loss']:.3f}"
     return (
         f'<div class="sample"><h3>#{rank} · row {record["index"]} <span class="scores">{scores}</span></h3>'
         f'<div class="row"><div><h4>Image</h4>{image}</div>'
@@ -297,11 +360,13 @@ def render_report(metrics: dict[str, Any], worst: list[dict], run_dir: Path | No
     """The page as a string. `worst` are per-sample records (index, prediction, reference, cer, wer, loss and
     optionally a PIL `image`), shown in the order given."""
     base = find_base_metrics(run_dir, metrics, eval_dir) if run_dir is not None else None
+    siblings = sibling_evaluations(run_dir, metrics, eval_dir) if run_dir is not None else []
     title = html.escape(" · ".join(["wellocr", metrics.get("run") or "", metrics["checkpoint"]["name"],
                                     metrics["split"]]))
     top = (f'<div class="top"><section>{_metrics_table(metrics, base)}</section>'
            f"<section>{_curves(run_dir)}</section></div>")
-    body = "\n".join(s for s in [_header(metrics, run_dir), top, _worst(worst), _per_field(metrics)] if s)
+    side = _side_by_side(siblings, Path(eval_dir).name if eval_dir is not None else None)
+    body = "\n".join(s for s in [_header(metrics, run_dir), top, side, _worst(worst), _per_field(metrics)] if s)
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{title}</title>"
             f"<style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n")

@@ -1,5 +1,6 @@
-"""`python -m wellocr.synth --out DIR --train N --eval M [--test K] --seed S [--difficulty D] [--width W]`: write a
-synthetic well-log header data set in the real schema (the generator: wellocr.synthetic)."""
+"""`python -m wellocr.synth --out DIR --train N --eval M [--test K] --seed S [--difficulty D] [--width W]
+[--word-boxes]`: write a synthetic well-log header data set in the real schema (the generator: wellocr.synthetic);
+`--word-boxes` adds `words/<split>.jsonl`, the words drawn on each row with their pixel boxes."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--difficulty", type=float, default=0.3, help="scan defects, 0 (clean) to 1")
     parser.add_argument("--width", type=int, default=1024, help="image width in pixels")
     parser.add_argument("--image-format", default="JPEG", choices=IMAGE_FORMATS)
+    parser.add_argument("--word-boxes", action="store_true",
+                        help="also write words/<split>.jsonl: every word drawn on each row and its box in pixels")
     return parser
 
 
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         out_dir = write_dataset(args.out, args.train, args.eval, args.test, args.seed, args.difficulty,
-                                args.width, args.image_format)
+                                args.width, args.image_format, args.word_boxes)
         counts = f"train={args.train} eval={args.eval}" + (f" test={args.test}" if args.test else "")
         print(f"{out_dir} {counts}")
 

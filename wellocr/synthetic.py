@@ -23,6 +23,10 @@ A sample depends only on ``(seed, index)``: any slice can be regenerated on its 
 gives split ``train`` the indices ``0..n-1`` and offsets ``eval`` and ``test`` by `SPLIT_INDEX_OFFSET`,
 so a split's rows do not change when another split's size does.
 
+`make_sample_with_words` also returns every word drawn with its box (`write_dataset(word_boxes=True)` writes them to
+the sidecar ``words/<split>.jsonl``): the true words in their true places, on which the baseline parser
+(wellocr.labelparse) is tested without any OCR engine in between.
+
 The command: ``python -m wellocr.synth`` (wellocr/synth.py). Train and eval need at least one row each:
 `datasets` cannot load an empty parquet split.
 """
@@ -32,6 +36,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import json
 import math
 import os
 import random
@@ -596,9 +601,31 @@ def _draw_title(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], compa
     draw.text((center, y0 + round(height * 0.72)), log_type.upper(), font=log_font, fill=0, anchor="mm")
 
 
+class _WordRecorder:
+    """An ImageDraw that also notes the box of every word it draws (the word-box sidecar); all else delegates."""
+
+    def __init__(self, draw: ImageDraw.ImageDraw):
+        self._draw = draw
+        self.words: list[list] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._draw, name)
+
+    def text(self, xy, text: str, font=None, anchor: str | None = None, **kwargs) -> None:
+        self._draw.text(xy, text, font=font, anchor=anchor, **kwargs)
+        left, top, _, bottom = self._draw.textbbox(xy, text, font=font, anchor=anchor)
+        position = 0
+        for word in text.split():
+            start = text.index(word, position)
+            position = start + len(word)
+            self.words.append([word, left + font.getlength(text[:start]), top,
+                               left + font.getlength(text[:position]), bottom])
+
+
 def _render_form(rng: random.Random, values: dict[str, str], distractors: dict[str, str],
-                 width: int) -> Image.Image:
-    """The clean header as a grayscale image: ruled title band and label/value cells."""
+                 width: int, recorder: list | None = None) -> Image.Image:
+    """The clean header as a grayscale image: ruled title band and label/value cells. The words drawn, with
+    their boxes, are appended to `recorder` when one is given."""
     style = _style(rng)
     rows = _rows(rng)
     service = rng.choice(SERVICE_COMPANIES)
@@ -606,7 +633,7 @@ def _render_form(rng: random.Random, values: dict[str, str], distractors: dict[s
     height = round(width * aspect)
     margin = max(6, width // 50)
     image = Image.new("L", (width, height), 255)
-    draw = ImageDraw.Draw(image)
+    draw = ImageDraw.Draw(image) if recorder is None else _WordRecorder(ImageDraw.Draw(image))
     left, top, right, bottom = margin, margin, width - margin, height - margin
     draw.rectangle([left, top, right, bottom], outline=0, width=style.line_width + 1)
 
@@ -631,6 +658,8 @@ def _render_form(rng: random.Random, values: dict[str, str], distractors: dict[s
             draw_cell = _draw_cell_label_on_top if style.label_on_top else _draw_cell_label_left
             draw_cell(draw, (round(x), y0, round(x_next), y1), _printed_label(key, style), cell_texts[key], style)
             x = x_next
+    if recorder is not None:
+        recorder.extend(draw.words)
     return image
 
 
@@ -719,13 +748,46 @@ def _check_sample_args(difficulty: float, width: int) -> None:
 
 def make_sample(seed: int, index: int, difficulty: float = 0.3, width: int = 1024) -> tuple[Image.Image, str]:
     """One header image and its answer; depends only on (seed, index), so slices regenerate independently."""
+    image, answer, _ = _sample(seed, index, difficulty, width, record_words=False)
+    return image, answer
+
+
+def make_sample_with_words(seed: int, index: int, difficulty: float = 0.3,
+                           width: int = 1024) -> tuple[Image.Image, str, list[list]]:
+    """`make_sample` (the same image and answer) plus every word drawn on it: `[text, x0, y0, x1, y1]` in pixels
+    of the returned image (the box of the word as drawn, turned with the scan's rotation), in drawing order.
+
+    These are the true words in their true boxes: what a perfect OCR engine would return, so the label-anchored
+    parser (wellocr.labelparse) can be tested on them alone.
+    """
+    return _sample(seed, index, difficulty, width, record_words=True)
+
+
+def _sample(seed: int, index: int, difficulty: float, width: int,
+            record_words: bool) -> tuple[Image.Image, str, list[list]]:
     _check_sample_args(difficulty, width)
     rng = random.Random(f"wellocr-synth:{seed}:{index}")
     values, distractors = _values(rng)
-    form = _render_form(rng, values, distractors, width)
-    image = _apply_defects(form, _scan_defects(rng, difficulty))
+    words: list[list] = []
+    form = _render_form(rng, values, distractors, width, words if record_words else None)
+    defects = _scan_defects(rng, difficulty)
+    image = _apply_defects(form, defects)
     answer = "\n".join(f"{field}: {values[field]}" for field in FIELDS)
-    return image, answer
+    return image, answer, [_rotated_word(w, defects.angle, form.size) for w in words]
+
+
+def _rotated_word(word: list, angle: float, size: tuple[int, int]) -> list:
+    """A word's box after `Image.rotate(angle)` (counter-clockwise about the centre): the box around its corners."""
+    text, x0, y0, x1, y1 = word
+    if abs(angle) < 0.01:  # _apply_defects does not rotate below this
+        return [text, round(x0, 1), round(y0, 1), round(x1, 1), round(y1, 1)]
+    cx, cy = size[0] / 2, size[1] / 2
+    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    xs, ys = [], []
+    for x, y in ((x0, y0), (x1, y0), (x0, y1), (x1, y1)):
+        xs.append(cx + (x - cx) * cos + (y - cy) * sin)
+        ys.append(cy - (x - cx) * sin + (y - cy) * cos)
+    return [text, round(min(xs), 1), round(min(ys), 1), round(max(xs), 1), round(max(ys), 1)]
 
 
 def encode_image(image: Image.Image, image_format: str = "JPEG") -> str:
@@ -746,16 +808,25 @@ def split_path(out_dir: Path, split: str) -> Path:
     return out_dir / "data" / f"{split}-00000-of-00001.parquet"
 
 
+def words_path(out_dir: Path, split: str) -> Path:
+    """The optional word-box sidecar of a split (outside data/, so `datasets` never reads it as a split)."""
+    return out_dir / "words" / f"{split}.jsonl"
+
+
 def _write_split(path: Path, split: str, count: int, seed: int, difficulty: float, width: int,
-                 image_format: str) -> None:
-    """Streams rows into row groups under a hidden temp name, renamed only once complete."""
+                 image_format: str, words_file: Path | None = None) -> None:
+    """Streams rows into row groups under a hidden temp name, renamed only once complete; with `words_file`, the
+    words drawn on each row go there, one JSON line per row ({"row": i, "words": [[text, x0, y0, x1, y1], ...]})."""
     offset = SPLIT_INDEX_OFFSET[split]
     report_every = max(1, count // 10)
     started = time.perf_counter()
     batch: dict[str, list[str]] = {"image_base64": [], "instruction": [], "answer": []}
+    word_lines: list[str] = []
     with atomic_path(path) as temp_path, pq.ParquetWriter(temp_path, SCHEMA) as writer:
         for i in range(count):
-            image, answer = make_sample(seed, offset + i, difficulty, width)
+            image, answer, words = _sample(seed, offset + i, difficulty, width, record_words=words_file is not None)
+            if words_file is not None:
+                word_lines.append(json.dumps({"row": i, "words": words}, ensure_ascii=False) + "\n")
             batch["image_base64"].append(encode_image(image, image_format))
             batch["instruction"].append(INSTRUCTION)
             batch["answer"].append(answer)
@@ -768,6 +839,9 @@ def _write_split(path: Path, split: str, count: int, seed: int, difficulty: floa
                 print(f"synth: {split} {done}/{count} ({rate:.0f} img/s)", file=sys.stderr, flush=True)
         if batch["answer"]:
             writer.write_table(pa.table(batch, schema=SCHEMA))
+    if words_file is not None:
+        words_file.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(words_file, "".join(word_lines))
 
 
 def _readme(counts: dict[str, int], seed: int, difficulty: float, width: int, image_format: str) -> str:
@@ -799,8 +873,11 @@ def _readme(counts: dict[str, int], seed: int, difficulty: float, width: int, im
 
 
 def write_dataset(out_dir, train: int, eval: int, test: int = 0, seed: int = 0, difficulty: float = 0.3,
-                  width: int = 1024, image_format: str = "JPEG") -> Path:
+                  width: int = 1024, image_format: str = "JPEG", word_boxes: bool = False) -> Path:
     """Writes a folder `datasets.load_dataset` (or the hub) reads with splits train, eval and optional test.
+
+    `word_boxes` adds the sidecar `words/<split>.jsonl` (`words_path`): the words drawn on each row and their boxes,
+    as `make_sample_with_words` returns them, for testing OCR parsers on perfectly read words.
 
     The README's `configs` block is what keeps `eval` a split of its own: without it `datasets` maps a
     file named `eval*` to the split `test`.
@@ -818,9 +895,12 @@ def write_dataset(out_dir, train: int, eval: int, test: int = 0, seed: int = 0, 
     if test:
         counts["test"] = test
     for split in SPLITS:
+        if split not in counts or not word_boxes:
+            words_path(out_dir, split).unlink(missing_ok=True)
         if split not in counts:
             split_path(out_dir, split).unlink(missing_ok=True)
     for split, count in counts.items():
-        _write_split(split_path(out_dir, split), split, count, seed, difficulty, width, image_format)
+        _write_split(split_path(out_dir, split), split, count, seed, difficulty, width, image_format,
+                     words_path(out_dir, split) if word_boxes else None)
     write_text_atomic(out_dir / "README.md", _readme(counts, seed, difficulty, width, image_format))
     return out_dir
