@@ -102,8 +102,9 @@ def test_budget_sets_the_memory_fraction_while_probing_and_restores_it(monkeypat
     assert calls[-1] == 0.5  # restored
 
     calls.clear()
-    A.choose_micro_batch(lambda micro: None, 8, device="cuda")  # default: the GPU minus the headroom
-    assert calls[0] == pytest.approx(1 - A.HEADROOM)
+    # default: what this process may use (here half the GPU: a WELLOCR_GPU_MEMORY_GB cap) minus the headroom
+    A.choose_micro_batch(lambda micro: None, 8, device="cuda")
+    assert calls[0] == pytest.approx(0.5 * (1 - A.HEADROOM))
 
 
 def test_worst_case_is_the_longest_row_then_the_largest_image():
