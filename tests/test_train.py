@@ -528,12 +528,26 @@ def test_auto_micro_batch_on_cpu_is_two_and_keeps_the_effective_batch(make_confi
     assert result.returncode == 0, result.stderr[-2000:]
     assert "auto batch: micro-batch 2 x 2 accumulation = 4" in result.stdout
     run = RunDir(tmp_path / "runs" / "auto")
-    assert run.read()["auto_batch"] == {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
+    assert run.read()["auto_batch"] == {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+                                        "device": "cpu"}
     state = json.loads((run.path / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["train_batch_size"] == 2
     report = subprocess.run([sys.executable, "-m", "wellocr.cost", "--run", str(run.path), "--json"],
                             capture_output=True, text=True)
     assert json.loads(report.stdout)["effective_batch"] == 4
+
+    # a recovery onto another device (a multi-cloud job): the choice and any OOM halving were for the old one
+    run.update(auto_batch={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                           "device": "NVIDIA L4, 22.0 GiB"},
+               adapted_batch={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 4})
+    again = run_train("--config", str(cfg), "--resume-latest", "--set", "train.max_steps=3")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "auto batch: chosen for NVIDIA L4, 22.0 GiB; this attempt runs on cpu: choosing again" in again.stdout
+    assert "auto batch: micro-batch 2 x 2 accumulation = 4" in again.stdout
+    data = run.read()
+    assert data["auto_batch"]["device"] == "cpu" and data["adapted_batch"] is None
+    state = json.loads((run.path / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["train_batch_size"] == 2
 
 
 # ---------------------------------------------------------------- restart overhead: compile caches, workers

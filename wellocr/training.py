@@ -369,15 +369,22 @@ def probe_trainer_factory(cfg: Config, run: RunDir, backend: Backend, precision:
 
 def batch_sizes(cfg: Config, run: RunDir, backend: Backend, make_probe_trainer: Any) -> dict:
     """Micro-batch and accumulation: the config's, or for `auto` the largest micro-batch that fits (probed once
-    with the longest sample, then remembered in run.json so every restart trains with the same sizes).
+    with the longest sample, then remembered in run.json with the device it was chosen for, so every restart on
+    that kind of device trains with the same sizes; a recovery onto another GPU (a multi-cloud job) chooses again
+    for its memory and forgets an out-of-memory halving of the old device — the effective batch stays).
     `make_probe_trainer(micro)`: a trainer over the worst-case rows that trains one step and saves nothing."""
     t = cfg.train
     if t.per_device_train_batch_size != "auto":
         return {"per_device_train_batch_size": t.per_device_train_batch_size,
                 "gradient_accumulation_steps": t.gradient_accumulation_steps}
+    device = device_for_batch(backend)
     recorded = run.read().get("auto_batch")
+    if recorded and recorded.get("device", device) == device:
+        return {k: recorded[k] for k in ("per_device_train_batch_size", "gradient_accumulation_steps")}
     if recorded:
-        return recorded
+        print(f"auto batch: chosen for {recorded['device']}; this attempt runs on {device}: choosing again",
+              flush=True)
+        run.update(adapted_batch=None)
     probe = None
     if backend.device == "cuda":
         print("auto batch: one training step on the longest sample per candidate micro-batch", flush=True)
@@ -390,9 +397,21 @@ def batch_sizes(cfg: Config, run: RunDir, backend: Backend, make_probe_trainer: 
         probe = None
         gc.collect()
     sizes = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": accumulation}
-    run.update(auto_batch=sizes)
+    run.update(auto_batch={**sizes, "device": device})
     print(f"auto batch: micro-batch {micro} x {accumulation} accumulation = {t.effective_batch_size}", flush=True)
     return sizes
+
+
+def device_for_batch(backend: Backend) -> str:
+    """What the auto batch choice depends on: the GPU's name and the memory this process may use."""
+    if backend.device != "cuda":
+        return backend.device
+    from wellocr.autobatch import GIB
+
+    props = torch.cuda.get_device_properties(0)
+    fraction = torch.cuda.get_per_process_memory_fraction(0) if hasattr(torch.cuda, "get_per_process_memory_fraction") \
+        else 1.0
+    return f"{props.name}, {props.total_memory * fraction / GIB:.1f} GiB"
 
 
 def save_final(trainer: Any, run: RunDir, step: int) -> Path:
