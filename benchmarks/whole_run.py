@@ -142,7 +142,7 @@ def project(m: dict, after_eval: list[float], args: Any) -> dict[str, Any] | Non
     total = training + evaluating + (m["final_eval_s"] or 0.0)
     return {"steps": args.project_steps, "evaluations": evaluations, "training_s": round(training, 1),
             "evaluation_s": round(evaluating, 1), "final_eval_s": m["final_eval_s"],
-            "overhead": round(evaluating / total, 3), "per_later_evaluation_s": round(later, 1),
+            "overhead": round(evaluating / total, 4), "per_later_evaluation_s": round(later, 1),
             "post_eval_step_excess_s": round(excess, 2)}
 
 
