@@ -126,8 +126,9 @@ def test_the_trainer_finds_no_special_tokens_to_align(model_dir, processor):
         align_special_tokens(fresh, processor)
     assert "PAD/BOS/EOS" not in captured.out
     assert fresh.config.to_dict() == before
-    tok, generation = processor.tokenizer, fresh.generation_config  # its eos comes back as a list, the form the Trainer keeps
-    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (None, [tok.eos_token_id], tok.pad_token_id)
+    tok, generation = processor.tokenizer, fresh.generation_config  # eos comes back as a list: the Trainer's form
+    assert generation.bos_token_id is None
+    assert (generation.eos_token_id, generation.pad_token_id) == ([tok.eos_token_id], tok.pad_token_id)
 
 def test_special_tokens_follow_the_bpe_vocab_in_qwen_order(processor):
     ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS]

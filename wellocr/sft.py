@@ -8,11 +8,13 @@ aware). On CUDA it is TRL's (or Unsloth's patched) loss, unchanged.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from transformers import Trainer, TrainerCallback
+from transformers import ProgressCallback, Trainer, TrainerCallback
 from trl import SFTTrainer
 
+from wellocr.callbacks import ProgressLines
 from wellocr.checkpoint import read_trainer_state
 
 
@@ -59,6 +61,8 @@ class WellocrSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.generation_eval = generation_eval
         self.add_callback(ResumeCallback())
+        if not sys.stdout.isatty() and self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(ProgressLines())  # a bar in a terminal, lines in a log
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self.start_step = 0
