@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from wellocr import predict
+from wellocr.data import training_instruction
 from wellocr.synthetic import make_sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def test_the_prompt_is_the_training_data_instruction(trained_run):
     cfg = load_run_config(trained_run)
     first = load_raw_splits(cfg.data)["train"][0]["instruction"]
     assert first != cfg.data.instruction  # the synthetic rows carry their own instruction
-    assert predict.training_instruction(cfg) == first
+    assert training_instruction(cfg.data) == first
 
 
 def test_the_prompt_falls_back_to_the_config_without_the_data_set(trained_run, tmp_path, capsys):
@@ -98,5 +99,5 @@ def test_the_prompt_falls_back_to_the_config_without_the_data_set(trained_run, t
 
     cfg = load_run_config(trained_run)
     cfg.data.dataset_name = str(tmp_path / "gone")
-    assert predict.training_instruction(cfg) == cfg.data.instruction
+    assert training_instruction(cfg.data) == cfg.data.instruction
     assert "note: using data.instruction" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from typing import Any
 from wellocr.artifacts import load_run_config, resolve_checkpoint
 from wellocr.cli import UserErrorParser, positive_int, run_command
 from wellocr.config import Config
+from wellocr.data import training_instruction
 from wellocr.errors import UserError
 from wellocr.inference import generate_batch, load_model, prepare_backend
 from wellocr.metrics import parse_fields
@@ -81,20 +82,6 @@ def load_image(path: Path, cfg: Config) -> Any:
         return prepare_image(img, cfg.data.min_pixels, cfg.data.max_pixels)
 
 
-def training_instruction(cfg: Config) -> str:
-    """The first training row's instruction when the data set is readable, else data.instruction."""
-    from wellocr.data import load_raw_splits, row_instruction
-
-    try:
-        first = load_raw_splits(cfg.data)["train"].select_columns(["instruction"])[0]["instruction"]
-    except Exception as exc:  # noqa: BLE001 - any failure to read the data set falls back to the config
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"note: using data.instruction as the prompt (cannot read the training data: {reason})",
-              file=sys.stderr, flush=True)
-        return cfg.data.instruction
-    return row_instruction(first, cfg.data)
-
-
 def transcribe(model: Any, processor: Any, cfg: Config, paths: list[Path], instruction: str,
                batch_size: int, backend: Backend) -> list[tuple[Path, str]]:
     """(path, transcription) for every image that decodes, in order; decoding failures are warned and skipped."""
@@ -135,7 +122,7 @@ def run(args: argparse.Namespace) -> list[tuple[Path, str]]:
     if not paths:
         raise UserError("none of the images could be read (see the warnings above)")
     backend = prepare_backend(cfg)
-    instruction = training_instruction(cfg)
+    instruction = training_instruction(cfg.data)
     model, processor = load_model(cfg, backend, adapter_dir)
     results = transcribe(model, processor, cfg, paths, instruction, args.batch_size or cfg.eval.batch_size, backend)
     if not results:
