@@ -12,6 +12,8 @@ can be read (a local directory, or a hub data set in the local cache); otherwise
 
 Output: `== path ==` then the transcription, per image; with --json one JSON array of
 {"image": path, "text": transcription, "fields": {LABEL: value}} (fields: wellocr.metrics.parse_fields).
+An empty transcription is said so (in the block, and a warning on stderr that points at the adapter and
+eval.max_new_tokens), never printed as an empty block.
 An unreadable image, or one the processor cannot take (say an aspect ratio over 200), is skipped with a warning;
 when none is left the exit code is 2.
 """
@@ -35,6 +37,7 @@ from wellocr.metrics import parse_fields
 from wellocr.model import Backend
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
+NO_TEXT = "(the model produced no text)"
 
 
 def find_images(arguments: list[str]) -> list[Path]:
@@ -132,7 +135,13 @@ def run(args: argparse.Namespace) -> list[tuple[Path, str]]:
                          indent=2, ensure_ascii=False))
     else:
         for path, text in results:
-            print(f"== {path} ==\n{text}\n")
+            print(f"== {path} ==\n{text or NO_TEXT}\n")
+    empty = sum(not text for _, text in results)
+    if empty:
+        warn(f"the model produced no text for {empty} of {len(results)} image(s): it ended its answer at once (or "
+             f"gave only special tokens within eval.max_new_tokens={cfg.eval.max_new_tokens}). Check that the "
+             f"adapter ({adapter_dir}) is a trained one (python -m wellocr.evaluate --run {args.run}, or "
+             "--checkpoint best|latest) and that eval.max_new_tokens is large enough for a whole header")
     return results
 
 
