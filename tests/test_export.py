@@ -129,6 +129,7 @@ def test_merge_refuses_a_prequantised_base(trained_run, tmp_path, tiny_model_dir
 def test_push_uploads_the_export_with_the_token_from_the_environment(trained_run_copy, tmp_path, monkeypatch):
     config = yaml.safe_load((trained_run_copy / "config.yaml").read_text())
     config["data"]["instruction"] = f"Read the header. {TOKEN}"  # a leaked secret the card would otherwise print
+    config["data"]["dataset_name"] = str(tmp_path / "moved")  # unreadable now: the card shows data.instruction
     (trained_run_copy / "config.yaml").write_text(yaml.safe_dump(config))
     calls = []
     monkeypatch.setenv("HF_TOKEN", TOKEN)
