@@ -6,8 +6,11 @@ from __future__ import annotations
 import io
 import os
 import re
+import sys
 
-from wellocr.callbacks import progress_line
+import pytest
+
+from wellocr.callbacks import ProgressLines, progress_line
 from wellocr.rundir import RedrawnLines, _Tee
 
 # What tqdm writes for a bar that advances twice and closes, with a message written above it (tqdm.write).
@@ -67,3 +70,26 @@ def test_a_run_logged_to_a_pipe_prints_a_line_per_logging_step_and_no_noise(trai
     assert re.search(r"^step 8/8 \(100%\), \d+ s: eval_loss ", log, re.M)
     assert "PAD/BOS/EOS" not in log  # the tiny model's configs agree with its tokenizer
     assert "cost/" not in log  # cost goes to W&B and cost.json, not into every log line
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "pipe"])
+def test_the_trainer_keeps_the_bar_in_a_terminal_and_prints_lines_elsewhere(tiny_model_dir, tmp_path, monkeypatch,
+                                                                           terminal):
+    from datasets import Dataset
+    from transformers import AutoModelForImageTextToText, ProgressCallback
+    from trl import SFTConfig
+
+    from wellocr.processing import load_processor
+    from wellocr.sft import WellocrSFTTrainer
+
+    leader, follower = os.openpty()
+    with open(follower, "w") as console:
+        monkeypatch.setattr(sys, "stdout", console if terminal else io.StringIO())
+        args = SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, remove_unused_columns=False,
+                         dataset_kwargs={"skip_prepare_dataset": True})
+        trainer = WellocrSFTTrainer(model=AutoModelForImageTextToText.from_pretrained(tiny_model_dir), args=args,
+                                    train_dataset=Dataset.from_dict({"x": [1]}),
+                                    processing_class=load_processor(tiny_model_dir))
+    os.close(leader)
+    kinds = {type(callback) for callback in trainer.callback_handler.callbacks}
+    assert (ProgressCallback in kinds, ProgressLines in kinds) == (terminal, not terminal)
