@@ -61,12 +61,14 @@ class WellocrSFTTrainer(SFTTrainer):
     metrics (steps/s, samples/s, train loss) are this process's own, not averaged over steps it did not train."""
 
     start_step = 0
+    _instruction: str | None = None  # the prompt the model learns, for the model card (read once)
 
     def __init__(self, *args, generation_eval=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.generation_eval = generation_eval
         self.add_callback(ResumeCallback())
-        if not sys.stdout.isatty() and self.pop_callback(ProgressCallback) is not None:
+        terminal = getattr(sys.stdout, "isatty", lambda: False)()
+        if not terminal and self.pop_callback(ProgressCallback) is not None:
             self.add_callback(ProgressLines())  # a bar in a terminal, lines in a log
 
     def create_model_card(self, *args, **kwargs):
@@ -98,8 +100,6 @@ class WellocrSFTTrainer(SFTTrainer):
                           instruction=self._instruction, history=self.state.log_history)
         directory.mkdir(parents=True, exist_ok=True)
         write_text_atomic(directory / "README.md", card)
-
-    _instruction: str | None = None
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self.start_step = 0
