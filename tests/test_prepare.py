@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +25,13 @@ def loaded(out: Path) -> dict:
     return load_splits(DataConfig(dataset_name=str(out)))
 
 
-def test_the_example_becomes_splits_the_trainer_loads(tmp_path):
+def test_the_example_becomes_splits_the_trainer_loads(tmp_path, capsys):
     out = tmp_path / "headers"
-    result = subprocess.run([sys.executable, "-m", "wellocr.prepare", "--images", str(EXAMPLE / "scans"),
-                             "--labels", str(EXAMPLE / "labels.csv"), "--out", str(out), "--eval-fraction", "0.2",
-                             "--seed", "1"], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""  # every scan was used
-    assert result.stdout.startswith(f"{out}: train 4, eval 1 rows; 1 multi-page scan(s): first page used")
+    assert P.main(["--images", str(EXAMPLE / "scans"), "--labels", str(EXAMPLE / "labels.csv"), "--out", str(out),
+                   "--eval-fraction", "0.2", "--seed", "1"]) == 0
+    result = capsys.readouterr()
+    assert result.err == ""  # every scan was used
+    assert result.out.startswith(f"{out}: train 4, eval 1 rows; 1 multi-page scan(s): first page used")
 
     splits = loaded(out)
     assert (len(splits["train"]), len(splits["eval"])) == (4, 1)
