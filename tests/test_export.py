@@ -1,6 +1,8 @@
 """`python -m wellocr.export`: adapter + model card, merged weights, and the Hub upload (up to the network call)."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,11 +15,13 @@ from transformers import AutoModelForImageTextToText
 from conftest import strip_results
 from wellocr import export as E
 from wellocr.artifacts import load_run_config
+from wellocr.checkpoint import incomplete_reason
 from wellocr.config import CostConfig
 from wellocr.errors import UserError
 from wellocr.ledger import CostLedger
 from wellocr.model import Backend, load_base_model, load_for_inference
 from wellocr.processing import load_processor
+from wellocr.synthetic import make_sample
 
 TOKEN = "hf_notARealTokenButLongEnough123"
 
@@ -125,6 +129,7 @@ def test_merge_refuses_a_prequantised_base(trained_run, tmp_path, tiny_model_dir
 def test_push_uploads_the_export_with_the_token_from_the_environment(trained_run_copy, tmp_path, monkeypatch):
     config = yaml.safe_load((trained_run_copy / "config.yaml").read_text())
     config["data"]["instruction"] = f"Read the header. {TOKEN}"  # a leaked secret the card would otherwise print
+    config["data"]["dataset_name"] = str(tmp_path / "moved")  # unreadable now: the card shows data.instruction
     (trained_run_copy / "config.yaml").write_text(yaml.safe_dump(config))
     calls = []
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -163,3 +168,31 @@ def test_failed_upload_keeps_the_export_and_says_how_to_retry(trained_run, tmp_p
     err = capsys.readouterr().err
     assert "upload failed" in err and f"huggingface-cli upload me/well-ocr {out}" in err and TOKEN not in err
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_the_run_and_its_adapters_carry_the_projects_card_not_the_library_templates(trained_run):
+    """TRL writes its template into the run directory and PEFT its own into every saved adapter; the trainer
+    replaces both, before the completeness marker (which lists the card with its size)."""
+    for where in (trained_run, trained_run / "final", trained_run / "checkpoint-8"):
+        card = (where / "README.md").read_text()
+        assert "More Information Needed" not in card and "fine-tuned version of" not in card, where
+        assert card.startswith("---\n") and front_matter(card)["library_name"] == "peft"
+        assert "# shared" in card and "| `lora.r` | `8` |" in card and "## Cost" in card
+        assert "| 8 | " in card.split("During training")[1]  # the evaluation at step 8
+    assert f'ADAPTER = "{trained_run / "checkpoint-8"}"' in (trained_run / "checkpoint-8" / "README.md").read_text()
+    assert f'ADAPTER = "{trained_run / "final"}"' in (trained_run / "final" / "README.md").read_text()
+    assert incomplete_reason(trained_run / "final") is None
+
+
+def test_the_cards_how_to_load_runs_as_written_on_this_install(evaluated_run, tmp_path):
+    """The snippet, cut from the exported card, in a fresh interpreter (torchvision absent beside the CPU torch):
+    it loads the adapter and its processor and transcribes a scan."""
+    out = E.export(evaluated_run, tmp_path / "export")
+    card = (out / "README.md").read_text()
+    snippet = card.split("## How to load")[1].split("```python\n")[1].split("```")[0]
+    assert f'ADAPTER = "{out}"' in snippet and 'IMAGE = "header.png"' in snippet
+    make_sample(seed=3, index=0, width=384)[0].save(tmp_path / "header.png")
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr

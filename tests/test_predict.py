@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from wellocr import predict
+from wellocr.data import training_instruction
 from wellocr.synthetic import make_sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +93,7 @@ def test_the_prompt_is_the_training_data_instruction(trained_run):
     cfg = load_run_config(trained_run)
     first = load_raw_splits(cfg.data)["train"][0]["instruction"]
     assert first != cfg.data.instruction  # the synthetic rows carry their own instruction
-    assert predict.training_instruction(cfg) == first
+    assert training_instruction(cfg.data) == first
 
 
 def test_the_prompt_falls_back_to_the_config_without_the_data_set(trained_run, tmp_path, capsys):
@@ -98,5 +101,27 @@ def test_the_prompt_falls_back_to_the_config_without_the_data_set(trained_run, t
 
     cfg = load_run_config(trained_run)
     cfg.data.dataset_name = str(tmp_path / "gone")
-    assert predict.training_instruction(cfg) == cfg.data.instruction
+    assert training_instruction(cfg.data) == cfg.data.instruction
     assert "note: using data.instruction" in capsys.readouterr().err
+
+
+def test_a_model_that_emits_nothing_is_said_so_with_a_hint(trained_run_copy, tiny_model_dir, image_folder, tmp_path,
+                                                             capsys):
+    """A base model whose generation config suppresses every token but the end of the turn answers nothing at all:
+    the block says so and a warning points at the adapter and eval.max_new_tokens."""
+    silent = tmp_path / "silent-base"
+    shutil.copytree(tiny_model_dir, silent)
+    generation = json.loads((silent / "generation_config.json").read_text())
+    vocab = json.loads((silent / "config.json").read_text())["text_config"]["vocab_size"]
+    generation["suppress_tokens"] = [i for i in range(vocab) if i not in {generation["eos_token_id"]}]
+    (silent / "generation_config.json").write_text(json.dumps(generation))
+    config = yaml.safe_load((trained_run_copy / "config.yaml").read_text())
+    config["model"]["model_name"] = str(silent)
+    (trained_run_copy / "config.yaml").write_text(yaml.safe_dump(config))
+
+    assert predict.main(["--run", str(trained_run_copy), str(image_folder / "a.png")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"== {image_folder / 'a.png'} ==\n{predict.NO_TEXT}\n\n"
+    warning = captured.err.strip().splitlines()[-1]
+    assert warning.startswith("warning: the model produced no text for 1 of 1 image(s)")
+    assert "eval.max_new_tokens=48" in warning and str(trained_run_copy / "final") in warning

@@ -112,6 +112,24 @@ def test_config_token_ids_match_tokenizer(model, processor):
     assert model.generation_config.eos_token_id == ids("<|im_end|>")
 
 
+
+def test_the_trainer_finds_no_special_tokens_to_align(model_dir, processor):
+    """The Trainer aligns the model's and generation config's PAD/BOS/EOS with the tokenizer's and warns ("The
+    tokenizer has new PAD/BOS/EOS tokens ...") when they differ: the tiny model gives it nothing to change."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.trainer_utils import align_special_tokens
+    from transformers.trainer_utils import logger as trainer_logger
+
+    fresh = AutoModelForImageTextToText.from_pretrained(model_dir)
+    before = fresh.config.to_dict()
+    with CaptureLogger(trainer_logger) as captured:
+        align_special_tokens(fresh, processor)
+    assert "PAD/BOS/EOS" not in captured.out
+    assert fresh.config.to_dict() == before
+    tok, generation = processor.tokenizer, fresh.generation_config  # eos comes back as a list: the Trainer's form
+    assert generation.bos_token_id is None
+    assert (generation.eos_token_id, generation.pad_token_id) == ([tok.eos_token_id], tok.pad_token_id)
+
 def test_special_tokens_follow_the_bpe_vocab_in_qwen_order(processor):
     ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS]
     assert ids == list(range(ids[0], ids[0] + len(ids)))

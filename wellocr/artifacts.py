@@ -15,6 +15,7 @@ from wellocr.checkpoint import (
     incomplete_reason,
     latest_complete_checkpoint,
     read_marker,
+    read_trainer_state,
 )
 from wellocr.config import Config, config_from_dict
 from wellocr.errors import UserError
@@ -73,6 +74,12 @@ def resolve_checkpoint(run_dir: Path, choice: str) -> tuple[Path, str]:
 def adapter_step(path: Path) -> int | None:
     """The training step of a checkpoint or final/ directory: its completeness marker's, else its name's."""
     return (read_marker(path) or {}).get("step", checkpoint_step(path))
+
+
+def latest_trainer_state(run_dir: Path) -> dict[str, Any] | None:
+    """The trainer_state.json of the run's newest complete checkpoint (its log history: losses, evaluations)."""
+    latest = latest_complete_checkpoint(Path(run_dir))
+    return read_trainer_state(latest) if latest is not None else None
 
 
 def checkpoint_info(name: str, path: Path | None) -> dict[str, Any]:

@@ -11,6 +11,7 @@
   memory and the step intervals the run keeps).
 - `CostCallback`: keeps the run's cost ledger (wellocr.ledger) alive, puts cost into the logs and requests that
   stop when the budget cap is reached.
+- `ProgressLines`: the training progress as one line per logging step where the console is not a terminal.
 """
 
 from __future__ import annotations
@@ -231,3 +232,42 @@ class CostCallback(TrainerCallback):
             self.warned = True
             print(f"wellocr: warning: ${spent:.2f} spent, {spent / cap:.0%} of cost.budget_cap ${cap:.2f}; "
                   "training stops (with a checkpoint) at the cap", flush=True)
+
+
+class ProgressLines(TrainerCallback):
+    """Training progress as plain lines, one per logging step (step, elapsed, time left, then the logged values),
+    in place of transformers' progress bar where stdout is not a terminal: in `sky jobs logs` or a pipe the bar
+    is one endless line of carriage returns. The trainer (wellocr.sft) picks this or the bar."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock = clock
+        self.started, self.first_step = clock(), 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.first_step = self.clock(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:
+            return control
+        print(progress_line(state.global_step, state.max_steps, self.clock() - self.started,
+                            state.global_step - self.first_step, logs or {}), flush=True)
+        return control
+
+
+def progress_line(step: int, max_steps: int, elapsed: float, trained: int, logs: dict) -> str:
+    """`step 4/8 (50%), 12 s, ~12 s left: loss 6.25, grad_norm 0.61, learning_rate 0.0017, epoch 0.5`."""
+    head = f"step {step}/{max_steps}" + (f" ({step / max_steps:.0%})" if max_steps > 0 else "")
+    head += f", {_duration(elapsed)}"
+    if 0 < trained and step < max_steps:
+        head += f", ~{_duration(elapsed / trained * (max_steps - step))} left"
+    values = ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                       for key, value in logs.items() if key != "total_flos")
+    return f"{head}: {values}" if values else head
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes} min {seconds:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -380,6 +381,19 @@ def completion_messages(answer: str) -> list[dict]:
 
 def row_instruction(instruction: Any, cfg: DataConfig) -> str:
     return instruction if isinstance(instruction, str) and instruction.strip() else cfg.instruction
+
+
+def training_instruction(cfg: DataConfig) -> str:
+    """The prompt the model learnt: the first training row's instruction when the data set can be read (a local
+    directory, or a hub data set in the local cache), else data.instruction, with a note on stderr."""
+    try:
+        first = load_raw_splits(cfg)["train"].select_columns(["instruction"])[0]["instruction"]
+    except Exception as exc:  # noqa: BLE001 - any failure to read the data set falls back to the config
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"note: using data.instruction as the prompt (cannot read the training data: {reason})",
+              file=sys.stderr, flush=True)
+        return cfg.instruction
+    return row_instruction(first, cfg)
 
 
 class RowFormatter:

@@ -26,27 +26,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from wellocr.artifacts import adapter_step, load_run_config, read_metrics, resolve_checkpoint
+from wellocr.artifacts import adapter_step, latest_trainer_state, load_run_config, resolve_checkpoint
+from wellocr.card import model_card
+from wellocr.data import training_instruction
 from wellocr.errors import UserError, run_cli
-from wellocr.ledger import LEDGER_NAME, cost_report
 from wellocr.redact import redact
 
-CARD_TAGS = ["wellocr", "qwen3-vl", "ocr", "well-logs"]
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
                    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.json", "*.jinja")
 _BINARY_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".model"}
-CARD_CONFIG_KEYS = (
-    "model.model_name", "model.model_revision", "model.load_in_4bit", "lora.r", "lora.lora_alpha",
-    "lora.lora_dropout", "lora.finetune_vision_layers", "lora.finetune_language_layers",
-    "lora.finetune_attention_modules", "lora.finetune_mlp_modules", "train.max_steps", "train.learning_rate",
-    "train.lr_scheduler_type", "train.warmup_steps", "train.per_device_train_batch_size",
-    "train.gradient_accumulation_steps", "train.optim", "train.weight_decay", "train.precision",
-    "train.max_seq_length", "train.seed", "data.min_pixels", "data.max_pixels",
-)
 _QUANTISED_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit", "-4bit")
 
 
@@ -162,120 +152,6 @@ def redact_tree(path: Path) -> None:
             file.write_text(masked, encoding="utf-8")
 
 
-# ---------------------------------------------------------------- the model card
-
-
-def _flat(cfg: Any) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, section in cfg.to_dict().items() for k, v in section.items()}
-
-
-def _is_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
-
-
-def _model_link(name: str) -> str:
-    return f"[{name}](https://huggingface.co/{name})" if _is_hub_id(name) else f"`{name}`"
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _metrics_section(run_dir: Path) -> list[str]:
-    rows = []
-    for path in sorted((run_dir / "eval").glob("*/metrics.json")):
-        metrics = read_metrics(path)
-        if not metrics:
-            continue
-        fields = metrics.get("fields") if isinstance(metrics.get("fields"), dict) else {}
-        rows.append(f"| {path.parent.name} | {_fmt(metrics.get('split'))} | {_fmt(metrics.get('cer'))} | "
-                    f"{_fmt(metrics.get('wer'))} | {_fmt(metrics.get('cer_normalized'))} | "
-                    f"{_fmt(fields.get('exact_match'))} | {_fmt(metrics.get('samples'))} |")
-    if not rows:
-        return ["No evaluation results were found in the run (`eval/<name>/metrics.json`)."]
-    return ["Character and word error rates are edit-weighted over the corpus (lower is better); field accuracy is",
-            "the fraction of reference header fields whose value was transcribed exactly (see `wellocr.metrics`).", "",
-            "| evaluation | split | CER | WER | CER (normalised) | field accuracy | samples |",
-            "|---|---|---|---|---|---|---|", *rows]
-
-
-def _cost_section(run_dir: Path) -> list[str]:
-    if not (run_dir / LEDGER_NAME).is_file():
-        return ["The run has no cost ledger."]
-    try:
-        report = cost_report(run_dir)
-    except UserError as exc:  # a damaged ledger should not stop an export
-        return [f"The cost ledger could not be read ({exc})."]
-    lines = [f"- total: ${report['total_usd']:.2f} over {report['gpu_hours']:.2f} GPU-hours, "
-             f"{report['attempts']} attempt(s), {report['preemptions']} preemption(s)"]
-    if report["usd_per_step"] is not None:
-        lines.append(f"- per optimizer step: ${report['usd_per_step']:.4f}")
-    if report["usd_per_cer_point"] is not None:
-        lines.append(f"- per CER point gained over the base model: ${report['usd_per_cer_point']:.4f}")
-    for rate in report["rates"]:
-        lines.append(f"- rate: ${rate['hourly_rate']:.2f} per GPU-hour x {rate['gpu_count']} {rate['gpu_type']} "
-                     f"({rate['rate_source']})")
-    return lines
-
-
-def _usage(base_model: str, where: str, merged: bool) -> list[str]:
-    if merged:
-        load = [f'model = AutoModelForImageTextToText.from_pretrained("{where}", dtype="auto", device_map="auto")']
-        imports = ["from transformers import AutoModelForImageTextToText, AutoProcessor"]
-    else:
-        load = [f'base = AutoModelForImageTextToText.from_pretrained("{base_model}", dtype="auto", device_map="auto")',
-                f'model = PeftModel.from_pretrained(base, "{where}")']
-        imports = ["from peft import PeftModel", "from transformers import AutoModelForImageTextToText, AutoProcessor"]
-    content = '[{"type": "image"}, {"type": "text", "text": INSTRUCTION}]'
-    return ["```python", "from PIL import Image", *imports, "", *load,
-            f'processor = AutoProcessor.from_pretrained("{where}")', "",
-            f'messages = [{{"role": "user", "content": {content}}}]',
-            "prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)",
-            'inputs = processor(images=[Image.open("header.png")], text=[prompt], return_tensors="pt")',
-            "inputs = inputs.to(model.device)",
-            "answer = model.generate(**inputs, max_new_tokens=512)[0, inputs[\"input_ids\"].shape[1]:]",
-            "print(processor.decode(answer, skip_special_tokens=True))", "```"]
-
-
-def model_card(run_dir: Path, cfg: Any, source: Path, step: int | None, merged: bool, base_model: str,
-               repo_id: str | None) -> str:
-    """README.md in the Hub's model-card format: YAML front matter, then config, data, metrics, cost, usage."""
-    meta: dict[str, Any] = {"base_model": base_model, "library_name": "transformers" if merged else "peft",
-                            "pipeline_tag": "image-text-to-text", "tags": list(CARD_TAGS)}
-    if _is_hub_id(cfg.data.dataset_name):
-        meta["datasets"] = [cfg.data.dataset_name]
-    flat = _flat(cfg)
-    name = repo_id or Path(run_dir).name
-    what = "merged model" if merged else "LoRA adapter"
-    lines = [
-        "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-        f"# {name}", "",
-        f"A {what} for {_model_link(base_model)} that transcribes the headers of scanned well logs into",
-        "`LABEL: value` lines, trained with",
-        f"[wellocr](https://github.com/wellocr/wellocr) ({'QLoRA' if cfg.model.load_in_4bit else 'LoRA'} SFT). "
-        f"Run `{Path(run_dir).name}`, "
-        f"exported from `{source.name}`" + (f" at step {step}." if step is not None else "."), "",
-        "## Config", "",
-        "| key | value |", "|---|---|",
-        *(f"| `{key}` | `{_fmt(flat[key])}` |" for key in CARD_CONFIG_KEYS if key in flat), "",
-        f"Prompt: `{cfg.data.instruction}`", "",
-        "## Data", "",
-        f"- data set: `{cfg.data.dataset_name}`" + (f" at revision `{cfg.data.dataset_revision}`"
-                                                     if cfg.data.dataset_revision else " (revision not pinned)"),
-        f"- training rows: {'all' if cfg.data.train_subset == -1 else f'first {cfg.data.train_subset}'}; "
-        f"evaluation rows: {'all' if cfg.data.eval_subset == -1 else f'first {cfg.data.eval_subset}'}", "",
-        "## Metrics", "", *_metrics_section(Path(run_dir)), "",
-        "## Cost", "", *_cost_section(Path(run_dir)), "",
-        "## How to load", "", *_usage(base_model, repo_id or "path/to/this/directory", merged), "",
-        "with `INSTRUCTION` the prompt above.", "",
-    ]
-    return redact("\n".join(lines))
-
-
 # ---------------------------------------------------------------- the command
 
 
@@ -315,7 +191,10 @@ def export(run_dir: Path, out_dir: Path, checkpoint: str = "final", merge: bool 
             copy_adapter(source, staging)
             if not has_processor(staging):
                 save_base_processor(cfg, staging)
-        (staging / "README.md").write_text(model_card(run_dir, cfg, source, step, merge, base, push))
+        card = model_card(run_dir, cfg, f"exported from `{source.name}`", step, merge, base,
+                          load_from=push or str(out_dir.absolute()), instruction=training_instruction(cfg.data),
+                          history=(latest_trainer_state(run_dir) or {}).get("log_history"), title=push)
+        (staging / "README.md").write_text(card)
         redact_tree(staging)
         if out_dir.exists():
             out_dir.rmdir()

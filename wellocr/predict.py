@@ -12,6 +12,8 @@ can be read (a local directory, or a hub data set in the local cache); otherwise
 
 Output: `== path ==` then the transcription, per image; with --json one JSON array of
 {"image": path, "text": transcription, "fields": {LABEL: value}} (fields: wellocr.metrics.parse_fields).
+An empty transcription is said so (in the block, and a warning on stderr that points at the adapter and
+eval.max_new_tokens), never printed as an empty block.
 An unreadable image, or one the processor cannot take (say an aspect ratio over 200), is skipped with a warning;
 when none is left the exit code is 2.
 """
@@ -28,12 +30,14 @@ from typing import Any
 from wellocr.artifacts import load_run_config, resolve_checkpoint
 from wellocr.cli import UserErrorParser, positive_int, run_command
 from wellocr.config import Config
+from wellocr.data import training_instruction
 from wellocr.errors import UserError
 from wellocr.inference import generate_batch, load_model, prepare_backend
 from wellocr.metrics import parse_fields
 from wellocr.model import Backend
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
+NO_TEXT = "(the model produced no text)"
 
 
 def find_images(arguments: list[str]) -> list[Path]:
@@ -81,20 +85,6 @@ def load_image(path: Path, cfg: Config) -> Any:
         return prepare_image(img, cfg.data.min_pixels, cfg.data.max_pixels)
 
 
-def training_instruction(cfg: Config) -> str:
-    """The first training row's instruction when the data set is readable, else data.instruction."""
-    from wellocr.data import load_raw_splits, row_instruction
-
-    try:
-        first = load_raw_splits(cfg.data)["train"].select_columns(["instruction"])[0]["instruction"]
-    except Exception as exc:  # noqa: BLE001 - any failure to read the data set falls back to the config
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"note: using data.instruction as the prompt (cannot read the training data: {reason})",
-              file=sys.stderr, flush=True)
-        return cfg.data.instruction
-    return row_instruction(first, cfg.data)
-
-
 def transcribe(model: Any, processor: Any, cfg: Config, paths: list[Path], instruction: str,
                batch_size: int, backend: Backend) -> list[tuple[Path, str]]:
     """(path, transcription) for every image that decodes, in order; decoding failures are warned and skipped."""
@@ -135,7 +125,7 @@ def run(args: argparse.Namespace) -> list[tuple[Path, str]]:
     if not paths:
         raise UserError("none of the images could be read (see the warnings above)")
     backend = prepare_backend(cfg)
-    instruction = training_instruction(cfg)
+    instruction = training_instruction(cfg.data)
     model, processor = load_model(cfg, backend, adapter_dir)
     results = transcribe(model, processor, cfg, paths, instruction, args.batch_size or cfg.eval.batch_size, backend)
     if not results:
@@ -145,7 +135,13 @@ def run(args: argparse.Namespace) -> list[tuple[Path, str]]:
                          indent=2, ensure_ascii=False))
     else:
         for path, text in results:
-            print(f"== {path} ==\n{text}\n")
+            print(f"== {path} ==\n{text or NO_TEXT}\n")
+    empty = sum(not text for _, text in results)
+    if empty:
+        warn(f"the model produced no text for {empty} of {len(results)} image(s): it ended its answer at once (or "
+             f"gave only special tokens within eval.max_new_tokens={cfg.eval.max_new_tokens}). Check that the "
+             f"adapter ({adapter_dir}) is a trained one (python -m wellocr.evaluate --run {args.run}, or "
+             "--checkpoint best|latest) and that eval.max_new_tokens is large enough for a whole header")
     return results
 
 

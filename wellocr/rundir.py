@@ -273,20 +273,68 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+_CURSOR_MOVE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class RedrawnLines:
+    """Console text as a log holds it: a line that is redrawn in place (a progress bar's carriage returns and
+    cursor moves) keeps its last state only, so a bar becomes one line instead of one endless line of redraws.
+    Text is passed on a whole line at a time; `rest()` gives what is left without a newline at the end."""
+
+    def __init__(self) -> None:
+        self.pending = ""
+
+    def feed(self, text: str) -> str:
+        self.pending += text
+        if "\n" not in self.pending:
+            return ""
+        *lines, self.pending = self.pending.split("\n")
+        return "".join(f"{line}\n" for line in map(self._last_state, lines) if line is not None)
+
+    def rest(self) -> str:
+        line, self.pending = self._last_state(self.pending), ""
+        return line or ""
+
+    @staticmethod
+    def _last_state(line: str) -> str | None:
+        if "\r" not in line and "\x1b" not in line:
+            return line
+        segments = line.removesuffix("\r").split("\r")
+        last = _CURSOR_MOVE.sub("", segments[-1])
+        return last if last.strip() else None  # a bar that was cleared leaves nothing
+
+
 class _Tee:
-    """Write console output to the terminal and to the attempt log (secrets masked in the log)."""
+    """Write console output to the terminal and to the attempt log (secrets masked in the log). The log, and the
+    stream when it is not a terminal (`sky jobs logs`, a pipe), get progress bars as lines (RedrawnLines)."""
 
     def __init__(self, stream: TextIO, log_file: TextIO):
         self.stream, self.log_file = stream, log_file
+        self.lines = RedrawnLines()
+        self.terminal = bool(getattr(stream, "isatty", lambda: False)())
 
     def write(self, text: str) -> int:
-        self.stream.write(text)
+        lines = self.lines.feed(text)
+        self.stream.write(text if self.terminal else lines)
+        self._log(lines)
+        return len(text)
+
+    def close(self) -> None:
+        """Pass on what is left of the last line (the Tee is being taken down)."""
+        rest = self.lines.rest()
+        if rest:
+            if not self.terminal:
+                self.stream.write(rest)
+            self._log(rest)
+
+    def _log(self, text: str) -> None:
+        if not text:
+            return
         try:
             self.log_file.write(redact(text))
             self.log_file.flush()
         except (OSError, ValueError):
             pass
-        return len(text)
 
     def flush(self) -> None:
         self.stream.flush()
@@ -395,6 +443,9 @@ class RunDir:
             try:
                 yield path
             finally:
+                for tee in (sys.stdout, sys.stderr):
+                    if isinstance(tee, _Tee):
+                        tee.close()
                 for h, s in zip(handlers, saved_streams):
                     h.setStream(s)
                 sys.stdout, sys.stderr = old

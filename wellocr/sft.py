@@ -1,4 +1,6 @@
-"""TRL's SFTTrainer with the one CPU-only branch of the training path.
+"""TRL's SFTTrainer as wellocr trains with it: the CPU loss, resumed runs that follow their own config, the
+project's model card in every saved adapter and the run directory (not TRL's or PEFT's templates), and progress as
+lines where the console is not a terminal.
 
 trl 1.15 (Unsloth's pin) computes the loss with a fused, chunked LM-head kernel written in Triton, which needs a
 GPU; on CPU it fails (`'NoneType' object has no attribute 'apply'`). There the trainer falls back to the model's
@@ -8,12 +10,17 @@ aware). On CUDA it is TRL's (or Unsloth's patched) loss, unchanged.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from transformers import Trainer, TrainerCallback
+from transformers import ProgressCallback, Trainer, TrainerCallback
 from trl import SFTTrainer
 
-from wellocr.checkpoint import read_trainer_state
+from wellocr.artifacts import load_run_config
+from wellocr.callbacks import ProgressLines
+from wellocr.card import model_card
+from wellocr.checkpoint import checkpoint_step, read_trainer_state, write_text_atomic
+from wellocr.data import training_instruction
 from wellocr.phases import release_cached_memory
 
 
@@ -57,12 +64,46 @@ class WellocrSFTTrainer(SFTTrainer):
     samples/s, train loss) are this process's own, not averaged over steps it did not train."""
 
     start_step = 0
+    _instruction: str | None = None  # the prompt the model learns, for the model card (read once)
 
     def __init__(self, *args, generation_eval=None, phases=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.generation_eval = generation_eval
         self.phases = phases
         self.add_callback(ResumeCallback())
+        terminal = getattr(sys.stdout, "isatty", lambda: False)()
+        if not terminal and self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(ProgressLines())  # a bar in a terminal, lines in a log
+
+    def create_model_card(self, *args, **kwargs):
+        """The run directory's README.md (TRL writes its template there at every checkpoint): the project's card."""
+        self._write_card(Path(self.args.output_dir), self._run_dir / "final", "final adapter in `final/`")
+
+    def _save(self, output_dir=None, state_dict=None):
+        """Every adapter saved (checkpoints, final/) carries the project's card instead of PEFT's template; it is
+        written before the completeness marker, which lists it."""
+        super()._save(output_dir, state_dict)
+        saved = Path(output_dir or self.args.output_dir)
+        if checkpoint_step(saved) is not None:
+            self._write_card(saved, saved, f"`{saved.name}/`")
+        else:  # final/, written aside and renamed into place
+            self._write_card(saved, self._run_dir / "final", "`final/`")
+
+    @property
+    def _run_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+    def _write_card(self, directory: Path, load_from: Path, source: str) -> None:
+        if not self.is_world_process_zero() or not (self._run_dir / "config.yaml").is_file():
+            return  # not a wellocr run directory (the auto batch probe saves nothing)
+        cfg = load_run_config(self._run_dir)
+        if self._instruction is None:
+            self._instruction = training_instruction(cfg.data)
+        card = model_card(self._run_dir, cfg, source, self.state.global_step, merged=False,
+                          base_model=cfg.model.model_name, load_from=str(load_from.absolute()),
+                          instruction=self._instruction, history=self.state.log_history)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(directory / "README.md", card)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self.start_step = 0

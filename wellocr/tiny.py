@@ -193,7 +193,11 @@ def qwen3vl_config(arch: str, tokenizer) -> Qwen3VLConfig:
     """The model config for `arch`, with every special-token id taken from `tokenizer`."""
     ids = _token_ids(tokenizer)
     text, vision = _arch_dims(arch, vocab_size=len(tokenizer))
-    text.update(bos_token_id=ids["pad_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
+    # The tokenizer has no BOS (as Qwen's has none); eos and pad sit on the top-level config too, where the
+    # Trainer compares them with the tokenizer's (transformers.trainer_utils.align_special_tokens), so the
+    # trainer finds nothing to align and nothing to warn about.
+    tokens = dict(bos_token_id=None, eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
+    text.update(tokens)
     # transformers defaults to untied embeddings: that would add a 151936 x 2048 lm_head (~311 M) to the 2b.
     return Qwen3VLConfig(
         text_config=text,
@@ -203,6 +207,7 @@ def qwen3vl_config(arch: str, tokenizer) -> Qwen3VLConfig:
         vision_start_token_id=ids["vision_start_token_id"],
         vision_end_token_id=ids["vision_end_token_id"],
         tie_word_embeddings=True,
+        **tokens,
     )
 
 
