@@ -5,7 +5,7 @@ a run directory over each (config.yaml only: an engine needs no model), scores t
 generator drew (its ceiling), runs
 `python -m wellocr.evaluate --run RUN --engine E` for each engine (EasyOCR only where it imports), and prints a
 Markdown table of field exact match, field F1, CER, WER and seconds per image (time in the engine and the parser)
-from each evaluation's metrics.json. docs/BENCHMARKS_BASELINES.md holds its output.
+from each evaluation's metrics.json. docs/BENCHMARKS.md ("Baselines") holds its output.
 
     python benchmarks/baselines.py [--work /tmp/wellocr-baselines] [--engines tesseract,rapidocr,easyocr]
 """

@@ -1,17 +1,20 @@
-"""`python benchmarks/bench.py` — training speed of both backends on a random-weight Qwen3-VL, through the project code.
+"""`python benchmarks/bench.py` — training speed and memory of both backends on the real Qwen3-VL-2B architecture.
 
-Lab tooling, kept out of the installed package; run it from a checkout with wellocr installed (the gpu extra for
-Unsloth; pyinstrument for --resume-profile). On a GPU, offline (it downloads nothing), e.g.:
+Measures, through the project's own code, what a training run costs on a GPU: step time, samples/s, tokens/s,
+MFU, peak memory per micro-batch (optionally capped at a smaller card's memory), checkpoint save, restart after a
+preemption, the auto micro-batch, batched generation and the data pipeline. Not part of the installed package: run
+it from a checkout with wellocr installed (the gpu extra for Unsloth; pyinstrument for --resume-profile). It
+downloads nothing. On a GPU, e.g. both backends as a 24 GB card sees them:
 
     python benchmarks/bench.py --backend unsloth,hf --batch 2,8,16 --steps 20 --warmup 4 --repeats 3 --cap-gb 24 \\
         --gen-tokens 32 --image 1024x768 --work /tmp/wb --out bench.json
 
 --skip leaves phases out (--skip profile,autobatch; --skip resume:hf for one backend); --peak-tflops sets the rate
-MFU is measured against (default: the H200's 790). docs/BENCHMARKS.md has the commands behind its numbers.
+MFU is measured against (default: the H200's 790). docs/BENCHMARKS.md has the measured numbers and their commands.
 
-CPU (what tests/test_bench.py runs): `python benchmarks/bench.py --tiny`; data pipeline alone: `--data-only`.
-The whole shipped run under a memory cap, evaluations included, through the real entry point: `--whole-run`
-(benchmarks/whole_run.py has what it measures).
+On a CPU: `python benchmarks/bench.py --tiny` (the tiny architecture: a smoke test of the bench itself); the data
+pipeline alone: `--data-only`. The whole shipped run under a memory cap, evaluations included, through the real
+entry point: `--whole-run` (benchmarks/whole_run.py says what it measures).
 
 What it does, offline: builds a random-weight model of the real Qwen3-VL-2B architecture (`wellocr.tiny`, built
 ON the GPU in bf16 in a subprocess, so the init is not the 100 s CPU init) and synthetic 27-field headers at the

@@ -1,7 +1,7 @@
 """`python benchmarks/bench.py --whole-run` — the shipped run, end to end, under a GPU memory cap.
 
-The training bench times steps; a real run also evaluates while it trains and at its end, and that is where a
-24 GB card runs out. This mode runs the product's own entry point, `python -m wellocr.train --config
+The training bench times steps; a real run also evaluates while it trains and at its end, and evaluation is where
+a 24 GB card can run out. This mode runs the product's own entry point, `python -m wellocr.train --config
 configs/train_r16.yaml`, with only the model, data, output folder and the step counts overridden (evaluation every
 --eval-every steps, every eval setting the shipped default), and `WELLOCR_GPU_MEMORY_GB` set to --cap-gb
 (23: what an RTX 4090 leaves after the CUDA context). Then a second process resumes the run one step further, on
@@ -16,7 +16,9 @@ an empty pod, to time a restart. Everything is read back from what the run recor
 - restart: seconds from process start to the end of the first optimizer step of the resumed process.
 
     python benchmarks/bench.py --whole-run --backend unsloth,hf --cap-gb 23 --work /tmp/wb --out whole.json
-    python benchmarks/bench.py --whole-run --tiny        (CPU, the tiny model: what tests/test_bench.py runs)
+    python benchmarks/bench.py --whole-run --tiny        (CPU, the tiny model: a smoke test of this mode)
+
+docs/BENCHMARKS.md ("The whole shipped run under a 23 GiB cap") has the measured numbers.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ written as an evaluation of its own, `<run>/eval/<engine>[-<split>][-n<N>]/` wit
 and report.html in the formats of `python -m wellocr.evaluate` (the writers of wellocr.inference and
 wellocr.report), so the report and `python -m wellocr.compare` put them beside the fine-tuned and base model.
 
-The engines run on the CPU (about 1-6 s an image, docs/BENCHMARKS_BASELINES.md): run them anywhere the data set is,
+The engines run on the CPU (about 1-6 s an image, docs/BENCHMARKS.md): run them anywhere the data set is,
 not on a GPU pod. Each engine is an optional install (`pip install -e '.[baselines]'`, plus Debian's
 `tesseract-ocr` for Tesseract); a missing one is a one-line error naming its install command.
 
