@@ -461,9 +461,9 @@ def test_skypilot_prices_the_gcp_rows_as_the_price_builder_does(tmp_path):
     (catalog_dir / "vms.csv").write_bytes((CATALOG / "gcp" / "vms.csv").read_bytes())
     offers = P.offers(P.read_catalog_rows(CATALOG / "gcp" / "vms.csv"), "L4", "g2-standard-4")
     zones = [(o["Region"], o["AvailabilityZone"]) for o in offers]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKYPILOT_")}
-    env.update(HOME=str(tmp_path), SKYPILOT_DISABLE_USAGE_COLLECTION="1")
-    result = subprocess.run([sys.executable, "-c", SKYPILOT_GCP_PRICES, json.dumps(zones)], env=env,
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SKYPILOT_", "SKY_"))}
+    env.update(HOME=str(tmp_path), SKY_RUNTIME_DIR=str(tmp_path), SKYPILOT_DISABLE_USAGE_COLLECTION="1")
+    result = subprocess.run([sys.executable, "-c", SKYPILOT_GCP_PRICES, json.dumps(zones)], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     skypilot = json.loads(result.stdout.strip().splitlines()[-1])
