@@ -4,7 +4,8 @@
     python scripts/build_prices.py skypilot-catalog/catalogs/v8 --commit <that commit>
 
 Each entry below is priced from its cloud's `vms.csv` (median over regions and zones of price / GPU count, spot and
-on-demand), and the row names the file and commit. Entries whose instance type the checkout lacks keep their row
+on-demand; on GCP, which prices the VM and the GPU on separate rows, their sum per zone, as SkyPilot adds them), and
+the row names the file and commit. Entries whose instance type the checkout lacks keep their row
 from the current table (the script says which). `--commit CLOUD=SHA` names a different commit for one cloud.
 """
 
@@ -14,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from wellocr.prices import PRICES_CSV, price_from_catalog, price_table, read_catalog_rows, write_table
+from wellocr.prices import PRICES_CSV, offers, price_from_catalog, price_table, read_catalog_rows, write_table
 
 # (cloud, catalog accelerator name, the single-GPU instance type SkyPilot picks for it)
 ENTRIES = [
@@ -23,6 +24,7 @@ ENTRIES = [
     ("runpod", "A100-80GB", "1x_A100-80GB_SECURE"), ("runpod", "H100", "1x_H100_SECURE"),
     ("runpod", "H100-SXM", "1x_H100-SXM_SECURE"), ("runpod", "H200", "1x_H200-SXM_SECURE"),
     ("aws", "L4", "g6.xlarge"),
+    ("gcp", "L4", "g2-standard-4"),  # the VM GCP attaches one L4 to (g2 only), and SkyPilot's pick: the cheapest g2
 ]
 
 
@@ -32,8 +34,8 @@ def build(catalog_dir: Path, commits: dict[str, str]) -> tuple[list, list]:
     rebuilt, kept = [], []
     for cloud, accelerator, instance_type in ENTRIES:
         path = Path(catalog_dir) / cloud / "vms.csv"
-        rows = [r for r in read_catalog_rows(path) if r["InstanceType"] == instance_type] if path.is_file() else []
-        if not rows:
+        rows = read_catalog_rows(path) if path.is_file() else []
+        if not offers(rows, accelerator, instance_type):
             kept.extend(p for (c, _), p in table.items() if c == cloud and p.gpu == accelerator)
             continue
         commit = commits.get(cloud) or commits.get("")

@@ -1,6 +1,7 @@
 """The cost ledger, the budget cap and `python -m wellocr.cost`."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -24,6 +25,11 @@ T0 = 1_800_000_000.0  # an explicit "now" for tests that must not depend on the 
 REPO = Path(__file__).resolve().parents[1]
 RUNPOD = {"SKYPILOT_CLUSTER_INFO": json.dumps({"cluster_name": "c", "cloud": "RunPod", "region": "CA"})}
 AWS = {"SKYPILOT_CLUSTER_INFO": json.dumps({"cluster_name": "c", "cloud": "AWS", "region": "us-east-2"})}
+GCP = {"SKYPILOT_CLUSTER_INFO": json.dumps({"cluster_name": "c", "cloud": "GCP", "region": "us-central1"})}
+CATALOG = REPO / "tests" / "data" / "catalog"
+CATALOG_COMMITS = {"runpod": "01acdfd419ce5afae1289ff14825b893ced0c196",
+                   "aws": "00148f2af3672e2229b4f7bf8157d5a3f36e3c35",
+                   "gcp": "006059e0f18acb1341e22a27751e9f80df6ba92f"}  # tests/data/catalog/README.md
 
 
 def cfg(**values) -> CostConfig:
@@ -116,6 +122,15 @@ def test_table_rate_names_the_gpu_the_kind_the_cloud_and_its_catalog_source():
     assert on_demand_source.startswith("table: L4 on-demand on aws (skypilot-catalog catalogs/v8/aws/vms.csv @")
 
 
+def test_the_same_gpu_is_priced_by_the_cloud_it_ran_on():
+    """An L4 on GCP (g2-standard-4: VM + GPU) and on AWS (g6.xlarge) are different rows, each naming its catalog."""
+    gcp, gcp_source = L.resolve_rate(cfg(gpu_type="auto"), "gcp", "NVIDIA L4")
+    aws, _ = L.resolve_rate(cfg(gpu_type="auto"), "aws", "NVIDIA L4")
+    assert (gcp, aws) == (P.price_table()[("gcp", "L4")].spot, P.price_table()[("aws", "L4")].spot) and gcp != aws
+    assert gcp_source.startswith("table: L4 spot on gcp (skypilot-catalog catalogs/v8/gcp/vms.csv @006059e0, "
+                                 "g2-standard-4 + L4 (VM and GPU rows summed per zone), median of 44 zones")
+
+
 def test_a_gpu_the_cloud_has_no_row_for_is_priced_at_runpods_and_says_so():
     rate, source = L.resolve_rate(cfg(), "aws", "RTX4090")  # also a local GPU run: cloud "local"
     assert rate == P.price_table()[("runpod", "RTX4090")].spot
@@ -140,7 +155,7 @@ def test_device_names_key_the_table_like_catalog_names():
 
 
 @pytest.mark.parametrize("env, cloud", [
-    (RUNPOD, "runpod"), (AWS, "aws"), ({}, "local"),
+    (RUNPOD, "runpod"), (AWS, "aws"), (GCP, "gcp"), ({}, "local"),
     ({"SKYPILOT_CLUSTER_INFO": "{not json"}, "local"), ({"SKYPILOT_CLUSTER_INFO": '{"cloud": ""}'}, "local"),
 ])
 def test_the_cloud_comes_from_skypilots_cluster_info(env, cloud):
@@ -403,13 +418,58 @@ def test_the_build_script_rebuilds_the_shipped_rows_from_the_checked_in_catalog_
     """scripts/build_prices.py on tests/data/catalog (rows of skypilot-catalog at the commits below) gives the
     rows wellocr/prices.csv ships for the GPUs of sky/train_r16.yaml."""
     out = tmp_path / "prices.csv"
+    commits = [arg for cloud, sha in CATALOG_COMMITS.items() for arg in ("--commit", f"{cloud}={sha}")]
     result = subprocess.run([sys.executable, "scripts/build_prices.py", "tests/data/catalog", "--out", str(out),
-                             "--commit", "runpod=01acdfd419ce5afae1289ff14825b893ced0c196",
-                             "--commit", "aws=00148f2af3672e2229b4f7bf8157d5a3f36e3c35"],
-                            cwd=REPO, capture_output=True, text=True)
+                             *commits], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "2 rebuilt" in result.stdout
+    assert "3 rebuilt" in result.stdout
     assert out.read_text() == P.PRICES_CSV.read_text()
+
+
+def test_gcp_offers_are_the_vm_and_gpu_rows_of_each_zone_summed():
+    """GCP prices a g2-standard-4 and its L4 on separate rows; an offer needs both in its zone, and spot on both."""
+    rows = P.read_catalog_rows(CATALOG / "gcp" / "vms.csv")
+    offers = P.offers(rows, "L4", "g2-standard-4")
+    assert len(offers) == 44 and P.qualifies("L4", offers) == []
+    central = next(o for o in offers if o["AvailabilityZone"] == "us-central1-a")
+    assert (central["SpotPrice"], central["Price"]) == ("0.28184", "0.70683")  # 0.05874 + 0.2231, 0.14679 + 0.56004
+    no_gpu_there = [r for r in rows if not (r["AcceleratorName"] and r["AvailabilityZone"] == "us-central1-a")]
+    assert len(P.offers(no_gpu_there, "L4", "g2-standard-4")) == 43
+    vm_without_spot = [{**r, "SpotPrice": ""} if r["InstanceType"] and r["AvailabilityZone"] == "us-west4-c" else r
+                       for r in rows]
+    assert P.qualifies("L4", P.offers(vm_without_spot, "L4", "g2-standard-4")) == ["L4: a row without a spot price"]
+
+
+SKYPILOT_GCP_PRICES = """
+import json, sys
+from sky import catalog
+from sky.clouds import GCP
+zones = json.loads(sys.argv[1])
+picked, _ = catalog.get_instance_type_for_accelerator("L4", 1, use_spot=True, clouds="gcp")
+cost = {z: [GCP().instance_type_to_hourly_cost(picked[0], spot, r, z)
+            + GCP().accelerators_to_hourly_cost({"L4": 1}, spot, r, z) for spot in (True, False)] for r, z in zones}
+print(json.dumps({"picked": picked, "cost": cost}))
+"""
+
+
+def test_skypilot_prices_the_gcp_rows_as_the_price_builder_does(tmp_path):
+    """SkyPilot 0.14's own GCP catalog and cost functions, reading the checked-in rows as its catalog (a catalog file
+    put in place by hand is never refreshed from the network), price every zone's spot and on-demand L4 as the sum
+    the price table's median is taken over."""
+    catalog_dir = tmp_path / ".sky" / "catalogs" / "v8" / "gcp"
+    catalog_dir.mkdir(parents=True)
+    (catalog_dir / "vms.csv").write_bytes((CATALOG / "gcp" / "vms.csv").read_bytes())
+    offers = P.offers(P.read_catalog_rows(CATALOG / "gcp" / "vms.csv"), "L4", "g2-standard-4")
+    zones = [(o["Region"], o["AvailabilityZone"]) for o in offers]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SKYPILOT_", "SKY_"))}
+    env.update(HOME=str(tmp_path), SKY_RUNTIME_DIR=str(tmp_path), SKYPILOT_DISABLE_USAGE_COLLECTION="1")
+    result = subprocess.run([sys.executable, "-c", SKYPILOT_GCP_PRICES, json.dumps(zones)], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    skypilot = json.loads(result.stdout.strip().splitlines()[-1])
+    assert skypilot["picked"] == ["g2-standard-4"]
+    assert {o["AvailabilityZone"]: [float(o["SpotPrice"]), float(o["Price"])] for o in offers} == {
+        z: pytest.approx(c, abs=1e-9) for z, c in skypilot["cost"].items()}
 
 
 def test_cost_callback_is_a_trainer_callback():

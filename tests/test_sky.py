@@ -45,8 +45,11 @@ REPO = Path(__file__).resolve().parents[1]
 SKY_DIR = REPO / "sky"
 SKY_FILES = sorted(SKY_DIR.glob("*.yaml"))
 
-# The (cloud, GPU) pairs a task may name, each checked against SkyPilot's catalog rows in tests/data/catalog/.
-CLOUD_GPUS = {("runpod", "RTX4090"), ("aws", "L4")}
+# The (cloud, GPU) pairs a task may name, with the instance type SkyPilot picks for one of that GPU there (GCP
+# prices it as that VM plus the GPU), each checked against SkyPilot's catalog rows in tests/data/catalog/.
+CLOUD_GPUS = {("runpod", "RTX4090"): "1x_RTX4090_SECURE", ("gcp", "L4"): "g2-standard-4", ("aws", "L4"): "g6.xlarge"}
+# sky/train_r16.yaml's order (docs/CLOUDS.md says why)
+JOB_ORDER = [("runpod", "RTX4090"), ("gcp", "L4"), ("aws", "L4")]
 CATALOG = Path(__file__).parent / "data" / "catalog"
 RECOVERY_KEYS = {"strategy", "max_restarts_on_errors", "recover_on_exit_codes"}
 STRATEGIES = {"FAILOVER", "EAGER_NEXT_REGION"}
@@ -202,11 +205,13 @@ def cloud_feature_check(task) -> None:
 
 
 def catalog_problems(cloud: str, accelerator: str) -> list[str]:
-    """Why (cloud, accelerator) fails the multi-cloud rule on the checked-in catalog rows ([] when it passes)."""
+    """Why (cloud, accelerator) fails the multi-cloud rule on the checked-in catalog rows of its instance type
+    ([] when it passes); on GCP the VM's and the GPU's rows, joined per zone, must both have a spot price."""
     path = CATALOG / cloud / "vms.csv"
     if not path.is_file():
         return [f"{cloud}: no catalog rows in {path.relative_to(REPO)}"]
-    return prices.qualifies(accelerator, prices.read_catalog_rows(path))
+    rows = prices.offers(prices.read_catalog_rows(path), accelerator, CLOUD_GPUS[(cloud, accelerator)])
+    return prices.qualifies(accelerator, rows)
 
 
 def credential_problems(where: str, text: str) -> list[str]:
@@ -410,12 +415,14 @@ def test_each_cloud_supports_every_feature_the_task_needs(sky, path):
 
 
 def test_the_multi_cloud_job_fails_over_across_clouds_the_others_stay_on_runpod(sky):
-    """sky/train_r16.yaml names every (cloud, GPU) pair of the rule, RunPod first; the RunPod-only job and the
-    network-volume job (a volume lives in one RunPod data center) name RunPod alone, with the same GPU."""
+    """sky/train_r16.yaml names every (cloud, GPU) pair of the rule in the documented order (RunPod, GCP, AWS); the
+    RunPod-only job and the network-volume job (a volume lives in one RunPod data center) name RunPod alone, with
+    the same GPU."""
     multi = load_task(sky, SKY_DIR / "train_r16.yaml")
-    pairs = [(str(r.cloud).lower(), *r.accelerators) for r in multi.resources]
-    assert set(pairs) == CLOUD_GPUS and len(pairs) == len(CLOUD_GPUS)
-    assert raw(SKY_DIR / "train_r16.yaml")["resources"]["ordered"][0]["infra"] == "runpod"
+    assert set(JOB_ORDER) == set(CLOUD_GPUS)
+    assert [(e["infra"], e["accelerators"].split(":")[0]) for e in raw(SKY_DIR / "train_r16.yaml")["resources"][
+        "ordered"]] == JOB_ORDER
+    assert sorted((str(r.cloud).lower(), *r.accelerators) for r in multi.resources) == sorted(JOB_ORDER)
     assert all(r.use_spot and r.job_recovery == multi.resources[0].job_recovery for r in multi.resources)
     for name in ("train_r16_runpod.yaml", "train_r16_volume.yaml"):
         assert [(str(r.cloud).lower(), *r.accelerators) for r in load_task(sky, SKY_DIR / name).resources] == [
@@ -563,6 +570,16 @@ def test_rule_rejects_a_gpu_without_bf16_or_memory_or_spot():
            "GpuInfo": "{'Gpus': [], 'TotalGpuMemoryInMiB': 15360}"}
     problems = prices.qualifies("T4", [row])
     assert [p.split(": ", 1)[1].split(" ")[0] for p in problems] == ["a", "15.0", "no"], problems
+
+
+def test_gcp_feature_check_runs_on_the_gcp_entry_and_refuses_spot_on_a_managed_instance_group(sky, tmp_path):
+    """GCP's own check (SkyPilot 0.14 `GCP._unsupported_features_for_resources`): a DWS managed instance group
+    (config gcp.managed_instance_group) cannot hold spot VMs, so a job that sets it fails before any launch."""
+    gcp = GOOD_JOB.replace("  infra: runpod\n  accelerators: RTX4090:1\n", "  infra: gcp\n  accelerators: L4:1\n")
+    cloud_feature_check(load_task(sky, write_task(tmp_path, gcp)))
+    mig = gcp + "config:\n  gcp:\n    managed_instance_group:\n      run_duration: 3600\n"
+    with pytest.raises(sky.exceptions.NotSupportedError, match="spot_instance"):
+        cloud_feature_check(load_task(sky, write_task(tmp_path, mig)))
 
 
 def test_checks_reject_retrying_out_of_memory(sky, tmp_path):

@@ -1,8 +1,8 @@
 """GPU prices per cloud (the table shipped as `wellocr/prices.csv`), the cloud a process runs on, and its GPU.
 
 A managed spot job may recover onto another cloud, so the cost ledger prices each attempt by where it ran: the cloud
-from SkyPilot's `SKYPILOT_CLUSTER_INFO` (JSON with a `cloud` key, e.g. "RunPod", "AWS"), the GPU from the device's
-name. `prices.csv` is built by `scripts/build_prices.py` from SkyPilot's catalog files (skypilot-catalog
+from SkyPilot's `SKYPILOT_CLUSTER_INFO` (JSON with a `cloud` key, e.g. "RunPod", "AWS", "GCP"), the GPU from the
+device's name. `prices.csv` is built by `scripts/build_prices.py` from SkyPilot's catalog files (skypilot-catalog
 `catalogs/v8/<cloud>/vms.csv`); every row names the catalog file and commit it came from.
 
 Imports neither torch nor transformers: the GPU's name is handed in by the caller.
@@ -123,13 +123,44 @@ def read_catalog_rows(path: Path) -> list[dict[str, str]]:
 
 
 def gpu_memory_gb(row: Mapping[str, str]) -> float:
-    """One GPU's memory in GB from a catalog row (GpuInfo's total over AcceleratorCount). The catalogs disagree on
-    the unit of the `...InMiB` fields: AWS gives MiB (L4: 22888), RunPod gives GB (RTX 4090: 24); values under 1024
-    are taken as GB, larger ones as MiB."""
+    """One GPU's memory in GB from a catalog row: GpuInfo's total over AcceleratorCount, or, where GpuInfo has no
+    total (GCP), its first GPU's `MemoryInfo.SizeInMiB` (what SkyPilot's `list_accelerators` reads). The catalogs
+    disagree on the unit of the `...InMiB` fields: AWS and GCP give MiB (L4: 22888 and 24576), RunPod gives GB
+    (RTX 4090: 24); values under 1024 are taken as GB, larger ones as MiB."""
     import ast
 
-    per_gpu = float(ast.literal_eval(row["GpuInfo"])["TotalGpuMemoryInMiB"]) / float(row["AcceleratorCount"])
+    info = ast.literal_eval(row["GpuInfo"])
+    if "TotalGpuMemoryInMiB" in info:
+        per_gpu = float(info["TotalGpuMemoryInMiB"]) / float(row["AcceleratorCount"])
+    else:
+        per_gpu = float(info["Gpus"][0]["MemoryInfo"]["SizeInMiB"])
     return per_gpu if per_gpu < 1024 else per_gpu / 1024
+
+
+def offers(rows: Iterable[Mapping[str, str]], accelerator: str, instance_type: str) -> list[dict[str, str]]:
+    """The catalog's rows for `instance_type` with one `accelerator`, one per zone, priced whole. AWS and RunPod
+    price the machine with its GPU on one row. GCP prices them apart: a VM row (no AcceleratorName) and an
+    accelerator row (no InstanceType) per zone; as SkyPilot's GCP catalog does (`gcp_catalog.list_accelerators`;
+    the optimizer adds `get_hourly_cost` and `get_accelerator_hourly_cost` of one zone the same way), each zone's VM
+    row is joined with that zone's accelerator row and Price and SpotPrice are summed. A zone missing either row is
+    left out (SkyPilot's inner join); a missing spot price on either row leaves the sum without one."""
+    rows = list(rows)
+    machine = [r for r in rows if r["InstanceType"] == instance_type]
+    if any(r["AcceleratorName"] for r in machine):
+        return [dict(r) for r in machine if r["AcceleratorName"] == accelerator]
+    gpus = {(r["Region"], r["AvailabilityZone"]): r for r in rows
+            if not r["InstanceType"] and r["AcceleratorName"] == accelerator and float(r["AcceleratorCount"]) == 1}
+    combined = []
+    for vm in machine:
+        gpu = gpus.get((vm["Region"], vm["AvailabilityZone"]))
+        if gpu is not None:
+            combined.append({**vm, "AcceleratorName": accelerator, "AcceleratorCount": "1", "GpuInfo": gpu["GpuInfo"],
+                             "Price": _summed(vm, gpu, "Price"), "SpotPrice": _summed(vm, gpu, "SpotPrice")})
+    return combined
+
+
+def _summed(vm: Mapping[str, str], gpu: Mapping[str, str], field: str) -> str:
+    return f"{float(vm[field]) + float(gpu[field]):.5f}" if vm[field] and gpu[field] else ""
 
 
 def qualifies(accelerator: str, rows: Iterable[Mapping[str, str]]) -> list[str]:
@@ -150,15 +181,19 @@ def qualifies(accelerator: str, rows: Iterable[Mapping[str, str]]) -> list[str]:
 
 def price_from_catalog(cloud: str, accelerator: str, instance_type: str, rows: Iterable[Mapping[str, str]],
                        source: str) -> Price:
-    """A table row from one instance type's catalog rows: the median over regions and zones of price / GPU count."""
-    rows = [r for r in rows if r["InstanceType"] == instance_type]
+    """A table row from a catalog's rows: the median over regions and zones of price / GPU count of `instance_type`
+    with `accelerator` (`offers`: on GCP the VM's and the GPU's rows summed per zone, and the source says so)."""
+    rows = list(rows)
+    apart = not any(r["AcceleratorName"] for r in rows if r["InstanceType"] == instance_type)
+    rows = offers(rows, accelerator, instance_type)
     if not rows:
-        raise UserError(f"{source}: no rows for instance type {instance_type}")
+        raise UserError(f"{source}: no rows for instance type {instance_type} with {accelerator}")
     per_gpu = [(float(r["SpotPrice"]) / float(r["AcceleratorCount"]), float(r["Price"]) / float(r["AcceleratorCount"]))
                for r in rows]
     spot = round(statistics.median(s for s, _ in per_gpu), 4)
     on_demand = round(statistics.median(p for _, p in per_gpu), 4)
-    return Price(cloud, accelerator, spot, on_demand, f"{source}, {instance_type}, median of {len(rows)} zones")
+    what = f"{instance_type} + {accelerator} (VM and GPU rows summed per zone)" if apart else instance_type
+    return Price(cloud, accelerator, spot, on_demand, f"{source}, {what}, median of {len(rows)} zones")
 
 
 def write_table(prices: Iterable[Price], path: Path = PRICES_CSV) -> None:
