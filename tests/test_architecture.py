@@ -27,7 +27,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "wellocr"
 PACKAGE_NODE = "wellocr"  # `from wellocr import __version__`: the package's __init__
 
 # Modules run as `python -m wellocr.X` for a user's job. drill and prepare are named ahead of their modules.
-COMMANDS = frozenset({"train", "evaluate", "predict", "export", "compare", "cost", "synth", "drill", "prepare"})
+COMMANDS = frozenset({"train", "evaluate", "predict", "export", "compare", "cost", "synth", "drill", "prepare",
+                      "rank"})
 LIBRARIES_WITH_A_CLI = frozenset({"config"})  # see the module docstring
 
 KNOWN_EXCEPTIONS: frozenset = frozenset()  # (importer, command) pairs allowed for now: none

@@ -11,7 +11,8 @@ TEST_FILES = {"data": "test_data.py", "di": "test_data_integrity.py", "pr": "tes
               "ti": "test_train_input.py", "tr": "test_train.py", "jr": "test_job_recovery.py",
               "cfg": "test_config.py", "ev": "test_evaluate.py", "co": "test_cost.py", "ex": "test_export.py",
               "rm": "test_remote.py", "ck": "test_checkpoint.py", "em": "test_eval_memory.py",
-              "bl": "test_baselines.py", "prep": "test_prepare.py"}
+              "bl": "test_baselines.py", "prep": "test_prepare.py",
+              "dp": "test_distributed.py"}
 
 
 def test_every_bad_input_row_names_a_test_that_exists():

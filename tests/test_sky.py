@@ -171,6 +171,8 @@ def start_run_section(task, tmp_path: Path, env: dict | None = None, trainer_exi
         **base, **task.envs,
         "HOME": str(work / "home"), "PATH": f"{work / 'bin'}{os.pathsep}{base.get('PATH', '')}",
         "SKYPILOT_TASK_ID": TASK_ID,
+        "SKYPILOT_NUM_GPUS_PER_NODE": str(max((n for r in task.resources for n in (r.accelerators or {}).values()),
+                                              default=1)),
         "SKYPILOT_CLUSTER_INFO": json.dumps({"cluster_name": "wellocr-test", "cloud": "RunPod"}),
         "STAND_IN_CALLS": str(calls), "STAND_IN_TRAIN_EXIT": str(trainer_exit),
         **({"STAND_IN_TRAIN_SECONDS": str(train_seconds)} if train_seconds else {}),
@@ -236,7 +238,8 @@ def sky_problems(path: Path, tmp_path: Path) -> list[str]:
     for resources in task.resources:
         cloud = str(resources.cloud).lower() if resources.cloud else None
         gpus = resources.accelerators or {}
-        if len(gpus) != 1 or list(gpus.values()) != [1]:
+        data_parallel = "train.processes" in (task.run or "")  # one rank per GPU of the pod
+        if len(gpus) != 1 or (list(gpus.values()) != [1] and not data_parallel):
             problems.append(f"each entry names one GPU (accelerators: NAME:1), got {gpus}")
         elif (cloud, next(iter(gpus))) not in CLOUD_GPUS:
             problems.append(f"({cloud}, {next(iter(gpus))}) is not one of {sorted(CLOUD_GPUS)} (infra and "

@@ -148,6 +148,9 @@ class CheckpointCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
+        _barrier()  # data-parallel ranks: every rank has written its part (its RNG state) of the checkpoint
+        if not state.is_world_process_zero:
+            return control
         path = self.run_dir / f"checkpoint-{state.global_step}"
         if not path.is_dir():
             return control
@@ -165,6 +168,48 @@ class CheckpointCallback(TrainerCallback):
                 self.remote.upload_path(path)
             self.remote.upload_compile_cache()  # when it changed: the next pod starts warm
         return control
+
+
+class AgreeToStop(TrainerCallback):
+    """Data-parallel ranks stop together: at each step end (and after each save, where the rehearsal stops) the
+    ranks combine "stop" and "save" (any rank's request counts), so a SIGTERM seen by one rank first, or rank 0's
+    budget cap, ends every rank at the same step boundary with one checkpoint. Added last; nothing in one process."""
+
+    def __init__(self, stop: StopState):
+        self.stop = stop
+
+    def on_step_end(self, args, state, control, **kwargs):
+        return self._agree(control, save=True)
+
+    def on_save(self, args, state, control, **kwargs):
+        return self._agree(control, save=False)
+
+    def _agree(self, control, save: bool):
+        import torch
+
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return control
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        flags = torch.tensor([int(self.stop.reason is not None), int(control.should_training_stop),
+                              int(save and control.should_save)], device=device)
+        torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX)
+        requested, end, save_now = (bool(v) for v in flags.tolist())
+        if requested and self.stop.reason is None:  # a SIGTERM, the budget or the rehearsal on another rank
+            self.stop.request("peer", "another rank stopped")
+        if requested or end:
+            control.should_training_stop = True
+        if requested:
+            control.should_evaluate = False
+        if save and save_now:
+            control.should_save = True
+        return control
+
+
+def _barrier() -> None:
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 class RehearsalCallback(TrainerCallback):

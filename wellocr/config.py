@@ -129,6 +129,8 @@ class TrainConfig(_Section):
         2, "micro-batch size, or auto: the largest that fits the GPU (2 on CPU), with accumulation keeping "
            "effective_batch_size")
     effective_batch_size: Int = _f(8, "samples per optimizer step when per_device_train_batch_size is auto", gt=0)
+    processes: Int = _f(1, "data-parallel processes on this machine, one per GPU (gloo on CPU); > 1 runs them under "
+                           "torchrun, each with 1/N of the effective batch", gt=0)
     per_device_eval_batch_size: Int = _f(2, "eval batch size", gt=0)
     gradient_accumulation_steps: Int = _f(4, "micro-batches per optimizer step", gt=0)
     warmup_steps: Int = _f(5, "linear warm-up steps", ge=0)
@@ -222,7 +224,7 @@ def all_keys() -> dict[str, FieldInfo]:
 # Keys a resumed run may change; every other key would change the training trajectory.
 MUTABLE_ON_RESUME = frozenset(
     {
-        "train.max_steps", "train.eval_steps", "train.save_steps", "train.logging_steps",
+        "train.max_steps", "train.eval_steps", "train.save_steps", "train.logging_steps", "train.processes",
         "train.early_stopping_patience", "train.early_stopping_threshold",
         "data.dataset_num_proc", "data.dataloader_num_workers",
         "model.build_tiny_if_missing", "data.build_synthetic_if_missing",

@@ -217,7 +217,9 @@ def load_base_model(cfg: Config, backend: Backend, precision: str) -> tuple[Any,
 
     kwargs: dict[str, Any] = {"revision": cfg.model.model_revision, "dtype": _torch_dtype(precision)}
     if backend.device == "cuda":
-        kwargs["device_map"] = {"": 0}
+        import torch
+
+        kwargs["device_map"] = {"": torch.cuda.current_device()}  # each data-parallel rank on its own GPU
         if cfg.model.load_in_4bit:
             kwargs["quantization_config"] = _bnb_config(precision)
     elif cfg.model.load_in_4bit:
@@ -278,6 +280,7 @@ def _add_lora(model: Any, cfg: Config, backend: Backend) -> Any:
 
 
 def _unsloth_base(cfg: Config) -> tuple[Any, Any]:
+    import torch
     from unsloth import FastVisionModel
 
     from wellocr.processing import set_pixel_budget
@@ -288,6 +291,7 @@ def _unsloth_base(cfg: Config) -> tuple[Any, Any]:
         load_in_4bit=cfg.model.load_in_4bit,
         use_gradient_checkpointing=_gradient_checkpointing(cfg.model),
         max_seq_length=cfg.train.max_seq_length,
+        device_map={"": torch.cuda.current_device()},  # each data-parallel rank on its own GPU
     )
     set_pixel_budget(processor, cfg.data.min_pixels, cfg.data.max_pixels)
     return model, processor

@@ -8,7 +8,13 @@ unfinished (the managed job relaunches these: `recover_on_exit_codes: [75]`) · 
 
 from __future__ import annotations
 
+import sys
+import traceback
 from dataclasses import dataclass
+from typing import Any
+
+from wellocr.errors import UserError
+from wellocr.preemption import Preempted, StopState
 
 EXIT_OK, EXIT_ERROR, EXIT_USER, EXIT_UNREACHABLE, EXIT_NO_PROGRESS, EXIT_PREEMPTED, EXIT_OOM = 0, 1, 2, 69, 70, 75, 76
 
@@ -27,3 +33,22 @@ class Outcome:
 
 class OutOfMemory(Exception):
     """CUDA OOM even at the smallest micro-batch adaptation allows: exit 76."""
+
+
+def guarded(body: Any, stop: StopState) -> Outcome:
+    """The attempt's outcome whatever happened in it: the exit-code contract with SkyPilot."""
+    try:
+        return body()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return Outcome("unreachable" if exc.exit_code == EXIT_UNREACHABLE else "user-error", exc.exit_code)
+    except Preempted:
+        return Outcome("preempted", EXIT_PREEMPTED)
+    except OutOfMemory as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return Outcome("out-of-memory", EXIT_OOM)
+    except Exception:  # noqa: BLE001 - the traceback goes to the attempt log, the code to SkyPilot
+        if stop.reason == "preempted":  # SIGTERM surfaced as another error (a library wrapped it)
+            return Outcome("preempted", EXIT_PREEMPTED)
+        traceback.print_exc()
+        return Outcome("crashed", EXIT_ERROR)

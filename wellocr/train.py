@@ -27,7 +27,6 @@ import argparse
 import logging
 import os
 import sys
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +55,7 @@ from wellocr.outcome import (
     EXIT_UNREACHABLE,
     EXIT_USER,
     Outcome,
-    OutOfMemory,
+    guarded,
 )
 from wellocr.preemption import Preempted, StopState, install_sigterm_handler
 from wellocr.preflight import check_gpu, run_preflight
@@ -337,25 +336,6 @@ def claim_run(args: Request, command: list[str]) -> Claim:
         raise
 
 
-def guarded(body: Any, stop: StopState) -> Outcome:
-    """The attempt's outcome whatever happened in it: the exit-code contract with SkyPilot."""
-    try:
-        return body()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return Outcome("unreachable" if exc.exit_code == EXIT_UNREACHABLE else "user-error", exc.exit_code)
-    except Preempted:
-        return Outcome("preempted", EXIT_PREEMPTED)
-    except OutOfMemory as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return Outcome("out-of-memory", EXIT_OOM)
-    except Exception:  # noqa: BLE001 - the traceback goes to the attempt log, the code to SkyPilot
-        if stop.reason == "preempted":  # SIGTERM surfaced as another error (a library wrapped it)
-            return Outcome("preempted", EXIT_PREEMPTED)
-        traceback.print_exc()
-        return Outcome("crashed", EXIT_ERROR)
-
-
 def close_attempt(claim: Claim, outcome: Outcome, args: Request) -> Outcome:
     """Record the attempt's end, finish the uploads (a finished run: read back), print the cost report and, for a
     rehearsal, its verdict. Returns the outcome the process exits with."""
@@ -404,6 +384,12 @@ def train(cfg: Config, run: RunDir, args: Request, stop: StopState, attempt: int
     check_gpu(cfg, report.model_config, report)
     if args.preflight_only:
         return Outcome("preflight-only", EXIT_OK)
+    if cfg.train.processes > 1:  # data-parallel: the ranks run stage 2 under torchrun
+        from wellocr import distributed
+
+        return distributed.launch(run, cfg.train.processes, {
+            "attempt": attempt, "resume": args.resume, "resume_latest": args.resume_latest,
+            "rehearse_preemption": args.rehearse_preemption, "wandb_mode": report.wandb_mode}, stop)
     bootstrap.import_backend(backend, timer)  # Unsloth before transformers/TRL/PEFT
     from wellocr import training  # stage 2: ordinary top-level imports of torch, transformers, TRL
 

@@ -30,6 +30,7 @@ from wellocr.artifacts import eval_dir_name
 from wellocr.autobatch import AutoBatchError, choose_micro_batch, is_oom, training_probe, worst_case_rows
 from wellocr.bootstrap import StartupTimer
 from wellocr.callbacks import (
+    AgreeToStop,
     CheckpointCallback,
     CostCallback,
     PhaseCallback,
@@ -46,6 +47,7 @@ from wellocr.checkpoint import (
 )
 from wellocr.config import Config
 from wellocr.data import Split, enforce_max_length, load_splits, trainer_dataset
+from wellocr.distributed import per_rank_batch, rank_accumulation
 from wellocr.errors import UserError
 from wellocr.inference import (
     evaluate_model,
@@ -94,6 +96,12 @@ class Attempt:
     resume_latest: bool = False
     rehearse_preemption: bool = False
     wandb_mode: str | None = None  # what preflight decided (offline without credentials)
+    rank: int = 0  # data-parallel ranks (wellocr.distributed): rank 0 writes what is written once
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
     @property
     def precision(self) -> str:
@@ -104,14 +112,17 @@ def run(a: Attempt) -> Outcome:
     """The recipe: resume point → ledger and tracker → load → data → trainer → fit (OOM fallback) → finalize."""
     cfg, run_dir = a.cfg, a.run
     resume_from, start_step = resume_point(a)
-    run_dir.update_attempt(a.number, start_step=start_step, hardware=hardware())
-    ledger = CostLedger.open(run_dir.cost_file, cfg.cost, a.number, start_step=start_step)
-    over_budget = budget_exhausted(ledger, cfg.cost)
-    if over_budget:
-        print(f"wellocr: {over_budget}", flush=True)
+    ledger = None
+    if a.main:
+        run_dir.update_attempt(a.number, start_step=start_step, hardware=hardware(), processes=a.world)
+        ledger = CostLedger.open(run_dir.cost_file, billed_for(cfg.cost, a), a.number, start_step=start_step)
+    over_budget = budget_exhausted(ledger, cfg.cost) if ledger is not None else None
+    if agreed(bool(over_budget)):
+        print(f"wellocr: {over_budget or 'the budget cap is reached'}", flush=True)
         return Outcome("budget", EXIT_OK, start_step)
     tracker = Tracker(cfg, run_dir, a.wandb_mode)
-    tracker.start(sum(x.get("exit_reason") in PREEMPTED_REASONS for x in run_dir.read().get("attempts", [])))
+    if a.main:
+        tracker.start(sum(x.get("exit_reason") in PREEMPTED_REASONS for x in run_dir.read().get("attempts", [])))
     step = start_step
     try:
         started = time.time()
@@ -120,14 +131,15 @@ def run(a: Attempt) -> Outcome:
         data = prepare_data(cfg, processor, run_dir)
         a.timer.mark("data")
         callbacks = training_callbacks(a, ledger, resume_from)
-        cost = next(c for c in callbacks if isinstance(c, CostCallback))
+        cost = next((c for c in callbacks if isinstance(c, CostCallback)), None)
         probe = probe_trainer_factory(cfg, run_dir, a.backend, a.precision, model, processor, data)
         a.phases.switch("auto_batch")
-        sizes = batch_sizes(cfg, run_dir, a.backend, probe)
+        sizes = batch_sizes(cfg, run_dir, a.backend, probe, a)
         a.timer.mark("auto_batch")  # the probe runs in the first attempt only
-        callbacks.append(TrackingCallback(tracker, sizes["per_device_train_batch_size"]
-                                          * sizes["gradient_accumulation_steps"], extra=cost.metrics))
-        hook = generation_eval_hook(cfg, a.backend, processor, data, tracker)
+        if a.main:
+            callbacks.append(TrackingCallback(tracker, sizes["per_device_train_batch_size"]
+                                              * sizes["gradient_accumulation_steps"] * a.world, extra=cost.metrics))
+        hook = generation_eval_hook(cfg, a.backend, processor, data, tracker) if a.main else None
 
         def make_trainer(micro_batch: int, accumulation: int) -> Any:
             return build_trainer(cfg, run_dir, a.backend, a.precision, model, processor, data, micro_batch,
@@ -139,15 +151,58 @@ def run(a: Attempt) -> Outcome:
             return stopped(a, step)
         return finalize(a, trainer, result, processor, data, tracker, ledger, start_step, time.time() - started)
     finally:
-        ledger.heartbeat(step, force=True)
-        tracker.finish()
-        a.phases.switch(None)
-        run_dir.update_attempt(a.number, **a.phases.summary())
+        if a.main:
+            ledger.heartbeat(step, force=True)
+            tracker.finish()
+            a.phases.switch(None)
+            run_dir.update_attempt(a.number, **a.phases.summary())
+
+
+def join_process_group(backend: Backend, local_rank: int) -> None:
+    """A data-parallel rank joins its peers (torchrun's environment): NCCL on its own GPU, gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return
+    if backend.device == "cuda":
+        torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group("nccl" if backend.device == "cuda" else "gloo")
+
+
+def agreed(flag: bool, op: str = "max") -> bool:
+    """`flag` from every rank combined (any, or with op "min": all); the flag itself in one process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([int(flag)], device=device)
+    reduce = torch.distributed.ReduceOp
+    torch.distributed.all_reduce(value, reduce.MAX if op == "max" else reduce.MIN)
+    return bool(value.item())
+
+
+def smallest_on_any_rank(value: int) -> int:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(tensor, torch.distributed.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def billed_for(cost_cfg: Any, a: Attempt) -> Any:
+    """The ledger bills every GPU the ranks use."""
+    if a.world <= 1 or a.backend.device != "cuda":
+        return cost_cfg
+    return cost_cfg.model_copy(update={"gpu_count": max(cost_cfg.gpu_count, a.world)})
 
 
 def resume_point(a: Attempt) -> tuple[Path | None, int]:
     """The checkpoint this attempt continues from (--resume, else the run's newest complete one) and its step."""
-    removed = remove_incomplete(a.run.path)
+    removed = remove_incomplete(a.run.path) if a.main else []
+    barrier()
     resume_from = a.resume if a.resume is not None else latest_complete_checkpoint(a.run.path)
     start_step = (checkpoint_step(resume_from) or 0) if resume_from is not None else 0
     if resume_from is not None and start_step > a.cfg.train.max_steps:
@@ -167,14 +222,16 @@ def training_callbacks(a: Attempt, ledger: CostLedger, resume_from: Path | None)
     protect = {resume_from.name} if resume_from is not None else set()
     callbacks = [
         CheckpointCallback(a.run.path, retention, a.stop, protect, remote=a.remote,
-                           marker_extra=lambda: {"cost_usd": ledger.total_usd()}),
+                           marker_extra=lambda: {"cost_usd": ledger.total_usd() if ledger else None}),
         StopCallback(a.stop),
-        CostCallback(ledger, a.stop, a.cfg.cost, a.cfg.train.max_steps),
-        StartupCallback(a.run, a.number, a.timer.marks),
-        PhaseCallback(a.phases, a.run, a.number),
     ]
-    if a.rehearse_preemption:
-        callbacks.append(RehearsalCallback(a.run, a.stop))
+    if a.main:  # what is written once: ledger, run.json timings, the rehearsal's record
+        callbacks += [CostCallback(ledger, a.stop, a.cfg.cost, a.cfg.train.max_steps),
+                      StartupCallback(a.run, a.number, a.timer.marks), PhaseCallback(a.phases, a.run, a.number)]
+        if a.rehearse_preemption:
+            callbacks.append(RehearsalCallback(a.run, a.stop))
+    if a.world > 1:
+        callbacks.append(AgreeToStop(a.stop))
     return callbacks
 
 
@@ -191,8 +248,10 @@ def finalize(a: Attempt, trainer: Any, result: Any, processor: Any, data: Data, 
              ledger: CostLedger, start_step: int, elapsed: float) -> Outcome:
     """final/ (uploaded in the background), this attempt's numbers, the final evaluation, the cost so far."""
     step = trainer.state.global_step
-    final = save_final(trainer, a.run, step)
+    final = save_final(trainer, a.run, step, a.main)
     reason = "finished" if step >= a.cfg.train.max_steps else "early-stopped"
+    if not a.main:  # the final evaluation, the report and the cost are rank 0's
+        return Outcome(reason, EXIT_OK, step)
     a.run.update(status=reason)
     if a.remote is not None:
         a.remote.upload_path(final)  # now, while the final evaluation runs
@@ -276,6 +335,8 @@ def sft_config(cfg: Config, run: RunDir, backend: Backend, precision: str, max_l
     )
     if backend.name == "unsloth":
         settings["dataset_text_field"] = ""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a data-parallel rank (wellocr.distributed)
+        settings.update(ddp_backend="nccl" if backend.device == "cuda" else "gloo", ddp_find_unused_parameters=False)
     if probe:
         settings.update(max_steps=1, eval_strategy="no", save_strategy="no", logging_strategy="no",
                         dataloader_num_workers=0, disable_tqdm=True)
@@ -367,21 +428,29 @@ def probe_trainer_factory(cfg: Config, run: RunDir, backend: Backend, precision:
     return make
 
 
-def batch_sizes(cfg: Config, run: RunDir, backend: Backend, make_probe_trainer: Any) -> dict:
+def batch_sizes(cfg: Config, run: RunDir, backend: Backend, make_probe_trainer: Any, a: Attempt | None = None) -> dict:
     """Micro-batch and accumulation: the config's, or for `auto` the largest micro-batch that fits (probed once
     with the longest sample, then remembered in run.json with the device it was chosen for, so every restart on
     that kind of device trains with the same sizes; a recovery onto another GPU (a multi-cloud job) chooses again
     for its memory and forgets an out-of-memory halving of the old device — the effective batch stays).
-    `make_probe_trainer(micro)`: a trainer over the worst-case rows that trains one step and saves nothing."""
+    `make_probe_trainer(micro)`: a trainer over the worst-case rows that trains one step and saves nothing.
+    Data-parallel ranks (`a.world` > 1) each take 1/world of the effective batch and agree on the smallest
+    micro-batch any of them fits; the sizes returned are per rank."""
     t = cfg.train
+    world, main = (a.world, a.main) if a is not None else (1, True)
     if t.per_device_train_batch_size != "auto":
-        return {"per_device_train_batch_size": t.per_device_train_batch_size,
-                "gradient_accumulation_steps": t.gradient_accumulation_steps}
-    device = device_for_batch(backend)
+        micro = t.per_device_train_batch_size
+        return {"per_device_train_batch_size": micro,
+                "gradient_accumulation_steps": rank_accumulation(t.gradient_accumulation_steps, world, micro)}
+    if world > 1 and backend.device == "cuda":  # the probe's out-of-memory would leave the other ranks waiting
+        raise UserError("train.per_device_train_batch_size: auto probes one GPU; with train.processes > 1 set the "
+                        "micro-batch (a one-GPU run's auto choice is in its run.json)")
+    effective = per_rank_batch(t.effective_batch_size, world)
+    device = device_for_batch(backend) + (f" x {world} processes" if world > 1 else "")
     recorded = run.read().get("auto_batch")
     if recorded and recorded.get("device", device) == device:
         return {k: recorded[k] for k in ("per_device_train_batch_size", "gradient_accumulation_steps")}
-    if recorded:
+    if recorded and main:
         print(f"auto batch: chosen for {recorded['device']}; this attempt runs on {device}: choosing again",
               flush=True)
         run.update(adapted_batch=None)
@@ -390,15 +459,20 @@ def batch_sizes(cfg: Config, run: RunDir, backend: Backend, make_probe_trainer: 
         print("auto batch: one training step on the longest sample per candidate micro-batch", flush=True)
         probe = training_probe(make_probe_trainer)
     try:
-        micro, accumulation = choose_micro_batch(probe, t.effective_batch_size, backend.device)
+        micro, accumulation = choose_micro_batch(probe, effective, backend.device)
     except AutoBatchError as exc:
         raise OutOfMemory(str(exc)) from exc
     finally:
         probe = None
         gc.collect()
+    micro = smallest_on_any_rank(micro)
+    accumulation = effective // micro
     sizes = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": accumulation}
-    run.update(auto_batch={**sizes, "device": device})
-    print(f"auto batch: micro-batch {micro} x {accumulation} accumulation = {t.effective_batch_size}", flush=True)
+    if main:
+        run.update(auto_batch={**sizes, "device": device})
+        ranks = f" x {world} processes" if world > 1 else ""
+        print(f"auto batch: micro-batch {micro} x {accumulation} accumulation{ranks} = {t.effective_batch_size}",
+              flush=True)
     return sizes
 
 
@@ -414,11 +488,17 @@ def device_for_batch(backend: Backend) -> str:
     return f"{props.name}, {props.total_memory * fraction / GIB:.1f} GiB"
 
 
-def save_final(trainer: Any, run: RunDir, step: int) -> Path:
-    """Adapter + processor into final/ (written aside, marked complete, then swapped in)."""
+def save_final(trainer: Any, run: RunDir, step: int, main: bool = True) -> Path:
+    """Adapter + processor into final/ (written aside, marked complete, then swapped in; by rank 0 of a
+    data-parallel attempt, once every rank is there)."""
     staging = run.path / "final.partial"
-    shutil.rmtree(staging, ignore_errors=True)
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+    barrier()
     trainer.save_model(str(staging))
+    barrier()
+    if not main:
+        return run.final_dir
     mark_complete(staging, step)
     old = run.path / "final.old"
     if run.final_dir.exists():

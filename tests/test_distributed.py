@@ -1,0 +1,121 @@
+"""Data-parallel training (`train.processes: N`): N ranks under torchrun, gloo on CPU, on the tiny model.
+
+The reference is one process with the same effective batch (micro-batch 2 x accumulation 2); two ranks each take
+micro-batch 2 x accumulation 1. Every optimizer step sees the same samples either way (each rank draws every
+second micro-batch of the one sampler), LoRA dropout is 0, and the loss is averaged over the same tokens, so the
+losses agree to float rounding (rel 1e-5: what the one-process resume test allows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_train, smoke_settings
+from wellocr.checkpoint import latest_complete_checkpoint
+from wellocr.distributed import per_rank_batch, rank_accumulation
+from wellocr.errors import UserError
+from wellocr.rundir import RunDir
+
+SETTINGS = {"train.max_steps": 6, "train.save_steps": 3, "train.eval_steps": 3,
+            "train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 2,
+            "eval.generation_samples": 0}
+
+
+def losses(run_dir: Path, checkpoint: str) -> dict[int, float]:
+    state = json.loads((run_dir / checkpoint / "trainer_state.json").read_text())
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+
+def write_config(path: Path, tiny_model_dir, synth_data_dir, name: str, **extra) -> Path:
+    path.write_text(yaml.safe_dump(smoke_settings(tiny_model_dir, synth_data_dir, path.parent / "runs",
+                                                  **{**SETTINGS, "run.run_name": name, **extra})))
+    return path
+
+
+def popen_job(config: Path, log: Path) -> subprocess.Popen:
+    """The job in its own process group, as a pod runs it (SIGKILL of the group = the pod gone)."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "wellocr.train", "--config", str(config)], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not condition():
+        time.sleep(0.05)
+    assert condition(), f"not reached (exit {proc.poll()})"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, synth_data_dir, tmp_path_factory) -> Path:
+    """One process, the same effective batch: the trajectory the ranks must follow."""
+    root = tmp_path_factory.mktemp("ddp-reference")
+    result = run_train("--config", str(write_config(root / "one.yaml", tiny_model_dir, synth_data_dir, "one")))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return root / "runs" / "one"
+
+
+def test_two_ranks_follow_one_process_and_a_killed_job_resumes_on_one(reference, tiny_model_dir, synth_data_dir,
+                                                                         tmp_path):
+    config = write_config(tmp_path / "two.yaml", tiny_model_dir, synth_data_dir, "two", **{"train.processes": 2})
+    run_dir = tmp_path / "runs" / "two"
+    proc = popen_job(config, tmp_path / "two.log")
+    wait_for(lambda: latest_complete_checkpoint(run_dir) is not None, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the pod is gone: launcher, torchrun and both ranks
+    proc.wait(timeout=30)
+    saved = latest_complete_checkpoint(run_dir)
+    assert saved.name == "checkpoint-3" and {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in saved.iterdir()}
+    assert losses(run_dir, "checkpoint-3") == pytest.approx(losses(reference, "checkpoint-3"), rel=1e-5)
+
+    # recovered onto a machine with one GPU's worth: the same effective batch, the same samples per step
+    resumed = run_train("--config", str(config), "--resume-latest", "--set", "train.processes=1")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "resuming from checkpoint-3" in resumed.stdout
+    assert losses(run_dir, "checkpoint-6") == pytest.approx(losses(reference, "checkpoint-6"), rel=1e-5)
+    run = RunDir(run_dir).read()
+    assert [a.get("processes") for a in run["attempts"]] == [2, 1]
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith("final")] == ["final"]
+    assert len(json.loads((run_dir / "cost.json").read_text())["segments"]) == 2  # one ledger, both attempts
+    assert (run_dir / "eval" / "final" / "metrics.json").is_file()
+    assert (run_dir / "logs" / "attempt-1-rank1.log").is_file()  # rank 1 keeps its own log
+
+
+def test_sigterm_stops_every_rank_at_one_step_with_one_checkpoint_and_exit_75(tiny_model_dir, synth_data_dir,
+                                                                               tmp_path):
+    config = write_config(tmp_path / "term.yaml", tiny_model_dir, synth_data_dir, "term",
+                          **{"train.processes": 2, "train.max_steps": 60, "train.save_steps": 60,
+                             "train.eval_steps": 60})
+    run_dir = tmp_path / "runs" / "term"
+    proc = popen_job(config, tmp_path / "term.log")
+
+    def first_step() -> bool:
+        attempts = RunDir(run_dir).read().get("attempts", []) if (run_dir / "run.json").is_file() else []
+        return bool(attempts) and "first_step_s" in attempts[-1]
+
+    wait_for(first_step, proc)
+    proc.send_signal(signal.SIGTERM)  # to the launcher only: it passes the stop on to the ranks
+    assert proc.wait(timeout=120) == 75
+    saved = latest_complete_checkpoint(run_dir)
+    checkpoints = [p.name for p in run_dir.glob("checkpoint-*")]
+    assert saved is not None and checkpoints == [saved.name] and 1 <= int(saved.name.split("-")[1]) < 60
+    attempt = RunDir(run_dir).read()["attempts"][0]
+    assert attempt["exit_reason"] == "preempted" and attempt["rank_outcome"]["step"] == int(saved.name.split("-")[1])
+    # rank 1 stopped at the same step: rank 0's save waits for every rank, so a rank that went on would have hung
+
+
+def test_the_effective_batch_must_divide_among_the_processes():
+    assert per_rank_batch(8, 2) == 4 and rank_accumulation(4, 2, micro=2) == 2
+    with pytest.raises(UserError, match="train.effective_batch_size 8 does not divide among train.processes 3"):
+        per_rank_batch(8, 3)
+    with pytest.raises(UserError, match="train.gradient_accumulation_steps 1 does not divide"):
+        rank_accumulation(1, 2, micro=2)

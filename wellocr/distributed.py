@@ -1,0 +1,95 @@
+"""Data-parallel training on the GPUs of one machine: `train.processes: N` runs N ranks under torchrun.
+
+Stage 1 of `python -m wellocr.train` (one process) keeps everything that belongs to the run, not to a GPU: the
+run directory and its lock, the attempt record, the bucket restore and the final upload, the exit code SkyPilot
+reads. It then starts `torchrun --standalone --nproc_per_node N -m wellocr.rank RUN_DIR`; every rank runs stage
+2 (`wellocr.training`) on its own GPU (NCCL; gloo on CPU), and rank 0 alone writes what is written once: the
+completeness marker (after every rank finished the step), run.json, the cost ledger (billing N GPUs), W&B, the
+evaluations and the report. The launcher forwards a SIGTERM to the ranks, which agree on the step to stop at
+(`wellocr.callbacks.AgreeToStop`), and reads rank 0's outcome from run.json: torchrun itself exits 1 for any
+failed rank, which is not the exit code the managed job must see (75 relaunches it).
+
+The effective batch (samples per optimizer step) is the run's, whatever N is: each rank takes 1/N of it, so a
+recovery onto fewer GPUs continues the same trajectory in expectation (the data order differs: each rank draws
+every N-th micro-batch of the sampler). Imports no torch: stage 1 must not.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from wellocr.checkpoint import write_json_atomic
+from wellocr.errors import UserError
+from wellocr.outcome import EXIT_ERROR, Outcome
+
+REQUEST = ".ranks.json"  # what stage 1 hands the ranks: attempt, resume, flags
+
+
+def per_rank_batch(effective: int, processes: int) -> int:
+    """Samples each rank contributes to one optimizer step."""
+    if effective % processes:
+        raise UserError(f"train.effective_batch_size {effective} does not divide among train.processes {processes}: "
+                        f"use a multiple of {processes}")
+    return effective // processes
+
+
+def rank_accumulation(accumulation: int, processes: int, micro: int) -> int:
+    """A fixed micro-batch config (not auto) with N ranks: `gradient_accumulation_steps` is the one-process value,
+    so the effective batch stays micro x accumulation; each rank accumulates accumulation / N micro-batches."""
+    if accumulation % processes:
+        raise UserError(f"train.gradient_accumulation_steps {accumulation} does not divide among train.processes "
+                        f"{processes} (micro-batch {micro}, effective batch {micro * accumulation}): use a multiple "
+                        f"of {processes}, or per_device_train_batch_size: auto")
+    return accumulation // processes
+
+
+def launch(run: Any, processes: int, request: dict, stop: Any) -> Outcome:
+    """torchrun over `processes` ranks; its output goes through this process's console (the attempt log); a
+    SIGTERM seen by `stop` is passed on once; the outcome is rank 0's, from run.json."""
+    write_json_atomic(run.path / REQUEST, request)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "wellocr.rank", str(run.path)]
+    print(f"wellocr: {processes} ranks: {' '.join(command[1:])}", flush=True)
+    stop.in_training_loop = True  # a SIGTERM is recorded and forwarded, not raised here
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    pump = threading.Thread(target=_copy, args=(proc.stdout,), daemon=True)
+    pump.start()
+    forwarded = False
+    while proc.poll() is None:
+        if stop.reason == "preempted" and not forwarded:
+            proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every rank
+            forwarded = True
+        time.sleep(0.2)
+    pump.join(timeout=10)
+    stop.in_training_loop = False
+    outcome = rank_outcome(run, request["attempt"])
+    if outcome is None:
+        print(f"error: the ranks ended without an outcome (torchrun exit {proc.returncode}; see the log above)",
+              file=sys.stderr, flush=True)
+        return Outcome("crashed", EXIT_ERROR)
+    return outcome
+
+
+def _copy(stream: Any) -> None:
+    for line in stream:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
+def rank_outcome(run: Any, attempt: int) -> Outcome | None:
+    for entry in run.read().get("attempts", []):
+        if entry.get("attempt") == attempt and entry.get("rank_outcome"):
+            o = entry["rank_outcome"]
+            return Outcome(o["reason"], o["code"], o.get("step"))
+    return None
+
+
+def read_request(run_dir: Path) -> dict:
+    return json.loads((run_dir / REQUEST).read_text())

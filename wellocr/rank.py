@@ -1,0 +1,66 @@
+"""`python -m wellocr.rank RUN_DIR` — one rank of a data-parallel attempt; `python -m wellocr.train` starts N of
+them through torchrun when `train.processes` is N > 1 (see wellocr.distributed), never a user.
+
+Each rank reads the run's saved config and the launcher's request, points the caches at the run's volume, imports
+the backend, joins the process group (NCCL on GPUs, each rank on its own; gloo on CPU) and runs stage 2. Rank 0
+records the outcome in run.json for the launcher (torchrun turns any failed rank into its own exit 1); a rank
+exits 0 after a normal end or a stop, and 1 otherwise, so that torchrun stops the ranks still waiting for it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from wellocr import bootstrap
+from wellocr.config import config_from_dict
+from wellocr.distributed import read_request
+from wellocr.outcome import EXIT_OK, EXIT_PREEMPTED, guarded
+from wellocr.preemption import StopState, install_sigterm_handler
+from wellocr.rundir import RunDir
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    run = RunDir(Path(argv[0]))
+    request = read_request(run.path)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if rank > 0:  # rank 0 speaks for the attempt; the others keep their own log
+        run.logs_dir.mkdir(parents=True, exist_ok=True)
+        sys.stdout = sys.stderr = open(run.logs_dir / f"attempt-{request['attempt']}-rank{rank}.log", "a", buffering=1)
+    stop = StopState()
+    install_sigterm_handler(stop)
+    cfg = config_from_dict(run.read_config_data() or {}, str(run.config_file))
+    timer = bootstrap.StartupTimer()
+    backend = bootstrap.prepare(cfg, None)
+    remote = None
+    if rank == 0:
+        from wellocr.remote import RemoteStore
+
+        remote = RemoteStore.from_config(cfg.checkpoint, run.path.name)
+
+    def attempt():
+        bootstrap.import_backend(backend, timer)
+        from wellocr import training
+
+        training.join_process_group(backend, local)
+        return training.run(training.Attempt(
+            cfg, run, request["attempt"], backend, stop, timer, remote=remote,
+            resume=Path(request["resume"]) if request.get("resume") else None,
+            resume_latest=request.get("resume_latest", False),
+            rehearse_preemption=request.get("rehearse_preemption", False),
+            wandb_mode=request.get("wandb_mode"), rank=rank, world=world))
+
+    outcome = guarded(attempt, stop)
+    if remote is not None:
+        remote.close(2.0 if outcome.reason == "preempted" else cfg.checkpoint.upload_timeout_s)
+    if rank == 0:
+        run.update_attempt(request["attempt"], rank_outcome={"reason": outcome.reason, "code": outcome.code,
+                                                             "step": outcome.step})
+    return 0 if outcome.code in (EXIT_OK, EXIT_PREEMPTED) else 1  # a failed rank: torchrun stops the others
+
+
+if __name__ == "__main__":
+    sys.exit(main())
