@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from wellocr.checkpoint import write_json_atomic, write_text_atomic
 from wellocr.config import Config
 from wellocr.errors import UserError
 from wellocr.labelparse import LabelTable, Word, answer_text, load_label_table, parse_words
@@ -165,8 +164,7 @@ def evaluate_engine(engine: Engine, cfg: Config, split: Any, out_dir: Path, limi
     from tqdm.auto import tqdm
 
     from wellocr.data import open_image
-    from wellocr.inference import attach_images, predictions_jsonl, sample_record, worst_samples
-    from wellocr.report import write_report
+    from wellocr.inference import sample_record, write_evaluation
 
     table = load_label_table(labels)
     count = min(limit, len(split)) if limit is not None else len(split)
@@ -195,13 +193,7 @@ def evaluate_engine(engine: Engine, cfg: Config, split: Any, out_dir: Path, limi
         "run": Path(run_dir).name if run_dir is not None else None,
         "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "metrics.json", metrics)
-    write_text_atomic(out_dir / "predictions.jsonl", predictions_jsonl(records))
-    worst = worst_samples(records, cfg.eval.worst_k, by="cer")
-    attach_images(worst, split, cfg)
-    write_report(out_dir / "report.html", metrics, worst, run_dir=run_dir, eval_dir=out_dir)
+    write_evaluation(out_dir, metrics, records, split, cfg, run_dir)
     return metrics
 
 

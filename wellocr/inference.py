@@ -339,7 +339,6 @@ def evaluate_model(model: Any, processor: Any, cfg: Config, split: Any, out_dir:
     run_dir, when given, adds the run's name, training curves and the base-model comparison to the report.
     Returns the metrics dict.
     """
-    from wellocr.report import write_report
 
     batch_size = batch_size or cfg.eval.batch_size
     rows = split.dataset.select(range(min(limit, len(split)) if limit is not None else len(split)))
@@ -362,6 +361,16 @@ def evaluate_model(model: Any, processor: Any, cfg: Config, split: Any, out_dir:
         "run": Path(run_dir).name if run_dir is not None else None,
         "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+    write_evaluation(out_dir, metrics, records, split, cfg, run_dir)
+    return metrics
+
+
+def write_evaluation(out_dir: Path, metrics: dict[str, Any], records: list[dict], split: Any, cfg: Config,
+                     run_dir: Path | None) -> None:
+    """An evaluation folder, whatever read the split (a model, a classical OCR engine): metrics.json,
+    predictions.jsonl and report.html with the worst samples by CER."""
+    from wellocr.report import write_report
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "metrics.json", metrics)
@@ -369,7 +378,6 @@ def evaluate_model(model: Any, processor: Any, cfg: Config, split: Any, out_dir:
     worst = worst_samples(records, cfg.eval.worst_k, by="cer")
     attach_images(worst, split, cfg)
     write_report(out_dir / "report.html", metrics, worst, run_dir=run_dir, eval_dir=out_dir)
-    return metrics
 
 
 # ---------------------------------------------------------------- loading a run's model
