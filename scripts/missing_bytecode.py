@@ -1,6 +1,6 @@
 """Which modules `import unsloth` pulls in without a bytecode cache (each new process then compiles their source).
 
-On the H200 machine: `python3 scripts/missing_bytecode.py` after the wheel install (docs/BENCHMARKS.md).
+On a GPU machine with the gpu extra installed: `python scripts/missing_bytecode.py` (docs/BENCHMARKS.md, "Restart after a preemption").
 """
 
 import collections
