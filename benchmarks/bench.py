@@ -1063,6 +1063,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--whole-steps", type=int, help="--whole-run: optimizer steps (default 12; --tiny 3)")
     p.add_argument("--eval-every", type=int, help="--whole-run: evaluation and save interval (default 6; --tiny 2)")
     p.add_argument("--project-steps", type=int, default=500, help="--whole-run: steps of the projected run")
+    p.add_argument("--processes", type=int, default=1, help="--whole-run: data-parallel ranks (train.processes)")
+    p.add_argument("--micro", type=int, default=0, help="--whole-run: a fixed micro-batch per rank instead of auto")
+    p.add_argument("--accumulation", type=int, default=0,
+                   help="--whole-run with --micro: accumulation overall (default: --processes)")
     p.add_argument("--project-every", type=int, default=50, help="--whole-run: its evaluation interval")
     p.add_argument("--worker", choices=("build", "quantize", "hf", "unsloth"), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)

@@ -15,6 +15,10 @@ an empty pod, to time a restart. Everything is read back from what the run recor
   evaluation every --project-every): an upper bound with random weights, whose generations all run to the limit;
 - restart: seconds from process start to the end of the first optimizer step of the resumed process.
 
+Data-parallel scaling: `--processes N --micro M` trains N ranks (`train.processes`) at micro-batch M each with
+accumulation N overall (one optimizer step = M x N samples); `--processes 1 --micro M --accumulation N` is the one-GPU
+run at the same effective batch. Peaks are rank 0's GPU.
+
     python benchmarks/bench.py --whole-run --backend unsloth,hf --cap-gb 23 --work /tmp/wb --out whole.json
     python benchmarks/bench.py --whole-run --tiny        (CPU, the tiny model: a smoke test of this mode)
 
@@ -48,6 +52,10 @@ def overrides(args: Any, backend: str) -> list[str]:
             "run.compile_cache_dir": root / "compile-cache", "wandb.enabled": "false",
             "train.max_steps": args.whole_steps, "train.eval_steps": args.eval_every,
             "train.save_steps": args.eval_every}
+    if args.processes > 1 or args.micro:  # data-parallel scaling: a fixed micro-batch per GPU
+        sets.update({"train.processes": args.processes,
+                     "train.per_device_train_batch_size": args.micro or 8,
+                     "train.gradient_accumulation_steps": args.accumulation or args.processes})
     if args.tiny:  # CPU: seconds, not minutes
         sets.update({"data.min_pixels": width * height // 4, "data.dataloader_num_workers": 0,
                      "eval.max_new_tokens": 8, "eval.generation_samples": 2, "data.eval_subset": 2})
@@ -113,11 +121,16 @@ def summarise(run: dict, attempt: dict, args: Any) -> dict[str, Any]:
     phases = attempt.get("phases", {})
     sizes = run.get("adapted_batch") or run.get("auto_batch") or {}
     effective = sizes.get("per_device_train_batch_size", 0) * sizes.get("gradient_accumulation_steps", 0)
+    if not sizes and (args.processes > 1 or args.micro):  # fixed sizes: micro x accumulation, all ranks together
+        effective = (args.micro or 8) * (args.accumulation or args.processes)
     step_s = attempt.get("median_step_s")
     peaks = {name: {k: phases[name].get(k) for k in ("peak_reserved_gib", "peak_allocated_gib")}
              for name in PHASES if name in phases}
     after_eval = [s for before, s in attempt.get("first_step_after", []) if before in ("eval_loss", "generation")]
-    out = {"auto_batch": run.get("auto_batch"), "adapted_batch": run.get("adapted_batch"), "peaks": peaks,
+    batch = (f"{sizes['per_device_train_batch_size']}x{sizes['gradient_accumulation_steps']}" if sizes else
+             f"{args.micro or 8}x{(args.accumulation or args.processes) // args.processes} x {args.processes} ranks")
+    out = {"auto_batch": run.get("auto_batch"), "adapted_batch": run.get("adapted_batch"), "batch": batch,
+           "effective_batch": effective, "peaks": peaks,
            "max_reserved_gib": max((p["peak_reserved_gib"] for p in peaks.values() if p["peak_reserved_gib"]),
                                    default=None),
            "median_step_s": step_s, "samples_per_s": round(effective / step_s, 2) if step_s else None,
@@ -182,11 +195,10 @@ def print_table(report: dict) -> None:
         if "error" in m:
             print(f"| {backend} | {m['error']} |")
             continue
-        batch = m["auto_batch"] or {}
         peaks = [f"{m['peaks'][p]['peak_reserved_gib']}/{m['peaks'][p]['peak_allocated_gib']}"
                  if p in m["peaks"] and m["peaks"][p]["peak_reserved_gib"] is not None else "-" for p in PHASES]
         projection = m.get("projection") or {}
         print("| " + " | ".join(map(str, [
-            backend, f"{batch.get('per_device_train_batch_size')}x{batch.get('gradient_accumulation_steps')}",
+            backend, m["batch"],
             "yes" if m["fallback"] else "no", *peaks, m["samples_per_s"], projection.get("overhead"),
             m["restart"]["to_first_step_s"]])) + " |")

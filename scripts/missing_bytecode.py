@@ -1,6 +1,7 @@
 """Which modules `import unsloth` pulls in without a bytecode cache (each new process then compiles their source).
 
-On a GPU machine with the gpu extra installed: `python scripts/missing_bytecode.py` (docs/BENCHMARKS.md, "Restart after a preemption").
+On a GPU machine with the gpu extra installed: `python scripts/missing_bytecode.py` (docs/BENCHMARKS.md, "Restart
+after a preemption").
 """
 
 import collections

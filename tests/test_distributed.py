@@ -112,6 +112,12 @@ def test_sigterm_stops_every_rank_at_one_step_with_one_checkpoint_and_exit_75(ti
     assert attempt["exit_reason"] == "preempted" and attempt["rank_outcome"]["step"] == int(saved.name.split("-")[1])
     # rank 1 stopped at the same step: rank 0's save waits for every rank, so a rank that went on would have hung
 
+    step = int(saved.name.split("-")[1])  # relaunched on two ranks again: both load the checkpoint's state
+    resumed = run_train("--config", str(config), "--resume-latest", "--set", f"train.max_steps={step + 1}",
+                        "--set", f"train.eval_steps={step + 1}", "--set", f"train.save_steps={step + 1}")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming from {saved.name}" in resumed.stdout and "exit: finished (code 0)" in resumed.stdout
+
 
 def test_the_effective_batch_must_divide_among_the_processes():
     assert per_rank_batch(8, 2) == 4 and rank_accumulation(4, 2, micro=2) == 2

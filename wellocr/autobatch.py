@@ -105,8 +105,9 @@ def cap_process_memory(environ: dict | None = None) -> float | None:
         raise UserError(f"{CAP_ENV}={raw!r}: expected GiB of GPU memory, a number > 0 (e.g. 22), or unset it")
     if not torch.cuda.is_available():
         return None
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GIB / total), 0)
+    device = int((os.environ if environ is None else environ).get("LOCAL_RANK", "0"))  # a data-parallel rank's GPU
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GIB / total), device)
     return min(cap, total / GIB)
 
 

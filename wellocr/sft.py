@@ -111,6 +111,25 @@ class WellocrSFTTrainer(SFTTrainer):
             self.start_step = (read_trainer_state(Path(resume_from_checkpoint)) or {}).get("global_step", 0)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """Data-parallel ranks on CPU: transformers maps the optimizer state to `args.device`, which is "cpu:N"
+        there, and torch.load cannot restore that location; the state is loaded to the CPU instead."""
+        device = self.args.device
+        if checkpoint is None or device.type != "cpu" or device.index is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        import torch
+
+        load = torch.load
+
+        def load_to_cpu(*args, **kwargs):
+            return load(*args, **{**kwargs, "map_location": "cpu"})
+
+        torch.load = load_to_cpu
+        try:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        finally:
+            torch.load = load
+
     def log(self, logs, *args, **kwargs):
         if "train_runtime" in logs:
             _this_process_only(logs, self.start_step, self.state.global_step, self.state.max_steps)

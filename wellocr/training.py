@@ -482,9 +482,10 @@ def device_for_batch(backend: Backend) -> str:
         return backend.device
     from wellocr.autobatch import GIB
 
-    props = torch.cuda.get_device_properties(0)
-    fraction = torch.cuda.get_per_process_memory_fraction(0) if hasattr(torch.cuda, "get_per_process_memory_fraction") \
-        else 1.0
+    device = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(device)
+    fraction = torch.cuda.get_per_process_memory_fraction(device) \
+        if hasattr(torch.cuda, "get_per_process_memory_fraction") else 1.0
     return f"{props.name}, {props.total_memory * fraction / GIB:.1f} GiB"
 
 
