@@ -279,8 +279,17 @@ def _add_lora(model: Any, cfg: Config, backend: Backend) -> Any:
     return get_peft_model(model, peft_config)
 
 
-def _unsloth_base(cfg: Config) -> tuple[Any, Any]:
+def rank_device_map() -> dict[str, Any]:
+    """A data-parallel rank (torchrun's WORLD_SIZE > 1) loads onto its own GPU; one process keeps Unsloth's own
+    placement."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return {}
     import torch
+
+    return {"device_map": {"": torch.cuda.current_device()}}
+
+
+def _unsloth_base(cfg: Config) -> tuple[Any, Any]:
     from unsloth import FastVisionModel
 
     from wellocr.processing import set_pixel_budget
@@ -291,7 +300,7 @@ def _unsloth_base(cfg: Config) -> tuple[Any, Any]:
         load_in_4bit=cfg.model.load_in_4bit,
         use_gradient_checkpointing=_gradient_checkpointing(cfg.model),
         max_seq_length=cfg.train.max_seq_length,
-        device_map={"": torch.cuda.current_device()},  # each data-parallel rank on its own GPU
+        **rank_device_map(),
     )
     set_pixel_budget(processor, cfg.data.min_pixels, cfg.data.max_pixels)
     return model, processor
