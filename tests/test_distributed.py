@@ -125,3 +125,17 @@ def test_the_effective_batch_must_divide_among_the_processes():
         per_rank_batch(8, 3)
     with pytest.raises(UserError, match="train.gradient_accumulation_steps 1 does not divide"):
         rank_accumulation(1, 2, micro=2)
+
+
+@pytest.mark.parametrize("sets, named", [
+    (["train.processes=3"], "train.processes (3) must divide train.gradient_accumulation_steps (2)"),
+    (["train.processes=3", "train.per_device_train_batch_size=auto", "train.effective_batch_size=8"],
+     "train.processes (3) must divide train.effective_batch_size (8)"),
+])
+def test_processes_that_do_not_divide_the_batch_stop_the_launch_in_one_line(sets, named, tiny_model_dir,
+                                                                              synth_data_dir, tmp_path):
+    """Before any rank (or pod) starts: the config itself is refused, exit 2."""
+    config = write_config(tmp_path / "bad.yaml", tiny_model_dir, synth_data_dir, "bad")
+    result = run_train("--config", str(config), *[a for s in sets for a in ("--set", s)])
+    assert result.returncode == 2 and named in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs" / "bad").exists()

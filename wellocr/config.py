@@ -427,6 +427,13 @@ def validate(cfg: Config, origins: dict[str, str], default_source: str) -> None:
         fail("lora.finetune_language_layers", "and lora.finetune_vision_layers are both false: nothing to train")
     if not (lora.finetune_attention_modules or lora.finetune_mlp_modules):
         fail("lora.finetune_attention_modules", "and lora.finetune_mlp_modules are both false: nothing to train")
+    if t.processes > 1:  # each data-parallel rank takes 1/N of the effective batch (wellocr.distributed)
+        auto = t.per_device_train_batch_size == "auto"
+        total, name = (t.effective_batch_size, "effective_batch_size") if auto else \
+            (t.gradient_accumulation_steps, "gradient_accumulation_steps")
+        if total % t.processes:
+            fail("train.processes", f"({t.processes}) must divide train.{name} ({total}): each rank takes 1/N of the "
+                                    "effective batch")
 
 
 def save_config(cfg: Config, path: Path) -> None:
