@@ -541,8 +541,9 @@ def test_skypilot_refuses_the_object_storage_job_without_a_remote(sky):
 @pytest.mark.parametrize("path", TASK_FILES, ids=[p.name for p in TASK_FILES])
 def test_extra_args_and_another_config_reach_the_trainer(sky, path, tmp_path):
     """What the local preemption drill relies on: WELLOCR_CONFIG and WELLOCR_EXTRA_ARGS select what runs."""
-    result = run_section(load_task(sky, path), tmp_path, env={
-        "WELLOCR_CONFIG": "configs/cpu_smoke.yaml", "WELLOCR_EXTRA_ARGS": "--set cost.budget_cap=3.5 --set seed=7"})
+    result = run_section(load_task(sky, path), tmp_path, env={  # on a one-GPU pod, as the drill runs it here
+        "WELLOCR_CONFIG": "configs/cpu_smoke.yaml", "WELLOCR_EXTRA_ARGS": "--set cost.budget_cap=3.5 --set seed=7",
+        "SKYPILOT_NUM_GPUS_PER_NODE": "1"})
     cfg = result.trainer_config()
     assert (cfg.model.backend, cfg.cost.budget_cap, cfg.train.seed) == ("hf", 3.5, 7)
 
