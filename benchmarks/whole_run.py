@@ -52,14 +52,21 @@ def overrides(args: Any, backend: str) -> list[str]:
             "run.compile_cache_dir": root / "compile-cache", "wandb.enabled": "false",
             "train.max_steps": args.whole_steps, "train.eval_steps": args.eval_every,
             "train.save_steps": args.eval_every}
-    if args.processes > 1 or args.micro:  # data-parallel scaling: a fixed micro-batch per GPU
-        sets.update({"train.processes": args.processes,
-                     "train.per_device_train_batch_size": args.micro or 8,
-                     "train.gradient_accumulation_steps": args.accumulation or args.processes})
+    fixed = fixed_sizes(args)
+    if fixed:  # data-parallel scaling: a fixed micro-batch per GPU
+        sets.update({"train.processes": args.processes, "train.per_device_train_batch_size": fixed[0],
+                     "train.gradient_accumulation_steps": fixed[1]})
     if args.tiny:  # CPU: seconds, not minutes
         sets.update({"data.min_pixels": width * height // 4, "data.dataloader_num_workers": 0,
                      "eval.max_new_tokens": 8, "eval.generation_samples": 2, "data.eval_subset": 2})
     return [item for key, value in sets.items() for item in ("--set", f"{key}={value}")]
+
+
+def fixed_sizes(args: Any) -> tuple[int, int] | None:
+    """(micro-batch per rank, accumulation overall) of a scaling run; None: the shipped config's auto."""
+    if args.processes > 1 or args.micro:
+        return args.micro or 8, args.accumulation or args.processes
+    return None
 
 
 def train(args: Any, backend: str, name: str, extra: list[str]) -> tuple[int, Path]:
@@ -121,14 +128,15 @@ def summarise(run: dict, attempt: dict, args: Any) -> dict[str, Any]:
     phases = attempt.get("phases", {})
     sizes = run.get("adapted_batch") or run.get("auto_batch") or {}
     effective = sizes.get("per_device_train_batch_size", 0) * sizes.get("gradient_accumulation_steps", 0)
-    if not sizes and (args.processes > 1 or args.micro):  # fixed sizes: micro x accumulation, all ranks together
-        effective = (args.micro or 8) * (args.accumulation or args.processes)
+    fixed = fixed_sizes(args)
+    if not sizes and fixed:  # micro x accumulation: all ranks together
+        effective = fixed[0] * fixed[1]
     step_s = attempt.get("median_step_s")
     peaks = {name: {k: phases[name].get(k) for k in ("peak_reserved_gib", "peak_allocated_gib")}
              for name in PHASES if name in phases}
     after_eval = [s for before, s in attempt.get("first_step_after", []) if before in ("eval_loss", "generation")]
     batch = (f"{sizes['per_device_train_batch_size']}x{sizes['gradient_accumulation_steps']}" if sizes else
-             f"{args.micro or 8}x{(args.accumulation or args.processes) // args.processes} x {args.processes} ranks")
+             f"{fixed[0]}x{fixed[1] // args.processes} x {args.processes} ranks" if fixed else "not recorded")
     out = {"auto_batch": run.get("auto_batch"), "adapted_batch": run.get("adapted_batch"), "batch": batch,
            "effective_batch": effective, "peaks": peaks,
            "max_reserved_gib": max((p["peak_reserved_gib"] for p in peaks.values() if p["peak_reserved_gib"]),

@@ -81,11 +81,16 @@ def memory_cap(budget_gb: float | None, device: int = 0) -> Iterator[float | Non
         torch.cuda.set_per_process_memory_fraction(previous, device)
 
 
-def default_budget_gb(device: int = 0) -> float:
-    """What this process may use of the GPU (its per-process fraction of the memory) minus HEADROOM, in GiB."""
+def process_memory_gb(device: int = 0) -> float:
+    """What this process may use of the GPU, GiB: its per-process fraction of it (a WELLOCR_GPU_MEMORY_GB cap)."""
     getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     fraction = getter(device) if getter is not None else 1.0
-    return torch.cuda.get_device_properties(device).total_memory * fraction / GIB * (1 - HEADROOM)
+    return torch.cuda.get_device_properties(device).total_memory * fraction / GIB
+
+
+def default_budget_gb(device: int = 0) -> float:
+    """What this process may use of the GPU minus HEADROOM, in GiB."""
+    return process_memory_gb(device) * (1 - HEADROOM)
 
 
 def cap_process_memory(environ: dict | None = None) -> float | None:

@@ -26,6 +26,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from wellocr.checkpoint import RetentionPolicy, mark_complete
+from wellocr.distributed import across_ranks, barrier
 from wellocr.ledger import WARN_FRACTION, CostLedger, budget_exhausted, process_start_time
 from wellocr.phases import PhaseMonitor
 from wellocr.preemption import SIGTERM_GRACE_S, StopState
@@ -148,7 +149,7 @@ class CheckpointCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        _barrier()  # data-parallel ranks: every rank has written its part (its RNG state) of the checkpoint
+        barrier()  # data-parallel ranks: every rank has written its part (its RNG state) of the checkpoint
         if not state.is_world_process_zero:
             return control
         path = self.run_dir / f"checkpoint-{state.global_step}"
@@ -185,15 +186,8 @@ class AgreeToStop(TrainerCallback):
         return self._agree(control, save=False)
 
     def _agree(self, control, save: bool):
-        import torch
-
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return control
-        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-        flags = torch.tensor([int(self.stop.reason is not None), int(control.should_training_stop),
-                              int(save and control.should_save)], device=device)
-        torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX)
-        requested, end, save_now = (bool(v) for v in flags.tolist())
+        requested, end, save_now = (bool(v) for v in across_ranks(
+            [int(self.stop.reason is not None), int(control.should_training_stop), int(save and control.should_save)]))
         if requested and self.stop.reason is None:  # a SIGTERM, the budget or the rehearsal on another rank
             self.stop.request("peer", "another rank stopped")
         if requested or end:
@@ -203,13 +197,6 @@ class AgreeToStop(TrainerCallback):
         if save and save_now:
             control.should_save = True
         return control
-
-
-def _barrier() -> None:
-    import torch
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 class RehearsalCallback(TrainerCallback):

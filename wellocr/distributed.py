@@ -11,7 +11,8 @@ failed rank, which is not the exit code the managed job must see (75 relaunches 
 
 The effective batch (samples per optimizer step) is the run's, whatever N is: each rank takes 1/N of it, so a
 recovery onto fewer GPUs continues the same trajectory in expectation (the data order differs: each rank draws
-every N-th micro-batch of the sampler). Imports no torch: stage 1 must not.
+every N-th micro-batch of the sampler). Imports no torch at module level: stage 1 must not; the collectives the
+ranks share (`across_ranks`, `barrier`) import it when called.
 """
 
 from __future__ import annotations
@@ -89,6 +90,26 @@ def rank_outcome(run: Any, attempt: int) -> Outcome | None:
             o = entry["rank_outcome"]
             return Outcome(o["reason"], o["code"], o.get("step"))
     return None
+
+
+def across_ranks(values: list[int], op: str = "max") -> list[int]:
+    """`values` combined element-wise over every rank (max or min); the values themselves in one process."""
+    import torch
+
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    tensor = torch.tensor(values, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+    return [int(v) for v in tensor.tolist()]
+
+
+def barrier() -> None:
+    """Every rank gets here before any goes on (nothing in one process)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def read_request(run_dir: Path) -> dict:

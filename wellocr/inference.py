@@ -191,6 +191,9 @@ def score_rows(model: Any, processor: Any, cfg: Config, rows: list[dict], batch_
     """
     from tqdm.auto import tqdm
 
+    from wellocr.autobatch import is_oom
+    from wellocr.phases import release_cached_memory
+
     max_new_tokens = max_new_tokens or cfg.eval.max_new_tokens
     records: list[dict] = []
     seconds, new_tokens, hit_limit = 0.0, 0, 0
@@ -209,10 +212,10 @@ def score_rows(model: Any, processor: Any, cfg: Config, rows: list[dict], batch_
                 losses = per_sample_losses(model, processor, loss_examples(images, instructions, answers),
                                            batch_size, backend=backend)
             except Exception as exc:  # noqa: BLE001 - only CUDA out-of-memory is handled, the rest re-raised
-                if not (shrink_on_oom and batch_size > 1 and _is_oom(exc)):
+                if not (shrink_on_oom and batch_size > 1 and is_oom(exc)):
                     raise
                 batch_size //= 2
-                _release_memory()
+                release_cached_memory()
                 print(f"wellocr: CUDA out of memory in evaluation; generating {batch_size} rows at a time", flush=True)
                 continue
             predictions, counts = predictions[:len(batch)], counts[:len(batch)]
@@ -236,18 +239,6 @@ def score_rows(model: Any, processor: Any, cfg: Config, rows: list[dict], batch_
         "hit_max_new_tokens": hit_limit,
     }
     return records, generation
-
-
-def _is_oom(exc: BaseException) -> bool:
-    from wellocr.autobatch import is_oom
-
-    return is_oom(exc)
-
-
-def _release_memory() -> None:
-    from wellocr.phases import release_cached_memory
-
-    release_cached_memory()
 
 
 def compiles_per_batch_size(backend: Backend) -> bool:

@@ -49,10 +49,8 @@ class PhaseMonitor:
     def switch(self, name: str | None) -> None:
         now = time.perf_counter()
         if self.current is not None:
-            entry = self.phases.setdefault(self.current, {"seconds": 0.0, "count": 0, "seconds_each": []})
-            entry["seconds"] += now - self.started
-            entry["count"] += 1
-            entry["seconds_each"].append(round(now - self.started, 2))
+            entry = self.phases.setdefault(self.current, {"durations": []})
+            entry["durations"].append(now - self.started)
             if self.cuda:
                 torch.cuda.synchronize()
                 entry["peak_reserved_gib"] = max(entry.get("peak_reserved_gib", 0.0),
@@ -85,7 +83,10 @@ class PhaseMonitor:
         """run.json's `phases`: per phase seconds, count, peaks (GiB, rounded); the median step interval."""
         out: dict[str, Any] = {}
         for name, entry in self.phases.items():
-            out[name] = {k: round(v, 2) if isinstance(v, float) else v for k, v in entry.items()}
+            durations = entry["durations"]
+            out[name] = {"seconds": round(sum(durations), 2), "count": len(durations),
+                         "seconds_each": [round(d, 2) for d in durations],
+                         **{k: round(v, 2) for k, v in entry.items() if k != "durations"}}
         median = self.median_step_s()
         return {"phases": out, "median_step_s": round(median, 4) if median else None,
                 "timed_steps": len(self.step_intervals), "first_step_after": self.first_steps}

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from wellocr.checkpoint import atomic_path, write_text_atomic
 from wellocr.errors import UserError
-from wellocr.synthetic import SCHEMA, split_path
+from wellocr.synthetic import SCHEMA, card_header, split_path
 
 FILE_COLUMNS = ("file_name", "file", "filename", "image", "path")
 ANSWER_COLUMNS = ("answer", "text")
@@ -313,18 +313,9 @@ def _write(out_dir: Path, splits: dict[str, list[dict]], images_dir: Path, label
 
 def _readme(splits: dict[str, list[dict]], images_dir: Path, labels_file: Path, eval_fraction: float,
             seed: int) -> str:
-    split_configs = "".join(f"  - split: {name}\n    path: data/{name}-*\n" for name in splits)
     split_lines = "\n".join(f"- `{name}`: {len(rows)} rows" for name, rows in splits.items())
     return (
-        "---\n"
-        "task_categories:\n- image-to-text\n"
-        "tags:\n- ocr\n- well-logs\n"
-        "configs:\n- config_name: default\n  data_files:\n" + split_configs +
-        "dataset_info:\n  features:\n"
-        "  - name: image_base64\n    dtype: string\n"
-        "  - name: instruction\n    dtype: string\n"
-        "  - name: answer\n    dtype: string\n"
-        "---\n\n"
+        card_header(splits) +
         "# Well-log headers\n\n"
         f"Made by `python -m wellocr.prepare` from the scans in `{images_dir.name}/` and the labels in "
         f"`{labels_file.name}` (the first page of a multi-page scan), shuffled with seed {seed} and split "

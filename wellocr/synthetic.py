@@ -844,20 +844,23 @@ def _write_split(path: Path, split: str, count: int, seed: int, difficulty: floa
         write_text_atomic(words_file, "".join(word_lines))
 
 
+def card_header(splits, tags: tuple[str, ...] = ("ocr", "well-logs"), pretty_name: str | None = None) -> str:
+    """A data set card's YAML header in the project's layout: each split's parquet files (the `configs` block is
+    what keeps `eval` a split of its own: without it `datasets` maps a file named `eval*` to the split `test`) and
+    SCHEMA's columns. `wellocr.synth` and `wellocr.prepare` both write it."""
+    split_configs = "".join(f"  - split: {split}\n    path: data/{split}-*\n" for split in splits)
+    features = "".join(f"  - name: {column.name}\n    dtype: string\n" for column in SCHEMA)
+    return ("---\n" + (f"pretty_name: {pretty_name}\n" if pretty_name else "") +
+            "task_categories:\n- image-to-text\n"
+            "tags:\n" + "".join(f"- {tag}\n" for tag in tags) +
+            "configs:\n- config_name: default\n  data_files:\n" + split_configs +
+            "dataset_info:\n  features:\n" + features + "---\n\n")
+
+
 def _readme(counts: dict[str, int], seed: int, difficulty: float, width: int, image_format: str) -> str:
-    split_configs = "".join(f"  - split: {split}\n    path: data/{split}-*\n" for split in counts)
     split_lines = "\n".join(f"- `{split}`: {count} rows" for split, count in counts.items())
     return (
-        "---\n"
-        "pretty_name: Synthetic well-log headers (OCR)\n"
-        "task_categories:\n- image-to-text\n"
-        "tags:\n- synthetic\n- ocr\n- well-logs\n"
-        "configs:\n- config_name: default\n  data_files:\n" + split_configs +
-        "dataset_info:\n  features:\n"
-        "  - name: image_base64\n    dtype: string\n"
-        "  - name: instruction\n    dtype: string\n"
-        "  - name: answer\n    dtype: string\n"
-        "---\n\n"
+        card_header(counts, ("synthetic", "ocr", "well-logs"), "Synthetic well-log headers (OCR)") +
         "# Synthetic well-log headers\n\n"
         "**Synthetic data**, made by `wellocr.synth`: rendered images of the header block of a scanned paper "
         "well log, with invented but plausible values. It follows the schema of "

@@ -27,7 +27,14 @@ from transformers import EarlyStoppingCallback
 from trl import SFTConfig
 
 from wellocr.artifacts import eval_dir_name
-from wellocr.autobatch import AutoBatchError, choose_micro_batch, is_oom, training_probe, worst_case_rows
+from wellocr.autobatch import (
+    AutoBatchError,
+    choose_micro_batch,
+    is_oom,
+    process_memory_gb,
+    training_probe,
+    worst_case_rows,
+)
 from wellocr.bootstrap import StartupTimer
 from wellocr.callbacks import (
     AgreeToStop,
@@ -47,7 +54,7 @@ from wellocr.checkpoint import (
 )
 from wellocr.config import Config
 from wellocr.data import Split, enforce_max_length, load_splits, trainer_dataset
-from wellocr.distributed import per_rank_batch, rank_accumulation
+from wellocr.distributed import across_ranks, barrier, per_rank_batch, rank_accumulation
 from wellocr.errors import UserError
 from wellocr.inference import (
     evaluate_model,
@@ -117,7 +124,7 @@ def run(a: Attempt) -> Outcome:
         run_dir.update_attempt(a.number, start_step=start_step, hardware=hardware(), processes=a.world)
         ledger = CostLedger.open(run_dir.cost_file, billed_for(cfg.cost, a), a.number, start_step=start_step)
     over_budget = budget_exhausted(ledger, cfg.cost) if ledger is not None else None
-    if agreed(bool(over_budget)):
+    if across_ranks([int(bool(over_budget))])[0]:
         print(f"wellocr: {over_budget or 'the budget cap is reached'}", flush=True)
         return Outcome("budget", EXIT_OK, start_step)
     tracker = Tracker(cfg, run_dir, a.wandb_mode)
@@ -165,31 +172,6 @@ def join_process_group(backend: Backend, local_rank: int) -> None:
     if backend.device == "cuda":
         torch.cuda.set_device(local_rank)
     torch.distributed.init_process_group("nccl" if backend.device == "cuda" else "gloo")
-
-
-def agreed(flag: bool, op: str = "max") -> bool:
-    """`flag` from every rank combined (any, or with op "min": all); the flag itself in one process."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([int(flag)], device=device)
-    reduce = torch.distributed.ReduceOp
-    torch.distributed.all_reduce(value, reduce.MAX if op == "max" else reduce.MIN)
-    return bool(value.item())
-
-
-def smallest_on_any_rank(value: int) -> int:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor([value], device=device)
-    torch.distributed.all_reduce(tensor, torch.distributed.ReduceOp.MIN)
-    return int(tensor.item())
-
-
-def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def billed_for(cost_cfg: Any, a: Attempt) -> Any:
@@ -465,7 +447,7 @@ def batch_sizes(cfg: Config, run: RunDir, backend: Backend, make_probe_trainer: 
     finally:
         probe = None
         gc.collect()
-    micro = smallest_on_any_rank(micro)
+    micro = across_ranks([micro], op="min")[0]
     accumulation = effective // micro
     sizes = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": accumulation}
     if main:
@@ -480,13 +462,8 @@ def device_for_batch(backend: Backend) -> str:
     """What the auto batch choice depends on: the GPU's name and the memory this process may use."""
     if backend.device != "cuda":
         return backend.device
-    from wellocr.autobatch import GIB
-
     device = torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(device)
-    fraction = torch.cuda.get_per_process_memory_fraction(device) \
-        if hasattr(torch.cuda, "get_per_process_memory_fraction") else 1.0
-    return f"{props.name}, {props.total_memory * fraction / GIB:.1f} GiB"
+    return f"{torch.cuda.get_device_properties(device).name}, {process_memory_gb(device):.1f} GiB"
 
 
 def save_final(trainer: Any, run: RunDir, step: int, main: bool = True) -> Path:
