@@ -1068,6 +1068,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--accumulation", type=int, default=0,
                    help="--whole-run with --micro: accumulation overall (default: --processes)")
     p.add_argument("--project-every", type=int, default=50, help="--whole-run: its evaluation interval")
+    p.add_argument("--no-restart", action="store_true", help="--whole-run: the run only, no restart after it")
+    p.add_argument("--whole-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="--whole-run: one more config override of the run (repeatable)")
     p.add_argument("--worker", choices=("build", "quantize", "hf", "unsloth"), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--launched-at", type=float, default=0.0, help=argparse.SUPPRESS)

@@ -59,6 +59,7 @@ def overrides(args: Any, backend: str) -> list[str]:
     if args.tiny:  # CPU: seconds, not minutes
         sets.update({"data.min_pixels": width * height // 4, "data.dataloader_num_workers": 0,
                      "eval.max_new_tokens": 8, "eval.generation_samples": 2, "data.eval_subset": 2})
+    sets.update(item.split("=", 1) for item in args.whole_set)
     return [item for key, value in sets.items() for item in ("--set", f"{key}={value}")]
 
 
@@ -114,6 +115,8 @@ def measure(args: Any, backend: str, report: dict) -> dict[str, Any]:
     out["eval_oom_shrinks"] = text.count("CUDA out of memory in evaluation")
     out["memory_line"] = next((line for line in text.splitlines() if line.startswith("peak ")), None)
     write_json(Path(args.out), report)
+    if args.no_restart:
+        return out
     code, log = train(args, backend, "restart", ["--resume-latest", "--set", f"train.max_steps={args.whole_steps + 1}",
                                                  "--set", "eval.max_new_tokens=8", "--set",
                                                  "eval.generation_samples=0"])
@@ -209,4 +212,4 @@ def print_table(report: dict) -> None:
         print("| " + " | ".join(map(str, [
             backend, m["batch"],
             "yes" if m["fallback"] else "no", *peaks, m["samples_per_s"], projection.get("overhead"),
-            m["restart"]["to_first_step_s"]])) + " |")
+            m.get("restart", {}).get("to_first_step_s", "-")])) + " |")
