@@ -1102,6 +1102,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--batch, --steps, --warmup and --repeats must be >= 1 (step 1, with compilation, is never timed)")
     if args.peak_tflops <= 0:
         p.error("--peak-tflops must be > 0")
+    if args.whole_run and args.eval_every > args.whole_steps:  # the config refuses it, after model and data are built
+        p.error(f"--eval-every {args.eval_every} exceeds --whole-steps {args.whole_steps}: the run evaluates and saves "
+                "every --eval-every steps; use at most --whole-steps")
+    if any("=" not in item for item in args.whole_set):
+        p.error(f"--whole-set expects KEY=VALUE, got {', '.join(i for i in args.whole_set if '=' not in i)}")
     if args.resume_profile and not args.worker and importlib.util.find_spec("pyinstrument") is None:
         p.error("--resume-profile needs pyinstrument: pip install pyinstrument")
     return args

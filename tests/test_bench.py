@@ -33,6 +33,13 @@ def test_summary_and_bad_arguments():
         bench.parse_args(["--peak-tflops", "0"])
     with pytest.raises(SystemExit):  # no wall-clock budget: the bench runs every phase asked for
         bench.parse_args(["--budget-s", "500"])
+    with pytest.raises(SystemExit):  # the run's config would refuse it only after the model and data were built
+        bench.parse_args(["--whole-run", "--whole-steps", "2", "--eval-every", "100"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--whole-run", "--whole-set", "eval.max_new_tokens"])
+    args = bench.parse_args(["--whole-run", "--whole-steps", "12", "--eval-every", "12", "--whole-set",
+                             "eval.max_new_tokens=8"])
+    assert args.whole_set == ["eval.max_new_tokens=8"] and args.no_restart is False
 
 
 def test_resume_env_option():
@@ -200,3 +207,17 @@ def test_whole_run_mode_runs_the_shipped_config_through_the_entry_point(tiny_mod
     assert m["memory_line"].startswith("peak process memory")
     assert m["restart"]["exit_code"] == 0 and m["restart"]["to_first_step_s"] > 0
     assert "| hf | 2x4 | no |" in result.stdout
+
+
+def test_generation_profile_runs_the_evaluation_generation_path(tiny_model_dir, synth_data_dir):
+    """benchmarks/generation_profile.py (docs/BENCHMARKS.md's decode profile) on CPU: every decode step after the
+    prompt feeds one token and reuses the cache, and the profile table is printed."""
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "generation_profile.py"), "hf",
+                             str(tiny_model_dir), str(synth_data_dir)], capture_output=True, text=True, timeout=300,
+                            cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "33 forward calls" in result.stdout and "129 forward calls" in result.stdout
+    summary = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    assert summary["rows"] >= 2 and summary["seconds"]["129"] > 0
+    assert ", 1, 128), True, 'DynamicCache')" in result.stdout  # a one-token decode step on the cache
+    assert "Self CPU time total" in result.stdout
