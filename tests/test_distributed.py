@@ -110,6 +110,7 @@ def test_sigterm_stops_every_rank_at_one_step_with_one_checkpoint_and_exit_75(ti
     assert saved is not None and checkpoints == [saved.name] and 1 <= int(saved.name.split("-")[1]) < 60
     attempt = RunDir(run_dir).read()["attempts"][0]
     assert attempt["exit_reason"] == "preempted" and attempt["rank_outcome"]["step"] == int(saved.name.split("-")[1])
+    assert attempt["processes"] == 2 and attempt["precision"] == "fp32"  # CPU: fp32 (bf16 from compute capability 8.0)
     # rank 1 stopped at the same step: rank 0's save waits for every rank, so a rank that went on would have hung
 
     step = int(saved.name.split("-")[1])  # relaunched on two ranks again: both load the checkpoint's state

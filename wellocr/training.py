@@ -121,7 +121,8 @@ def run(a: Attempt) -> Outcome:
     resume_from, start_step = resume_point(a)
     ledger = None
     if a.main:
-        run_dir.update_attempt(a.number, start_step=start_step, hardware=hardware(), processes=a.world)
+        run_dir.update_attempt(a.number, start_step=start_step, hardware=hardware(), processes=a.world,
+                               precision=a.precision)
         ledger = CostLedger.open(run_dir.cost_file, billed_for(cfg.cost, a), a.number, start_step=start_step)
     over_budget = budget_exhausted(ledger, cfg.cost) if ledger is not None else None
     if across_ranks([int(bool(over_budget))])[0]:
