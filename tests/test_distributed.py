@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,8 +22,8 @@ import pytest
 import yaml
 
 from conftest import REPO, run_train, smoke_settings
-from wellocr.checkpoint import latest_complete_checkpoint
-from wellocr.distributed import per_rank_batch, rank_accumulation
+from wellocr.checkpoint import latest_complete_checkpoint, read_marker
+from wellocr.distributed import Cluster, per_rank_batch, rank_accumulation
 from wellocr.errors import UserError
 from wellocr.rundir import RunDir
 
@@ -132,6 +134,8 @@ def test_the_effective_batch_must_divide_among_the_processes():
     (["train.processes=3"], "train.processes (3) must divide train.gradient_accumulation_steps (2)"),
     (["train.processes=3", "train.per_device_train_batch_size=auto", "train.effective_batch_size=8"],
      "train.processes (3) must divide train.effective_batch_size (8)"),
+    (["train.processes=2", "train.nodes=3"],
+     "train.processes (2) x train.nodes (3) = 6 must divide train.gradient_accumulation_steps (2)"),
 ])
 def test_processes_that_do_not_divide_the_batch_stop_the_launch_in_one_line(sets, named, tiny_model_dir,
                                                                               synth_data_dir, tmp_path):
@@ -140,3 +144,99 @@ def test_processes_that_do_not_divide_the_batch_stop_the_launch_in_one_line(sets
     result = run_train("--config", str(config), *[a for s in sets for a in ("--set", s)])
     assert result.returncode == 2 and named in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_a_cluster_reads_its_place_from_skypilot():
+    ips = "10.0.0.5\n10.0.0.6\n"
+    cluster = Cluster.from_env(2, {"SKYPILOT_NODE_RANK": "1", "SKYPILOT_NODE_IPS": ips})
+    assert (cluster.rank, cluster.master, cluster.port, cluster.head) == (1, "10.0.0.5", 29500, False)
+    assert cluster.torchrun_args(4) == ["--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.5",
+                                        "--master_port=29500", "--nproc_per_node=4"]
+    assert Cluster.from_env(1, {}).torchrun_args(2) == ["--standalone", "--nproc_per_node=2"]
+    with pytest.raises(UserError, match="SKYPILOT_NODE_RANK and SKYPILOT_NODE_IPS are not set"):
+        Cluster.from_env(2, {})
+    with pytest.raises(UserError, match="SKYPILOT_NODE_IPS lists 2 node"):
+        Cluster.from_env(3, {"SKYPILOT_NODE_RANK": "0", "SKYPILOT_NODE_IPS": ips})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_nodes(config: Path, outputs: list[Path], bucket: Path, logs: Path, *sets: str) -> list[str]:
+    """`python -m wellocr.train` on each "node" at once, as a num_nodes task runs its `run:` section: own disk
+    (run.output_dir), one bucket, SkyPilot's node variables; returns each node's output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SKYPILOT_NUM_NODES": str(len(outputs)),
+           "SKYPILOT_NODE_IPS": "\n".join(["127.0.0.1"] * len(outputs)), "WELLOCR_MASTER_PORT": str(free_port())}
+    procs = []
+    for rank, output in enumerate(outputs):
+        with open(logs / f"node{rank}.log", "w") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "wellocr.train", "--config", str(config), "--resume-latest",
+                 "--set", f"run.output_dir={output}", "--set", f"checkpoint.remote=file://{bucket}",
+                 "--set", f"train.nodes={len(outputs)}", *[a for s in sets for a in ("--set", s)]],
+                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**env, "SKYPILOT_NODE_RANK": str(rank)}))
+    codes = [proc.wait(timeout=400) for proc in procs]
+    texts = [(logs / f"node{rank}.log").read_text() for rank in range(len(outputs))]
+    assert codes == [0] * len(outputs), "\n----\n".join(t[-2500:] for t in texts)
+    return texts
+
+
+def test_two_machines_train_one_run_and_a_new_machine_resumes_it_from_the_bucket(reference, tiny_model_dir,
+                                                                                 synth_data_dir, tmp_path):
+    """`train.nodes: 2` (one rank each, gloo): the same trajectory as one process, one writer (node 0: checkpoints,
+    final/, ledger, uploads); then both relaunched, node 1 on an empty disk, resume from the bucket's checkpoint."""
+    config = write_config(tmp_path / "nodes.yaml", tiny_model_dir, synth_data_dir, "nodes")
+    bucket, node0, node1 = tmp_path / "bucket", tmp_path / "node0", tmp_path / "node1"
+    texts = run_nodes(config, [node0, node1], bucket, tmp_path)
+    assert "--nnodes=2 --node_rank=1" in texts[1] and "node 1 of 2: done" in texts[1]
+    run0, run1 = node0 / "nodes", node1 / "nodes"
+    assert losses(run0, "checkpoint-6") == pytest.approx(losses(reference, "checkpoint-6"), rel=1e-5)
+    assert latest_complete_checkpoint(run1) is None and not (run1 / "final").exists()  # node 0 writes, once
+    assert not (run1 / "cost.json").exists()
+    stored = RunDir(bucket / "nodes").read()
+    assert [a["attempt"] for a in stored["attempts"]] == [1] and stored["attempts"][0]["processes"] == 2
+    assert (bucket / "nodes" / "final").is_dir() and (bucket / "nodes" / "eval" / "final" / "metrics.json").is_file()
+
+    shutil.rmtree(node1)  # node 1 is a new machine: an empty disk
+    texts = run_nodes(config, [node0, node1], bucket, tmp_path, "train.max_steps=7")
+    assert "resuming from checkpoint-6" in texts[0] and "resuming from checkpoint-6" in texts[1]
+    assert read_marker(run0 / "final")["step"] == 7
+    segments = json.loads((bucket / "nodes" / "cost.json").read_text())["segments"]
+    assert len(segments) == 2  # one ledger, both attempts, written by node 0 alone
+
+
+AGREE = """
+import os, sys, json
+from pathlib import Path
+import torch.distributed as dist
+from wellocr.rundir import RunDir
+from wellocr.training import Attempt, common_resume_point
+from wellocr.checkpoint import latest_complete_checkpoint, checkpoint_step
+dist.init_process_group("gloo")
+run = RunDir(Path(sys.argv[1]))
+newest = latest_complete_checkpoint(run.path)
+a = Attempt.__new__(Attempt)
+a.run = run
+resume, step = common_resume_point(a, newest, checkpoint_step(newest) if newest else 0)
+print(json.dumps({"resume": resume.name if resume else None, "step": step}))
+"""
+
+
+def test_machines_whose_newest_checkpoints_differ_all_resume_from_the_one_every_machine_has(reference, tmp_path):
+    """Node 0 kept a newer checkpoint than the bucket gave node 1 (an upload cut short): both take the older."""
+    disks = [tmp_path / "a" / "run", tmp_path / "b" / "run"]
+    for disk, names in zip(disks, (["checkpoint-3", "checkpoint-6"], ["checkpoint-3"])):
+        for name in names:
+            shutil.copytree(reference / name, disk / name)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", AGREE, str(disk)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**env, "RANK": str(rank)})
+             for rank, disk in enumerate(disks)]
+    results = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), results
+    picks = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
+    assert picks == [{"resume": "checkpoint-3", "step": 3}] * 2
+    assert "the newest every machine has (this one has step 6)" in results[0][0]

@@ -432,6 +432,23 @@ def test_the_multi_cloud_job_fails_over_across_clouds_the_others_stay_on_runpod(
             ("runpod", "RTX4090")]
 
 
+def test_the_multi_node_job_names_clouds_with_multi_node_clusters_and_gives_the_trainer_its_place(sky, tmp_path):
+    """sky/train_r16_multinode.yaml: two machines on GCP or AWS (SkyPilot's own feature check refuses num_nodes 2 on
+    RunPod: why the file names no RunPod entry), and every node's trainer learns the node count and its GPUs."""
+    path = SKY_DIR / "train_r16_multinode.yaml"
+    task = load_task(sky, path)
+    assert task.num_nodes == 2 and sorted(str(r.cloud).lower() for r in task.resources) == ["aws", "gcp"]
+    on_runpod = path.read_text().replace("infra: gcp", "infra: runpod").replace("L4:1", "RTX4090:1")
+    with pytest.raises(sky.exceptions.NotSupportedError, match="[Mm]ulti-node"):
+        cloud_feature_check(load_task(sky, write_task(tmp_path, on_runpod)))
+    result = run_section(task, tmp_path, env={"SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_RANK": "1",
+                                              "SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.6",
+                                              "SKYPILOT_NUM_GPUS_PER_NODE": "1"})
+    cfg = result.trainer_config()
+    assert (cfg.train.nodes, cfg.train.processes, cfg.train.per_device_train_batch_size) == (2, 1, 8)
+    assert result.trainer_env()["SKYPILOT_NODE_RANK"] == "1"
+
+
 @pytest.mark.parametrize("cloud_gpu", sorted(CLOUD_GPUS), ids=lambda p: "-".join(p))
 def test_every_listed_gpu_qualifies_in_its_clouds_catalog_rows(cloud_gpu):
     """>= 22 GB, bf16 (compute capability >= 8.0), a spot price in every checked-in row of SkyPilot's catalog."""

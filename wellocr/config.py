@@ -131,6 +131,8 @@ class TrainConfig(_Section):
     effective_batch_size: Int = _f(8, "samples per optimizer step when per_device_train_batch_size is auto", gt=0)
     processes: Int = _f(1, "data-parallel processes on this machine, one per GPU (gloo on CPU); > 1 runs them under "
                            "torchrun, each with 1/N of the effective batch", gt=0)
+    nodes: Int = _f(1, "machines of a multi-node cluster, each running train.processes ranks (SkyPilot's "
+                       "SKYPILOT_NUM_NODES); the ranks of all of them share the effective batch", gt=0)
     per_device_eval_batch_size: Int = _f(2, "eval batch size", gt=0)
     gradient_accumulation_steps: Int = _f(4, "micro-batches per optimizer step", gt=0)
     warmup_steps: Int = _f(5, "linear warm-up steps", ge=0)
@@ -225,6 +227,7 @@ def all_keys() -> dict[str, FieldInfo]:
 MUTABLE_ON_RESUME = frozenset(
     {
         "train.max_steps", "train.eval_steps", "train.save_steps", "train.logging_steps", "train.processes",
+        "train.nodes",
         "train.early_stopping_patience", "train.early_stopping_threshold",
         "data.dataset_num_proc", "data.dataloader_num_workers",
         "model.build_tiny_if_missing", "data.build_synthetic_if_missing",
@@ -427,12 +430,14 @@ def validate(cfg: Config, origins: dict[str, str], default_source: str) -> None:
         fail("lora.finetune_language_layers", "and lora.finetune_vision_layers are both false: nothing to train")
     if not (lora.finetune_attention_modules or lora.finetune_mlp_modules):
         fail("lora.finetune_attention_modules", "and lora.finetune_mlp_modules are both false: nothing to train")
-    if t.processes > 1:  # each data-parallel rank takes 1/N of the effective batch (wellocr.distributed)
+    ranks = t.processes * t.nodes
+    if ranks > 1:  # each data-parallel rank takes 1/N of the effective batch (wellocr.distributed)
         auto = t.per_device_train_batch_size == "auto"
         total, name = (t.effective_batch_size, "effective_batch_size") if auto else \
             (t.gradient_accumulation_steps, "gradient_accumulation_steps")
-        if total % t.processes:
-            fail("train.processes", f"({t.processes}) must divide train.{name} ({total}): each rank takes 1/N of the "
+        if total % ranks:
+            count = f"({t.processes})" if t.nodes == 1 else f"({t.processes}) x train.nodes ({t.nodes}) = {ranks}"
+            fail("train.processes", f"{count} must divide train.{name} ({total}): each rank takes 1/N of the "
                                     "effective batch")
 
 

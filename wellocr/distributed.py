@@ -9,6 +9,13 @@ evaluations and the report. The launcher forwards a SIGTERM to the ranks, which 
 (`wellocr.callbacks.AgreeToStop`), and reads rank 0's outcome from run.json: torchrun itself exits 1 for any
 failed rank, which is not the exit code the managed job must see (75 relaunches it).
 
+Several machines (`train.nodes: M`, a SkyPilot task with `num_nodes: M`): every node runs `python -m wellocr.train`
+and stage 1 there restores the run from the bucket like a single machine does, then starts its torchrun with
+`--nnodes M --node_rank R` against node 0's address (`Cluster`, from SKYPILOT_NODE_RANK and SKYPILOT_NODE_IPS). Node
+0 is the run's voice: its global rank 0 writes checkpoints (`save_on_each_node` off), uploads and the ledger; the
+other nodes upload nothing and exit with their own ranks' outcome (an agreed stop is 75 on every node). Their rng
+states stay on their disks, so a resumed multi-node run reseeds those ranks (transformers warns once per rank).
+
 The effective batch (samples per optimizer step) is the run's, whatever N is: each rank takes 1/N of it, so a
 recovery onto fewer GPUs continues the same trajectory in expectation (the data order differs: each rank draws
 every N-th micro-batch of the sampler). Imports no torch at module level: stage 1 must not; the collectives the
@@ -23,6 +30,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +40,44 @@ from wellocr.errors import UserError
 from wellocr.outcome import EXIT_ERROR, Outcome
 
 REQUEST = ".ranks.json"  # what stage 1 hands the ranks: attempt, resume, flags
+MASTER_PORT_ENV = "WELLOCR_MASTER_PORT"  # node 0's rendezvous port (default 29500, torchrun's)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """This machine's place in the job: node `rank` of `nodes`, and where node 0 listens."""
+
+    nodes: int = 1
+    rank: int = 0
+    master: str = "127.0.0.1"
+    port: int = 29500
+
+    @property
+    def head(self) -> bool:
+        """Node 0 speaks for the run: uploads, the ledger, the cost report."""
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, nodes: int, env: Mapping[str, str]) -> Cluster:
+        """`train.nodes` with what SkyPilot sets on each node of a `num_nodes` task."""
+        if nodes == 1:
+            return cls()
+        missing = [name for name in ("SKYPILOT_NODE_RANK", "SKYPILOT_NODE_IPS") if not env.get(name)]
+        if missing:
+            raise UserError(f"train.nodes is {nodes} but {' and '.join(missing)} "
+                            f"{'are' if len(missing) > 1 else 'is'} not set: SkyPilot sets them on "
+                            f"every node of a task with num_nodes: {nodes}; on one machine use train.nodes=1")
+        ips = env["SKYPILOT_NODE_IPS"].split()
+        if len(ips) != nodes:
+            raise UserError(f"train.nodes is {nodes} but SKYPILOT_NODE_IPS lists {len(ips)} node(s): pass the "
+                            "task's node count (--set train.nodes=$SKYPILOT_NUM_NODES)")
+        return cls(nodes, int(env["SKYPILOT_NODE_RANK"]), ips[0], int(env.get(MASTER_PORT_ENV) or 29500))
+
+    def torchrun_args(self, processes: int) -> list[str]:
+        if self.nodes == 1:
+            return ["--standalone", f"--nproc_per_node={processes}"]
+        return [f"--nnodes={self.nodes}", f"--node_rank={self.rank}", f"--master_addr={self.master}",
+                f"--master_port={self.port}", f"--nproc_per_node={processes}"]
 
 
 def per_rank_batch(effective: int, processes: int) -> int:
@@ -51,13 +98,16 @@ def rank_accumulation(accumulation: int, processes: int, micro: int) -> int:
     return accumulation // processes
 
 
-def launch(run: Any, processes: int, request: dict, stop: Any) -> Outcome:
-    """torchrun over `processes` ranks; its output goes through this process's console (the attempt log); a
-    SIGTERM seen by `stop` is passed on once; the outcome is rank 0's, from run.json."""
+def launch(run: Any, processes: int, request: dict, stop: Any, cluster: Cluster | None = None) -> Outcome:
+    """torchrun over this machine's `processes` ranks; its output goes through this process's console (the
+    attempt log); a SIGTERM seen by `stop` is passed on once; the outcome is the node's first rank's, from run.json
+    (on node 0: global rank 0's)."""
+    cluster = cluster or Cluster()
     write_json_atomic(run.path / REQUEST, request)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+    command = [sys.executable, "-m", "torch.distributed.run", *cluster.torchrun_args(processes),
                "-m", "wellocr.rank", str(run.path)]
-    print(f"wellocr: {processes} ranks: {' '.join(command[1:])}", flush=True)
+    where = f" on node {cluster.rank} of {cluster.nodes}" if cluster.nodes > 1 else ""
+    print(f"wellocr: {processes} rank{'s' if processes > 1 else ''}{where}: {' '.join(command[1:])}", flush=True)
     stop.in_training_loop = True  # a SIGTERM is recorded and forwarded, not raised here
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     pump = threading.Thread(target=_copy, args=(proc.stdout,), daemon=True)

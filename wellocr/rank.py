@@ -1,10 +1,11 @@
 """`python -m wellocr.rank RUN_DIR` — one rank of a data-parallel attempt; `python -m wellocr.train` starts N of
-them through torchrun when `train.processes` is N > 1 (see wellocr.distributed), never a user.
+them through torchrun when `train.processes` or `train.nodes` is > 1 (see wellocr.distributed), never a user.
 
 Each rank reads the run's saved config and the launcher's request, points the caches at the run's volume, imports
-the backend, joins the process group (NCCL on GPUs, each rank on its own; gloo on CPU) and runs stage 2. Rank 0
-records the outcome in run.json for the launcher (torchrun turns any failed rank into its own exit 1); a rank
-exits 0 after a normal end or a stop, and 1 otherwise, so that torchrun stops the ranks still waiting for it.
+the backend, joins the process group (NCCL on GPUs, each rank on its own; gloo on CPU) and runs stage 2. Each
+machine's first rank records its outcome in that machine's run.json for the launcher (torchrun turns any failed
+rank into its own exit 1); a rank exits 0 after a normal end or a stop, and 1 otherwise, so that torchrun stops the
+ranks still waiting for it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     request = read_request(run.path)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if rank > 0:  # rank 0 speaks for the attempt; the others keep their own log
+    if local > 0:  # each machine's first rank speaks on its console; the others keep their own log
         run.logs_dir.mkdir(parents=True, exist_ok=True)
         sys.stdout = sys.stderr = open(run.logs_dir / f"attempt-{request['attempt']}-rank{rank}.log", "a", buffering=1)
     stop = StopState()
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     outcome = guarded(attempt, stop)
     if remote is not None:
         remote.close(2.0 if outcome.reason == "preempted" else cfg.checkpoint.upload_timeout_s)
-    if rank == 0:
+    if local == 0:  # the machine's launcher reads it (on node 0: global rank 0's, the run's outcome)
         run.update_attempt(request["attempt"], rank_outcome={"reason": outcome.reason, "code": outcome.code,
                                                              "step": outcome.step})
     return 0 if outcome.code in (EXIT_OK, EXIT_PREEMPTED) else 1  # a failed rank: torchrun stops the others

@@ -44,6 +44,7 @@ from wellocr.config import (
     trajectory_differences,
     validate,
 )
+from wellocr.distributed import Cluster
 from wellocr.errors import UserError
 from wellocr.model import Backend
 from wellocr.outcome import (
@@ -306,12 +307,14 @@ class Claim:
     lock: RunLock
     done: str | None
     attempt: int | None
+    cluster: Cluster = Cluster()
 
 
 def claim_run(args: Request, command: list[str]) -> Claim:
     """Config and run directory resolved, the directory locked, the config saved, the attempt recorded."""
     refuse_an_empty_remote()
     cfg, run, how, remote = resolve_config(args)
+    cluster = Cluster.from_env(cfg.train.nodes, os.environ)
     try:
         run.create(run.path.name, how)
     except OSError as exc:
@@ -323,14 +326,14 @@ def claim_run(args: Request, command: list[str]) -> Claim:
         if job is not None:
             job.record(run)
         save_config(cfg, run.config_file)
-        if remote is not None:
+        if remote is not None and cluster.head:
             remote.upload_path(run.config_file)
         done = run_is_done(cfg, run)
         if done and not args.preflight_only:
             print(f"wellocr: run {run.path} is already done ({done}); nothing to do", flush=True)
-            if remote is None:
-                return Claim(cfg, run, remote, lock, done, None)
-        return Claim(cfg, run, remote, lock, done, run.start_attempt(command))
+            if remote is None or not cluster.head:
+                return Claim(cfg, run, remote, lock, done, None, cluster)
+        return Claim(cfg, run, remote, lock, done, run.start_attempt(command), cluster)
     except BaseException:
         lock.release()
         raise
@@ -341,6 +344,10 @@ def close_attempt(claim: Claim, outcome: Outcome, args: Request) -> Outcome:
     rehearsal, its verdict. Returns the outcome the process exits with."""
     run, remote = claim.run, claim.remote
     run.end_attempt(claim.attempt, exit_reason=outcome.reason, exit_code=outcome.code, step=outcome.step)
+    if not claim.cluster.head:  # uploads, the ledger and the report are node 0's
+        print(f"node {claim.cluster.rank} of {claim.cluster.nodes}: done; the run's checkpoints, ledger and cost "
+              "report are on node 0", flush=True)
+        return outcome
     if remote is not None:
         log_path = run.logs_dir / f"attempt-{claim.attempt}.log"
         outcome = sync_remote(claim.cfg, run, remote, outcome, log_path if log_path.is_file() else None)
@@ -371,10 +378,11 @@ def attempt_outcome(claim: Claim, args: Request, stop: StopState) -> Outcome:
         step = (read_marker(run.final_dir) or {}).get("step")
         run.update_attempt(claim.attempt, start_step=step)
         return Outcome("nothing-to-do", EXIT_OK, step)
-    return train(claim.cfg, run, args, stop, claim.attempt, claim.remote)
+    return train(claim.cfg, run, args, stop, claim.attempt, claim.remote, claim.cluster)
 
 
-def train(cfg: Config, run: RunDir, args: Request, stop: StopState, attempt: int, remote: Any) -> Outcome:
+def train(cfg: Config, run: RunDir, args: Request, stop: StopState, attempt: int, remote: Any,
+          cluster: Cluster) -> Outcome:
     """Stage 1 hands over to stage 2: caches and backend (bootstrap), assets, preflight, then the recipe."""
     timer = bootstrap.StartupTimer()
     backend = bootstrap.prepare(cfg, remote)  # the compile caches are set: torch may be imported from here on
@@ -384,12 +392,12 @@ def train(cfg: Config, run: RunDir, args: Request, stop: StopState, attempt: int
     check_gpu(cfg, report.model_config, report)
     if args.preflight_only:
         return Outcome("preflight-only", EXIT_OK)
-    if cfg.train.processes > 1:  # data-parallel: the ranks run stage 2 under torchrun
+    if cfg.train.processes > 1 or cluster.nodes > 1:  # data-parallel: the ranks run stage 2 under torchrun
         from wellocr import distributed
 
         return distributed.launch(run, cfg.train.processes, {
             "attempt": attempt, "resume": args.resume, "resume_latest": args.resume_latest,
-            "rehearse_preemption": args.rehearse_preemption, "wandb_mode": report.wandb_mode}, stop)
+            "rehearse_preemption": args.rehearse_preemption, "wandb_mode": report.wandb_mode}, stop, cluster)
     bootstrap.import_backend(backend, timer)  # Unsloth before transformers/TRL/PEFT
     from wellocr import training  # stage 2: ordinary top-level imports of torch, transformers, TRL
 

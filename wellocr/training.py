@@ -48,6 +48,7 @@ from wellocr.callbacks import (
 from wellocr.checkpoint import (
     RetentionPolicy,
     checkpoint_step,
+    incomplete_reason,
     latest_complete_checkpoint,
     mark_complete,
     remove_incomplete,
@@ -182,12 +183,33 @@ def billed_for(cost_cfg: Any, a: Attempt) -> Any:
     return cost_cfg.model_copy(update={"gpu_count": max(cost_cfg.gpu_count, a.world)})
 
 
+def common_resume_point(a: Attempt, resume_from: Path | None, step: int) -> tuple[Path | None, int]:
+    """Every rank starts at one step: on several machines each reads its own disk, and node 0 may hold a newer
+    checkpoint than the bucket gave the others (its upload cut short): the newest step every rank has wins."""
+    high, low = across_ranks([step, -step], op="max")
+    low = -low
+    if low == high:
+        return resume_from, step
+    if low == 0:
+        print(f"wellocr: not every machine has a checkpoint (this one: step {step}); all start from step 0",
+              flush=True)
+        return None, 0
+    older = a.run.path / f"checkpoint-{low}"
+    if incomplete_reason(older) is not None:
+        raise UserError(f"the machines' newest checkpoints differ (steps {low} to {high}) and {older} is not "
+                        f"complete here ({incomplete_reason(older)}): relaunch so that every machine restores from "
+                        "checkpoint.remote")
+    print(f"wellocr: resuming from {older.name}, the newest every machine has (this one has step {step})", flush=True)
+    return older, low
+
+
 def resume_point(a: Attempt) -> tuple[Path | None, int]:
     """The checkpoint this attempt continues from (--resume, else the run's newest complete one) and its step."""
     removed = remove_incomplete(a.run.path) if a.main else []
     barrier()
     resume_from = a.resume if a.resume is not None else latest_complete_checkpoint(a.run.path)
     start_step = (checkpoint_step(resume_from) or 0) if resume_from is not None else 0
+    resume_from, start_step = common_resume_point(a, resume_from, start_step)
     if resume_from is not None and start_step > a.cfg.train.max_steps:
         raise UserError(f"{resume_from} is at step {start_step}, past train.max_steps {a.cfg.train.max_steps}: "
                         f"to continue the run raise it (--set train.max_steps=N with N > {start_step})")
