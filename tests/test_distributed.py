@@ -240,3 +240,44 @@ def test_machines_whose_newest_checkpoints_differ_all_resume_from_the_one_every_
     picks = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
     assert picks == [{"resume": "checkpoint-3", "step": 3}] * 2
     assert "the newest every machine has (this one has step 6)" in results[0][0]
+
+
+def test_auto_micro_batch_is_chosen_once_before_the_ranks_and_they_follow_one_process(reference, tiny_model_dir,
+                                                                                      synth_data_dir, tmp_path):
+    """`auto` with two ranks: one process chooses the micro-batch of a rank's share (2 of 4) before torchrun starts
+    (a probe under DDP could leave ranks waiting on one that ran out of memory), records it, and the ranks train
+    2 x 1 each: the reference's trajectory at the same effective batch."""
+    config = write_config(tmp_path / "auto.yaml", tiny_model_dir, synth_data_dir, "auto",
+                          **{"train.processes": 2, "train.per_device_train_batch_size": "auto",
+                             "train.effective_batch_size": 4})
+    result = run_train("--config", str(config))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert out.index("auto batch: micro-batch 2 x 1 accumulation x 2 processes = 4") < out.index("2 ranks:")
+    run_dir = tmp_path / "runs" / "auto"
+    assert RunDir(run_dir).read()["auto_batch"] == {"per_device_train_batch_size": 2,
+                                                    "gradient_accumulation_steps": 1, "device": "cpu"}
+    assert losses(run_dir, "checkpoint-6") == pytest.approx(losses(reference, "checkpoint-6"), rel=1e-5)
+
+
+def test_a_rank_takes_the_largest_divisor_of_its_share_up_to_the_recorded_choice(tmp_path):
+    """A choice made for a bigger share (a one-GPU start chose 8 of 8) bounds what each of 2 ranks takes of 4."""
+    from wellocr.config import load_config
+    from wellocr.model import Backend
+    from wellocr.training import Attempt, batch_sizes
+
+    cfg = load_config(REPO / "configs" / "cpu_smoke.yaml", ["train.per_device_train_batch_size=auto",
+                                                             "train.effective_batch_size=12"])
+    run = RunDir(tmp_path / "run")
+    run.create("run", "test")
+    run.update(auto_batch={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "device": "cpu"})
+    a = Attempt.__new__(Attempt)
+    a.world, a.rank = 2, 0
+    assert batch_sizes(cfg, run, Backend("hf", "cpu", "test"), None, a) == {
+        "per_device_train_batch_size": 6, "gradient_accumulation_steps": 1}
+    a.world = 4  # 3 each: 3 (a divisor of 3, at most 8)
+    assert batch_sizes(cfg, run, Backend("hf", "cpu", "test"), None, a)["per_device_train_batch_size"] == 3
+    run.update(auto_batch={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 3, "device": "cpu"})
+    a.world = 2  # 6 each, at most 4: 3 x 2
+    assert batch_sizes(cfg, run, Backend("hf", "cpu", "test"), None, a) == {
+        "per_device_train_batch_size": 3, "gradient_accumulation_steps": 2}

@@ -93,6 +93,15 @@ def default_budget_gb(device: int = 0) -> float:
     return process_memory_gb(device) * (1 - HEADROOM)
 
 
+def batch_device_key(device: str) -> str:
+    """What the auto batch choice depends on, as run.json records it: the GPU's name and the memory this process
+    may use ("NVIDIA L4, 22.0 GiB"); "cpu" on CPU."""
+    if device != "cuda":
+        return device
+    index = torch.cuda.current_device()
+    return f"{torch.cuda.get_device_properties(index).name}, {process_memory_gb(index):.1f} GiB"
+
+
 def cap_process_memory(environ: dict | None = None) -> float | None:
     """`WELLOCR_GPU_MEMORY_GB=N`: this process uses at most N GiB of the GPU, for its whole life (torch's
     per-process memory fraction) — a 24 GB card's budget on a larger GPU, or a GPU shared with another process.

@@ -37,7 +37,7 @@ from typing import Any
 
 from wellocr.checkpoint import write_json_atomic
 from wellocr.errors import UserError
-from wellocr.outcome import EXIT_ERROR, Outcome
+from wellocr.outcome import EXIT_ERROR, EXIT_OK, EXIT_OOM, EXIT_PREEMPTED, Outcome
 
 REQUEST = ".ranks.json"  # what stage 1 hands the ranks: attempt, resume, flags
 MASTER_PORT_ENV = "WELLOCR_MASTER_PORT"  # node 0's rendezvous port (default 29500, torchrun's)
@@ -103,11 +103,28 @@ def launch(run: Any, processes: int, request: dict, stop: Any, cluster: Cluster 
     attempt log); a SIGTERM seen by `stop` is passed on once; the outcome is the node's first rank's, from run.json
     (on node 0: global rank 0's)."""
     cluster = cluster or Cluster()
-    write_json_atomic(run.path / REQUEST, request)
+    write_json_atomic(run.path / REQUEST, {**request, "ranks": processes * cluster.nodes})
+    if request.get("choose_batch"):  # auto: the micro-batch is chosen in one process, before the ranks start
+        code = _child([sys.executable, "-m", "wellocr.rank", str(run.path), "--choose-batch"], stop)
+        if code != EXIT_OK:
+            reason = "preempted" if code == EXIT_PREEMPTED or stop.reason == "preempted" else \
+                "out-of-memory" if code == EXIT_OOM else "crashed"
+            return Outcome(reason, EXIT_PREEMPTED if reason == "preempted" else code)
     command = [sys.executable, "-m", "torch.distributed.run", *cluster.torchrun_args(processes),
                "-m", "wellocr.rank", str(run.path)]
     where = f" on node {cluster.rank} of {cluster.nodes}" if cluster.nodes > 1 else ""
     print(f"wellocr: {processes} rank{'s' if processes > 1 else ''}{where}: {' '.join(command[1:])}", flush=True)
+    code = _child(command, stop)  # torchrun passes a SIGTERM on to every rank
+    outcome = rank_outcome(run, request["attempt"])
+    if outcome is None:
+        print(f"error: the ranks ended without an outcome (torchrun exit {code}; see the log above)",
+              file=sys.stderr, flush=True)
+        return Outcome("crashed", EXIT_ERROR)
+    return outcome
+
+
+def _child(command: list[str], stop: Any) -> int:
+    """Run `command` with its output through this process's console; a SIGTERM seen by `stop` is passed on once."""
     stop.in_training_loop = True  # a SIGTERM is recorded and forwarded, not raised here
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     pump = threading.Thread(target=_copy, args=(proc.stdout,), daemon=True)
@@ -115,17 +132,12 @@ def launch(run: Any, processes: int, request: dict, stop: Any, cluster: Cluster 
     forwarded = False
     while proc.poll() is None:
         if stop.reason == "preempted" and not forwarded:
-            proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every rank
+            proc.send_signal(signal.SIGTERM)
             forwarded = True
         time.sleep(0.2)
     pump.join(timeout=10)
     stop.in_training_loop = False
-    outcome = rank_outcome(run, request["attempt"])
-    if outcome is None:
-        print(f"error: the ranks ended without an outcome (torchrun exit {proc.returncode}; see the log above)",
-              file=sys.stderr, flush=True)
-        return Outcome("crashed", EXIT_ERROR)
-    return outcome
+    return proc.returncode
 
 
 def _copy(stream: Any) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from wellocr import bootstrap
 from wellocr.config import config_from_dict
 from wellocr.distributed import read_request
-from wellocr.outcome import EXIT_OK, EXIT_PREEMPTED, guarded
+from wellocr.outcome import EXIT_OK, EXIT_PREEMPTED, Outcome, guarded
 from wellocr.preemption import StopState, install_sigterm_handler
 from wellocr.rundir import RunDir
 
@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     run = RunDir(Path(argv[0]))
     request = read_request(run.path)
+    if argv[1:] == ["--choose-batch"]:
+        return choose_batch(run, request)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if local > 0:  # each machine's first rank speaks on its console; the others keep their own log
@@ -61,6 +63,32 @@ def main(argv: list[str] | None = None) -> int:
         run.update_attempt(request["attempt"], rank_outcome={"reason": outcome.reason, "code": outcome.code,
                                                              "step": outcome.step})
     return 0 if outcome.code in (EXIT_OK, EXIT_PREEMPTED) else 1  # a failed rank: torchrun stops the others
+
+
+def choose_batch(run: RunDir, request: dict) -> int:
+    """`--choose-batch`: one process, before the ranks start, chooses the auto micro-batch of one rank's share
+    (`training.choose_batch_before_ranks`); its exit code is the outcome's (76: not even 1 fits)."""
+    stop = StopState()
+    install_sigterm_handler(stop)
+    cfg = config_from_dict(run.read_config_data() or {}, str(run.config_file))
+    timer = bootstrap.StartupTimer()
+    backend = bootstrap.prepare(cfg, None)
+    from wellocr.autobatch import batch_device_key, cap_process_memory  # torch only: Unsloth is not needed yet
+
+    cap_process_memory()
+    device = batch_device_key(backend.device)
+    if (run.read().get("auto_batch") or {}).get("device") == device:  # a restart on the same kind of GPU
+        print(f"auto batch: the micro-batch chosen for {device} earlier in this run", flush=True)
+        return EXIT_OK
+
+    def choose():
+        bootstrap.import_backend(backend, timer)
+        from wellocr import training
+
+        training.choose_batch_before_ranks(cfg, run, backend, request["ranks"])
+        return Outcome("batch-chosen", EXIT_OK)
+
+    return guarded(choose, stop).code
 
 
 if __name__ == "__main__":

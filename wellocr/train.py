@@ -397,7 +397,8 @@ def train(cfg: Config, run: RunDir, args: Request, stop: StopState, attempt: int
 
         return distributed.launch(run, cfg.train.processes, {
             "attempt": attempt, "resume": args.resume, "resume_latest": args.resume_latest,
-            "rehearse_preemption": args.rehearse_preemption, "wandb_mode": report.wandb_mode}, stop, cluster)
+            "rehearse_preemption": args.rehearse_preemption, "wandb_mode": report.wandb_mode,
+            "choose_batch": cfg.train.per_device_train_batch_size == "auto"}, stop, cluster)
     bootstrap.import_backend(backend, timer)  # Unsloth before transformers/TRL/PEFT
     from wellocr import training  # stage 2: ordinary top-level imports of torch, transformers, TRL
 

@@ -29,9 +29,10 @@ from trl import SFTConfig
 from wellocr.artifacts import eval_dir_name
 from wellocr.autobatch import (
     AutoBatchError,
+    batch_device_key,
     choose_micro_batch,
     is_oom,
-    process_memory_gb,
+    micro_batch_candidates,
     training_probe,
     worst_case_rows,
 )
@@ -433,29 +434,51 @@ def probe_trainer_factory(cfg: Config, run: RunDir, backend: Backend, precision:
     return make
 
 
-def batch_sizes(cfg: Config, run: RunDir, backend: Backend, make_probe_trainer: Any, a: Attempt | None = None) -> dict:
+def batch_sizes(cfg: Config, run: RunDir, backend: Backend, make_probe_trainer: Any, a: Attempt | None = None,
+                ranks: int | None = None) -> dict:
     """Micro-batch and accumulation: the config's, or for `auto` the largest micro-batch that fits (probed once
     with the longest sample, then remembered in run.json with the device it was chosen for, so every restart on
     that kind of device trains with the same sizes; a recovery onto another GPU (a multi-cloud job) chooses again
     for its memory and forgets an out-of-memory halving of the old device — the effective batch stays).
     `make_probe_trainer(micro)`: a trainer over the worst-case rows that trains one step and saves nothing.
-    Data-parallel ranks (`a.world` > 1) each take 1/world of the effective batch and agree on the smallest
-    micro-batch any of them fits; the sizes returned are per rank."""
+    Data-parallel ranks (`a.world` > 1) each take 1/world of the effective batch and do not probe (one rank's
+    out-of-memory in the probe would leave the others waiting in a collective): `choose_batch_before_ranks` chose
+    in one process for `ranks` ranks before they started; each rank takes the largest divisor of its share up to
+    that choice, and the ranks agree on the smallest. The sizes returned are per rank."""
     t = cfg.train
     world, main = (a.world, a.main) if a is not None else (1, True)
     if t.per_device_train_batch_size != "auto":
         micro = t.per_device_train_batch_size
         return {"per_device_train_batch_size": micro,
                 "gradient_accumulation_steps": rank_accumulation(t.gradient_accumulation_steps, world, micro)}
-    if world > 1 and backend.device == "cuda":  # the probe's out-of-memory would leave the other ranks waiting
-        raise UserError("train.per_device_train_batch_size: auto probes one GPU; with train.processes > 1 set the "
-                        "micro-batch (a one-GPU run's auto choice is in its run.json)")
-    effective = per_rank_batch(t.effective_batch_size, world)
-    device = device_for_batch(backend) + (f" x {world} processes" if world > 1 else "")
+    effective = per_rank_batch(t.effective_batch_size, ranks or world)
+    device = batch_device_key(backend.device)
     recorded = run.read().get("auto_batch")
     if recorded and recorded.get("device", device) == device:
-        return {k: recorded[k] for k in ("per_device_train_batch_size", "gradient_accumulation_steps")}
-    if recorded and main:
+        fits = recorded["per_device_train_batch_size"]
+        micro = max(d for d in micro_batch_candidates(effective) if d <= fits)
+        if world == 1:
+            return {"per_device_train_batch_size": micro, "gradient_accumulation_steps": effective // micro}
+    elif world > 1 and backend.device == "cuda":
+        raise UserError(f"auto batch: no choice recorded for {device} before the ranks started; relaunch with "
+                        "python -m wellocr.train, which chooses it first")
+    else:
+        micro = choose_now(cfg, run, backend, make_probe_trainer, effective, device, recorded if main else None)
+    micro = across_ranks([micro], op="min")[0]
+    sizes = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": effective // micro}
+    if main:
+        if not recorded or recorded.get("device") != device:
+            run.update(auto_batch={**sizes, "device": device})
+        on = f" x {ranks or world} processes" if (ranks or world) > 1 else ""
+        print(f"auto batch: micro-batch {micro} x {effective // micro} accumulation{on} = {t.effective_batch_size}",
+              flush=True)
+    return sizes
+
+
+def choose_now(cfg: Config, run: RunDir, backend: Backend, make_probe_trainer: Any, effective: int, device: str,
+               recorded: dict | None) -> int:
+    """The largest micro-batch of `effective` that fits: probed on a GPU (one training step each), 2 on CPU."""
+    if recorded:
         print(f"auto batch: chosen for {recorded['device']}; this attempt runs on {device}: choosing again",
               flush=True)
         run.update(adapted_batch=None)
@@ -464,29 +487,28 @@ def batch_sizes(cfg: Config, run: RunDir, backend: Backend, make_probe_trainer: 
         print("auto batch: one training step on the longest sample per candidate micro-batch", flush=True)
         probe = training_probe(make_probe_trainer)
     try:
-        micro, accumulation = choose_micro_batch(probe, effective, backend.device)
+        return choose_micro_batch(probe, effective, backend.device)[0]
     except AutoBatchError as exc:
         raise OutOfMemory(str(exc)) from exc
     finally:
         probe = None
         gc.collect()
-    micro = across_ranks([micro], op="min")[0]
-    accumulation = effective // micro
-    sizes = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": accumulation}
-    if main:
-        run.update(auto_batch={**sizes, "device": device})
-        ranks = f" x {world} processes" if world > 1 else ""
-        print(f"auto batch: micro-batch {micro} x {accumulation} accumulation{ranks} = {t.effective_batch_size}",
-              flush=True)
-    return sizes
 
 
-def device_for_batch(backend: Backend) -> str:
-    """What the auto batch choice depends on: the GPU's name and the memory this process may use."""
-    if backend.device != "cuda":
-        return backend.device
-    device = torch.cuda.current_device()
-    return f"{torch.cuda.get_device_properties(device).name}, {process_memory_gb(device):.1f} GiB"
+def choose_batch_before_ranks(cfg: Config, run: RunDir, backend: Backend, ranks: int) -> None:
+    """For `auto` with data-parallel ranks: the micro-batch of one rank's share, chosen in this one process (on
+    its first GPU: every GPU of a pod is the same kind) and recorded in run.json for the ranks; nothing to do when
+    run.json already holds a choice for this kind of device."""
+    recorded = run.read().get("auto_batch") or {}
+    if cfg.train.per_device_train_batch_size != "auto" or recorded.get("device") == batch_device_key(backend.device):
+        return
+    make = None
+    if backend.device == "cuda":  # the probe trains one step per candidate: the model and data as the ranks load them
+        precision = resolve_precision(cfg.train.precision, backend.device)
+        model, processor = load_for_training(cfg, backend, precision)
+        data = prepare_data(cfg, processor, run)
+        make = probe_trainer_factory(cfg, run, backend, precision, model, processor, data)
+    batch_sizes(cfg, run, backend, make, ranks=ranks)
 
 
 def save_final(trainer: Any, run: RunDir, step: int, main: bool = True) -> Path:
