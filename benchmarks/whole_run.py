@@ -15,6 +15,9 @@ an empty pod, to time a restart. Everything is read back from what the run recor
   evaluation every --project-every): an upper bound with random weights, whose generations all run to the limit;
 - restart: seconds from process start to the end of the first optimizer step of the resumed process.
 
+Each run's run.json is copied beside its log (LOGS/BACKEND-whole-NAME-run.json), also when the bench is stopped by a
+SIGTERM (a time limit): the run in progress is stopped at a step boundary first, so its phases are recorded.
+
 Data-parallel scaling: `--processes N --micro M` trains N ranks (`train.processes`) at micro-batch M each with
 accumulation N overall (one optimizer step = M x N samples); `--processes 1 --micro M --accumulation N` is the one-GPU
 run at the same effective batch. Peaks are rank 0's GPU.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -41,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "train_r16.yaml"
 RUN = "whole"
 PHASES = ("auto_batch", "train", "eval_loss", "generation", "final_eval")
+STOP_WAIT_S = 60  # for a stopped run to save and record its phases
 
 
 def overrides(args: Any, backend: str) -> list[str]:
@@ -79,8 +84,31 @@ def train(args: Any, backend: str, name: str, extra: list[str]) -> tuple[int, Pa
         env["WELLOCR_GPU_MEMORY_GB"] = str(args.cap_gb)
     command = [sys.executable, "-m", "wellocr.train", "--config", str(CONFIG), *overrides(args, backend), *extra]
     with open(log, "w") as out:
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        try:
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:  # the bench was stopped (a time limit's SIGTERM): the run records what it has
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=STOP_WAIT_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            keep_run_record(args, backend, name)
     return code, log
+
+
+def keep_run_record(args: Any, backend: str, name: str) -> None:
+    """run.json (phases, peaks, steps) beside the logs: the run's own folder may not outlive the machine."""
+    record = Path(args.work) / backend / "whole-runs" / RUN / "run.json"
+    if record.is_file():
+        shutil.copyfile(record, Path(args.logs) / f"{backend}-whole-{name}-run.json")
+
+
+def stop_on_sigterm() -> None:
+    """A SIGTERM (`timeout`, a job's time limit) ends the bench through its cleanup: the run in progress is
+    stopped at a step boundary and its run.json kept with the logs."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def ensure_data(args: Any) -> None:
@@ -177,6 +205,7 @@ def run(args: Any) -> dict[str, Any]:
     import torch
     from bench import SCRIPT, common_args, write_json
 
+    stop_on_sigterm()
     work, logs = Path(args.work), Path(args.logs)
     work.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)

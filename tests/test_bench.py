@@ -3,8 +3,10 @@ tiny model so it cannot rot. The FLOP accounting it reports is wellocr.flops (te
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -221,3 +223,24 @@ def test_generation_profile_runs_the_evaluation_generation_path(tiny_model_dir, 
     assert summary["rows"] >= 2 and summary["seconds"]["129"] > 0
     assert ", 1, 128), True, 'DynamicCache')" in result.stdout  # a one-token decode step on the cache
     assert "Self CPU time total" in result.stdout
+
+
+def test_a_whole_run_stopped_by_sigterm_keeps_its_run_record_beside_the_logs(tiny_model_dir, tmp_path):
+    """A time limit's SIGTERM to the bench: the run in progress stops at a step boundary and its run.json (phases,
+    peaks) is copied beside the logs, where a machine's output folder keeps it."""
+    logs, work = tmp_path / "logs", tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--whole-run", "--tiny",
+                             "--whole-steps", "40", "--eval-every", "40", "--model", str(tiny_model_dir), "--work",
+                             str(work), "--out", str(tmp_path / "whole.json"), "--logs", str(logs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    record = work / "hf" / "whole-runs" / "whole" / "run.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if record.is_file() and "first_step_s" in (json.loads(record.read_text()).get("attempts") or [{}])[-1]:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, output[-3000:]
+    kept = json.loads((logs / "hf-whole-run-run.json").read_text())["attempts"][-1]
+    assert kept["exit_code"] == 75 and kept["phases"]["train"]["count"] >= 1 and kept["step"] < 40
