@@ -53,7 +53,7 @@ def overrides(args: Any, backend: str) -> list[str]:
     root = Path(args.work) / backend
     width, height = args.image_size
     sets = {"model.model_name": args.model, "model.backend": backend, "data.dataset_name": args.whole_data,
-            "data.max_pixels": width * height, "run.output_dir": root / "whole-runs", "run.run_name": RUN,
+            "data.max_pixels": width * height, "run.output_dir": run_dir(args, backend).parent, "run.run_name": RUN,
             "run.compile_cache_dir": root / "compile-cache", "wandb.enabled": "false",
             "train.max_steps": args.whole_steps, "train.eval_steps": args.eval_every,
             "train.save_steps": args.eval_every}
@@ -98,9 +98,13 @@ def train(args: Any, backend: str, name: str, extra: list[str]) -> tuple[int, Pa
     return code, log
 
 
+def run_dir(args: Any, backend: str) -> Path:
+    return Path(args.work) / backend / "whole-runs" / RUN
+
+
 def keep_run_record(args: Any, backend: str, name: str) -> None:
     """run.json (phases, peaks, steps) beside the logs: the run's own folder may not outlive the machine."""
-    record = Path(args.work) / backend / "whole-runs" / RUN / "run.json"
+    record = run_dir(args, backend) / "run.json"
     if record.is_file():
         shutil.copyfile(record, Path(args.logs) / f"{backend}-whole-{name}-run.json")
 
@@ -124,13 +128,13 @@ def measure(args: Any, backend: str, report: dict) -> dict[str, Any]:
     each, so a bench stopped during the restart keeps the run's numbers)."""
     from bench import write_json
 
-    shutil.rmtree(Path(args.work) / backend / "whole-runs", ignore_errors=True)
+    shutil.rmtree(run_dir(args, backend).parent, ignore_errors=True)
     started = time.time()
     code, log = train(args, backend, "run", [])
     out: dict[str, Any] = {"exit_code": code, "wall_s": round(time.time() - started, 1), "log": str(log)}
     report["backends"][backend] = out
-    run_dir = Path(args.work) / backend / "whole-runs" / RUN
-    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    record = run_dir(args, backend) / "run.json"
+    run = json.loads(record.read_text()) if record.is_file() else {}
     attempts = run.get("attempts", [])
     if code != 0 or not attempts:
         out["error"] = f"exit {code}, see {log}"
@@ -148,7 +152,7 @@ def measure(args: Any, backend: str, report: dict) -> dict[str, Any]:
     code, log = train(args, backend, "restart", ["--resume-latest", "--set", f"train.max_steps={args.whole_steps + 1}",
                                                  "--set", "eval.max_new_tokens=8", "--set",
                                                  "eval.generation_samples=0"])
-    attempts = json.loads((run_dir / "run.json").read_text())["attempts"]
+    attempts = json.loads(record.read_text())["attempts"]
     last = attempts[-1] if len(attempts) > 1 and code == 0 else {}
     out["restart"] = {"exit_code": code, "to_first_step_s": last.get("first_step_s"), "startup": last.get("startup"),
                       "compile_cache": last.get("compile_cache"), "log": str(log)}

@@ -37,7 +37,7 @@ from typing import Any
 
 from wellocr.checkpoint import write_json_atomic
 from wellocr.errors import UserError
-from wellocr.outcome import EXIT_ERROR, EXIT_OK, EXIT_OOM, EXIT_PREEMPTED, Outcome
+from wellocr.outcome import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, Outcome
 
 REQUEST = ".ranks.json"  # what stage 1 hands the ranks: attempt, resume, flags
 MASTER_PORT_ENV = "WELLOCR_MASTER_PORT"  # node 0's rendezvous port (default 29500, torchrun's)
@@ -106,10 +106,9 @@ def launch(run: Any, processes: int, request: dict, stop: Any, cluster: Cluster 
     write_json_atomic(run.path / REQUEST, {**request, "ranks": processes * cluster.nodes})
     if request.get("choose_batch"):  # auto: the micro-batch is chosen in one process, before the ranks start
         code = _child([sys.executable, "-m", "wellocr.rank", str(run.path), "--choose-batch"], stop)
-        if code != EXIT_OK:
-            reason = "preempted" if code == EXIT_PREEMPTED or stop.reason == "preempted" else \
-                "out-of-memory" if code == EXIT_OOM else "crashed"
-            return Outcome(reason, EXIT_PREEMPTED if reason == "preempted" else code)
+        if code != EXIT_OK:  # its outcome as a rank records one; a SIGTERM before its handler leaves none
+            return rank_outcome(run, request["attempt"]) or (
+                Outcome("preempted", EXIT_PREEMPTED) if stop.reason == "preempted" else Outcome("crashed", code))
     command = [sys.executable, "-m", "torch.distributed.run", *cluster.torchrun_args(processes),
                "-m", "wellocr.rank", str(run.path)]
     where = f" on node {cluster.rank} of {cluster.nodes}" if cluster.nodes > 1 else ""

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from wellocr import bootstrap
-from wellocr.config import config_from_dict
+from wellocr.config import Config, config_from_dict
 from wellocr.distributed import read_request
+from wellocr.model import Backend
 from wellocr.outcome import EXIT_OK, EXIT_PREEMPTED, Outcome, guarded
 from wellocr.preemption import StopState, install_sigterm_handler
 from wellocr.rundir import RunDir
@@ -33,11 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if local > 0:  # each machine's first rank speaks on its console; the others keep their own log
         run.logs_dir.mkdir(parents=True, exist_ok=True)
         sys.stdout = sys.stderr = open(run.logs_dir / f"attempt-{request['attempt']}-rank{rank}.log", "a", buffering=1)
-    stop = StopState()
-    install_sigterm_handler(stop)
-    cfg = config_from_dict(run.read_config_data() or {}, str(run.config_file))
-    timer = bootstrap.StartupTimer()
-    backend = bootstrap.prepare(cfg, None)
+    stop, cfg, timer, backend = start(run)
     remote = None
     if rank == 0:
         from wellocr.remote import RemoteStore
@@ -60,19 +57,23 @@ def main(argv: list[str] | None = None) -> int:
     if remote is not None:
         remote.close(2.0 if outcome.reason == "preempted" else cfg.checkpoint.upload_timeout_s)
     if local == 0:  # the machine's launcher reads it (on node 0: global rank 0's, the run's outcome)
-        run.update_attempt(request["attempt"], rank_outcome={"reason": outcome.reason, "code": outcome.code,
-                                                             "step": outcome.step})
+        record_outcome(run, request["attempt"], outcome)
     return 0 if outcome.code in (EXIT_OK, EXIT_PREEMPTED) else 1  # a failed rank: torchrun stops the others
 
 
-def choose_batch(run: RunDir, request: dict) -> int:
-    """`--choose-batch`: one process, before the ranks start, chooses the auto micro-batch of one rank's share
-    (`training.choose_batch_before_ranks`); its exit code is the outcome's (76: not even 1 fits)."""
+def start(run: RunDir) -> tuple[StopState, Config, bootstrap.StartupTimer, Backend]:
+    """What every process of an attempt does first: SIGTERM handled, the run's saved config, the caches set."""
     stop = StopState()
     install_sigterm_handler(stop)
     cfg = config_from_dict(run.read_config_data() or {}, str(run.config_file))
     timer = bootstrap.StartupTimer()
-    backend = bootstrap.prepare(cfg, None)
+    return stop, cfg, timer, bootstrap.prepare(cfg, None)
+
+
+def choose_batch(run: RunDir, request: dict) -> int:
+    """`--choose-batch`: one process, before the ranks start, chooses the auto micro-batch of one rank's share
+    (`training.choose_batch_before_ranks`); a failure (76: not even 1 fits) is recorded like a rank's outcome."""
+    stop, cfg, timer, backend = start(run)
     from wellocr.autobatch import batch_device_key, cap_process_memory  # torch only: Unsloth is not needed yet
 
     cap_process_memory()
@@ -88,7 +89,14 @@ def choose_batch(run: RunDir, request: dict) -> int:
         training.choose_batch_before_ranks(cfg, run, backend, request["ranks"])
         return Outcome("batch-chosen", EXIT_OK)
 
-    return guarded(choose, stop).code
+    outcome = guarded(choose, stop)
+    if outcome.code != EXIT_OK:  # the attempt ends here: the launcher reads why, as from a rank
+        record_outcome(run, request["attempt"], outcome)
+    return outcome.code
+
+
+def record_outcome(run: RunDir, attempt: int, outcome: Outcome) -> None:
+    run.update_attempt(attempt, rank_outcome={"reason": outcome.reason, "code": outcome.code, "step": outcome.step})
 
 
 if __name__ == "__main__":

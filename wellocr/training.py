@@ -187,8 +187,8 @@ def billed_for(cost_cfg: Any, a: Attempt) -> Any:
 def common_resume_point(a: Attempt, resume_from: Path | None, step: int) -> tuple[Path | None, int]:
     """Every rank starts at one step: on several machines each reads its own disk, and node 0 may hold a newer
     checkpoint than the bucket gave the others (its upload cut short): the newest step every rank has wins."""
-    high, low = across_ranks([step, -step], op="max")
-    low = -low
+    high, negated_low = across_ranks([step, -step], op="max")  # max and min in one collective
+    low = -negated_low
     if low == high:
         return resume_from, step
     if low == 0:
@@ -454,11 +454,9 @@ def batch_sizes(cfg: Config, run: RunDir, backend: Backend, make_probe_trainer: 
     effective = per_rank_batch(t.effective_batch_size, ranks or world)
     device = batch_device_key(backend.device)
     recorded = run.read().get("auto_batch")
-    if recorded and recorded.get("device", device) == device:
-        fits = recorded["per_device_train_batch_size"]
-        micro = max(d for d in micro_batch_candidates(effective) if d <= fits)
-        if world == 1:
-            return {"per_device_train_batch_size": micro, "gradient_accumulation_steps": effective // micro}
+    chosen = not (recorded and recorded.get("device", device) == device)
+    if not chosen:
+        micro = max(d for d in micro_batch_candidates(effective) if d <= recorded["per_device_train_batch_size"])
     elif world > 1 and backend.device == "cuda":
         raise UserError(f"auto batch: no choice recorded for {device} before the ranks started; relaunch with "
                         "python -m wellocr.train, which chooses it first")
@@ -466,8 +464,8 @@ def batch_sizes(cfg: Config, run: RunDir, backend: Backend, make_probe_trainer: 
         micro = choose_now(cfg, run, backend, make_probe_trainer, effective, device, recorded if main else None)
     micro = across_ranks([micro], op="min")[0]
     sizes = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": effective // micro}
-    if main:
-        if not recorded or recorded.get("device") != device:
+    if main and (chosen or world > 1):  # a restart on one GPU trains as recorded, silently
+        if chosen:
             run.update(auto_batch={**sizes, "device": device})
         on = f" x {ranks or world} processes" if (ranks or world) > 1 else ""
         print(f"auto batch: micro-batch {micro} x {effective // micro} accumulation{on} = {t.effective_batch_size}",
@@ -496,12 +494,10 @@ def choose_now(cfg: Config, run: RunDir, backend: Backend, make_probe_trainer: A
 
 
 def choose_batch_before_ranks(cfg: Config, run: RunDir, backend: Backend, ranks: int) -> None:
-    """For `auto` with data-parallel ranks: the micro-batch of one rank's share, chosen in this one process (on
-    its first GPU: every GPU of a pod is the same kind) and recorded in run.json for the ranks; nothing to do when
-    run.json already holds a choice for this kind of device."""
-    recorded = run.read().get("auto_batch") or {}
-    if cfg.train.per_device_train_batch_size != "auto" or recorded.get("device") == batch_device_key(backend.device):
-        return
+    """For `auto` with data-parallel ranks, when run.json holds no choice for this kind of device: the micro-batch
+    of one rank's share, chosen in this one process (on its first GPU: every GPU of a pod is the same kind) and
+    recorded in run.json for the ranks (`python -m wellocr.rank RUN_DIR --choose-batch` checks the record first,
+    before the backend is imported)."""
     make = None
     if backend.device == "cuda":  # the probe trains one step per candidate: the model and data as the ranks load them
         precision = resolve_precision(cfg.train.precision, backend.device)
