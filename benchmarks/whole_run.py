@@ -177,12 +177,24 @@ def summarise(run: dict, attempt: dict, args: Any) -> dict[str, Any]:
            "max_reserved_gib": max((p["peak_reserved_gib"] for p in peaks.values() if p["peak_reserved_gib"]),
                                    default=None),
            "median_step_s": step_s, "samples_per_s": round(effective / step_s, 2) if step_s else None,
+           **steady(attempt.get("step_intervals_s") or [], effective),
+           "median_data_wait_s": attempt.get("median_data_wait_s"),
            "eval_loss_s": phases.get("eval_loss", {}).get("seconds_each"),
            "generation_s": phases.get("generation", {}).get("seconds_each"),
            "final_eval_s": phases.get("final_eval", {}).get("seconds"),
            "first_step_after": attempt.get("first_step_after"), "first_step_s": attempt.get("first_step_s")}
     out["projection"] = project(out, after_eval, args)
     return out
+
+
+def steady(intervals: list[float], effective: int) -> dict[str, Any]:
+    """The median of the later half of the step intervals: a short run's median still holds its first steps
+    (recompiles for new sequence lengths, the DataLoader's first epochs), a long run's does not."""
+    later = intervals[len(intervals) // 2:]
+    if not later:
+        return {}
+    step = statistics.median(later)
+    return {"later_half_step_s": round(step, 4), "later_half_samples_per_s": round(effective / step, 2)}
 
 
 def project(m: dict, after_eval: list[float], args: Any) -> dict[str, Any] | None:

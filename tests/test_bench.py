@@ -204,6 +204,7 @@ def test_whole_run_mode_runs_the_shipped_config_through_the_entry_point(tiny_mod
     assert m["exit_code"] == 0 and m["fallback"] is False
     assert set(m["peaks"]) == {"auto_batch", "train", "eval_loss", "generation", "final_eval"}
     assert m["samples_per_s"] > 0 and len(m["eval_loss_s"]) >= 1 and len(m["generation_s"]) >= 1
+    assert m["later_half_samples_per_s"] > 0 and m["median_data_wait_s"] >= 0
     projection = m["projection"]
     assert projection["evaluation_s"] > 0 and 0 <= projection["overhead"] < 1 and projection["evaluations"] == 10
     assert m["memory_line"].startswith("peak process memory")

@@ -7,6 +7,7 @@ mechanisms are pinned on CPU with the real trainer and the tiny model.
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -112,6 +113,10 @@ def test_the_run_records_time_and_memory_per_phase(trained_run):
     assert phases["eval_loss"]["count"] == 2 and phases["generation"]["count"] == 2  # evaluations at steps 4 and 8
     assert all(p["seconds"] > 0 for p in phases.values())
     assert 0 < attempt["median_step_s"] < phases["train"]["seconds"]
+    intervals = attempt["step_intervals_s"]  # every interval kept: a slow stretch shows, not only the median
+    assert len(intervals) == attempt["timed_steps"] >= 4
+    assert statistics.median(intervals) == pytest.approx(attempt["median_step_s"], abs=1e-3)
+    assert 0 <= attempt["median_data_wait_s"] < attempt["median_step_s"]  # the step's wait for its batch
     log = (trained_run / "logs" / "attempt-1.log").read_text()
     assert "peak process memory (max resident set, CPU run)" in log and "peak memory" not in log.replace(
         "peak process memory", "")

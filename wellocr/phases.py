@@ -4,8 +4,9 @@ A run that fits while it trains can still fail at its first evaluation, so one "
 enough: the monitor keeps, per phase (auto batch probe, training steps, the eval-loss pass and the generation pass
 of the in-training evaluations, the final evaluation), the peak reserved and allocated CUDA memory, the wall
 seconds and how often the phase ran, plus the intervals between consecutive training steps with nothing else in
-between (the throughput a run keeps), and how long the first step after each other phase took (compilation after
-the probe, a slow step after an evaluation). torch's peak counters are reset at every switch, so each phase's
+between (the throughput a run keeps; every one is kept, so a slow start or a slow stretch shows), how long each
+step waited for its batch from the DataLoader (is the data pipeline the bottleneck?), and how long the first step
+after each other phase took (compilation after the probe, a slow step after an evaluation). torch's peak counters are reset at every switch, so each phase's
 peak is its own. On CPU only the seconds and the process's peak resident memory are known.
 
 Imports no transformers (Unsloth must be imported before transformers in a training process).
@@ -43,6 +44,7 @@ class PhaseMonitor:
         self.started = 0.0
         self.step_intervals: list[float] = []
         self.first_steps: list[tuple[str, float]] = []  # (phase before, seconds to the end of the next step)
+        self.data_waits: list[float] = []  # seconds each training step waited for its batch
         self._last_step_end: float | None = None
         self._previous: str | None = None
 
@@ -72,6 +74,11 @@ class PhaseMonitor:
             self._previous = None
         self._last_step_end = now
 
+    def data_wait(self, seconds: float) -> None:
+        """A training step waited `seconds` for its batch (the trainer's fetch from the DataLoader)."""
+        if self.current == "train":
+            self.data_waits.append(seconds)
+
     def interrupted(self) -> None:
         """Something other than a training step ran (a checkpoint save): the next interval is not a step's."""
         self._last_step_end = None
@@ -88,8 +95,11 @@ class PhaseMonitor:
                          "seconds_each": [round(d, 2) for d in durations],
                          **{k: round(v, 2) for k, v in entry.items() if k != "durations"}}
         median = self.median_step_s()
+        waits = statistics.median(self.data_waits) if self.data_waits else None
         return {"phases": out, "median_step_s": round(median, 4) if median else None,
-                "timed_steps": len(self.step_intervals), "first_step_after": self.first_steps}
+                "timed_steps": len(self.step_intervals), "step_intervals_s": [round(s, 3) for s in self.step_intervals],
+                "median_data_wait_s": round(waits, 4) if waits is not None else None,
+                "first_step_after": self.first_steps}
 
     def describe(self) -> str:
         """One line for the log that says what was measured."""

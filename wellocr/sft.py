@@ -11,6 +11,7 @@ aware). On CUDA it is TRL's (or Unsloth's patched) loss, unchanged.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from transformers import ProgressCallback, Trainer, TrainerCallback
@@ -154,6 +155,14 @@ class WellocrSFTTrainer(SFTTrainer):
         release_cached_memory()
         self._phase("train")
         return metrics
+
+    def get_batch_samples(self, *args, **kwargs):
+        """The step's batches from the DataLoader, timed: the phase record's data wait."""
+        started = time.perf_counter()
+        batches = super().get_batch_samples(*args, **kwargs)
+        if self.phases is not None:
+            self.phases.data_wait(time.perf_counter() - started)
+        return batches
 
     def _phase(self, name: str) -> None:
         if self.phases is not None:
