@@ -13,7 +13,8 @@ an empty pod, to time a restart. Everything is read back from what the run recor
 - per evaluation: seconds of the eval-loss and generation passes (first and later: the first compiles), the first
   step after it, and the evaluation overhead projected to the shipped schedule (--project-steps steps, an
   evaluation every --project-every): an upper bound with random weights, whose generations all run to the limit;
-- restart: seconds from process start to the end of the first optimizer step of the resumed process.
+- restart: seconds from process start to the end of the first optimizer step of the resumed process (--resumes N:
+  N of them, one after the other, each one step further).
 
 Each run's run.json is copied beside its log (LOGS/BACKEND-whole-NAME-run.json), also when the bench is stopped by a
 SIGTERM (a time limit): the run in progress is stopped at a step boundary first, so its phases are recorded.
@@ -149,13 +150,20 @@ def measure(args: Any, backend: str, report: dict) -> dict[str, Any]:
     write_json(Path(args.out), report)
     if args.no_restart:
         return out
-    code, log = train(args, backend, "restart", ["--resume-latest", "--set", f"train.max_steps={args.whole_steps + 1}",
-                                                 "--set", "eval.max_new_tokens=8", "--set",
-                                                 "eval.generation_samples=0"])
-    attempts = json.loads(record.read_text())["attempts"]
-    last = attempts[-1] if len(attempts) > 1 and code == 0 else {}
-    out["restart"] = {"exit_code": code, "to_first_step_s": last.get("first_step_s"), "startup": last.get("startup"),
-                      "compile_cache": last.get("compile_cache"), "log": str(log)}
+    restarts = []
+    for i in range(args.resumes):  # each a new process on an empty pod, one step further
+        name = "restart" if i == 0 else f"restart{i + 1}"
+        code, log = train(args, backend, name, ["--resume-latest", "--set",
+                                                f"train.max_steps={args.whole_steps + i + 1}", "--set",
+                                                "eval.max_new_tokens=8", "--set", "eval.generation_samples=0"])
+        attempts = json.loads(record.read_text())["attempts"]
+        last = attempts[-1] if len(attempts) > i + 1 and code == 0 else {}
+        restarts.append({"exit_code": code, "to_first_step_s": last.get("first_step_s"),
+                         "startup": last.get("startup"), "compile_cache": last.get("compile_cache"), "log": str(log)})
+        out["restart"], out["restarts"] = restarts[0], restarts
+        write_json(Path(args.out), report)
+        if code != 0:
+            break
     return out
 
 

@@ -195,7 +195,8 @@ def test_whole_run_mode_runs_the_shipped_config_through_the_entry_point(tiny_mod
     restart; the numbers come from what the run recorded, so a change there cannot silently empty the table."""
     out = tmp_path / "whole.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--whole-run", "--tiny",
-                             "--model", str(tiny_model_dir), "--work", str(tmp_path / "work"), "--out", str(out)],
+                             "--resumes", "2", "--model", str(tiny_model_dir), "--work", str(tmp_path / "work"),
+                             "--out", str(out)],
                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -209,6 +210,7 @@ def test_whole_run_mode_runs_the_shipped_config_through_the_entry_point(tiny_mod
     assert projection["evaluation_s"] > 0 and 0 <= projection["overhead"] < 1 and projection["evaluations"] == 10
     assert m["memory_line"].startswith("peak process memory")
     assert m["restart"]["exit_code"] == 0 and m["restart"]["to_first_step_s"] > 0
+    assert len(m["restarts"]) == 2 and all(r["exit_code"] == 0 and r["to_first_step_s"] > 0 for r in m["restarts"])
     assert "| hf | 2x4 | no |" in result.stdout
 
 

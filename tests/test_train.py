@@ -568,11 +568,13 @@ def test_compile_caches_go_under_the_output_dir_unless_the_environment_says_othe
     monkeypatch.setenv("TRITON_CACHE_DIR", "/mine")
     monkeypatch.setenv("PYTHONPYCACHEPREFIX", "/mine-too")  # bytecode: tested below
     monkeypatch.delenv("TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD", raising=False)
+    monkeypatch.setenv("TORCH_COMPILE_JOB_ID", "my-job")
     set_now = use_compile_cache(tmp_path / "cache")
     assert set_now == {"UNSLOTH_COMPILE_LOCATION": str(tmp_path / "cache" / "unsloth"),
                        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache" / "inductor"),
                        "UNSLOTH_MEGA_CACHE_DIR": str(tmp_path / "cache" / "mega"),
                        "TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD": "1"}
+    assert os.environ["TORCH_COMPILE_JOB_ID"] == "my-job"
     assert os.environ["TRITON_CACHE_DIR"] == "/mine"  # the user's choice stands
     assert os.environ["UNSLOTH_COMPILE_LOCATION"] == str(tmp_path / "cache" / "unsloth")
     monkeypatch.setenv("TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD", "0")  # opting out stands too
@@ -626,6 +628,39 @@ def test_a_restart_finds_graphs_with_custom_autograd_functions_in_the_compile_ca
     assert torch_default["bypass"] == 1 and torch_default["hit"] == 0
     assert first["grad"] == restart["grad"] == torch_default["grad"]
     assert first["grad"][0] != 0
+
+
+DYNAMIC_SHAPES_PROBE = """
+import json, sys
+from pathlib import Path
+from wellocr.model import use_compile_cache
+use_compile_cache(Path(sys.argv[1]))
+import torch
+import torch._dynamo.utils
+
+f = torch.compile(lambda x: (x.sin() * 2).sum(), backend="eager")  # Dynamo alone: what is compiled, not how
+for n in map(int, sys.argv[2:]):  # sequence lengths, one call each
+    f(torch.ones(n))
+print(json.dumps({"frames": torch._dynamo.utils.counters["stats"]["unique_graphs"]}))
+"""
+
+
+def test_a_restart_compiles_once_for_sizes_the_run_already_found_dynamic(tmp_path):
+    """The real Dynamo: a run compiles twice for its first two sequence lengths (static, then dynamic). A restarted
+    process on the same cache compiles once for its new lengths when the dynamic-shape profile was kept (the job
+    id use_compile_cache sets); without it, twice again."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TORCH_COMPILE_JOB_ID")}
+
+    def run(cache: str, *sizes: int, **env: str) -> int:
+        done = subprocess.run([sys.executable, "-c", DYNAMIC_SHAPES_PROBE, str(tmp_path / cache), *map(str, sizes)],
+                              text=True, capture_output=True, env={**clean, **env}, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])["frames"]
+
+    assert run("cache", 5, 7) == 2  # the first process: static, then dynamic
+    assert run("cache", 9, 11) == 1  # the restart: straight to the dynamic graph
+    assert run("plain", 5, 7, TORCH_DYNAMO_AUTOMATIC_DYNAMIC_LOCAL_PGO="0") == 2
+    assert run("plain", 9, 11, TORCH_DYNAMO_AUTOMATIC_DYNAMIC_LOCAL_PGO="0") == 2  # no profile: twice again
 
 
 def test_bytecode_goes_to_the_compile_cache_only_where_the_environment_has_none(monkeypatch, tmp_path):

@@ -71,7 +71,11 @@ BYTECODE_SUBDIR = "bytecode"  # Python's own (.pyc), where the environment has n
 # AOTAutograd's cache skips every graph that calls a custom autograd.Function unless told otherwise; two of the
 # graphs Unsloth compiles do, and each restart re-traced them (~11 s on the H200; docs/BENCHMARKS.md). The Function's
 # forward and backward are traced into the graph, so they are part of its cache key. Read when torch is imported.
-COMPILE_CACHE_SETTINGS = {"TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD": "1"}
+# Dynamo compiles a graph for the first sequence length it sees and a dynamic one at the second; its profile of
+# which sizes were dynamic (PGO) is kept beside the inductor cache only under a job id. With one, a restarted process
+# compiles the dynamic graph the cache already holds instead of a new one for its first batch's length (three FX
+# graphs missed the cache that way in some restarts). The cache folder is the run's, so one fixed id is enough.
+COMPILE_CACHE_SETTINGS = {"TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD": "1", "TORCH_COMPILE_JOB_ID": "wellocr"}
 
 
 def compile_cache_env(root: Path) -> dict[str, str]:
