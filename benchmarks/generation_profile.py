@@ -91,13 +91,13 @@ def main(argv: list[str]) -> int:
         tokens = kwargs.get("input_ids") if tokens is None else tokens
         calls.append((tuple(tokens.shape), kwargs.get("use_cache"), type(kwargs.get("past_key_values")).__name__))
 
-    language_model.register_forward_pre_hook(record, with_kwargs=True)
     model.train()  # as the evaluation callback finds it
-    if compile_decode:
+    if compile_decode:  # no hook: a compiled step would trace it (and recompile at every call)
         inference.generate_with_counts(model, processor, images, instructions, 1, backend=backend)  # compiles prefill
         print(json.dumps(compiled_decode(model, processor, backend, backend_name, images, instructions, sync)),
               flush=True)
         return 0
+    language_model.register_forward_pre_hook(record, with_kwargs=True)
     seconds = {}
     for n in (1, 1, 33, 129):
         calls.clear()
