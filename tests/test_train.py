@@ -414,6 +414,11 @@ def test_cpu_loss_is_the_models_causal_lm_loss(tiny_model_dir, synth_data_dir, t
     split = load_splits(cfg.data)["train"]
     rows = trainer_dataset(split, cfg.data)
     args = sft_config(cfg, RunDir(tmp_path), backend, "fp32", 2048, 2, 1)
+    assert args.dataloader_persistent_workers == (args.dataloader_num_workers > 0)  # no new workers every epoch
+    cfg.data.dataloader_num_workers = 1
+    assert sft_config(cfg, RunDir(tmp_path), backend, "fp32", 2048, 2, 1).dataloader_persistent_workers
+    probe = sft_config(cfg, RunDir(tmp_path), backend, "fp32", 2048, 2, 1, probe=True)
+    assert (probe.dataloader_num_workers, probe.dataloader_persistent_workers) == (0, False)
     trainer = WellocrSFTTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows,
                                 processing_class=processor)
     batch = DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)([dict(rows[0]), dict(rows[1])])

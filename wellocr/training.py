@@ -301,6 +301,7 @@ def sft_config(cfg: Config, run: RunDir, backend: Backend, precision: str, max_l
     if backend.device != "cuda" and "8bit" in optim:
         log.info("train.optim %s needs CUDA (bitsandbytes); using adamw_torch on CPU", optim)
         optim = "adamw_torch"
+    workers = dataloader_workers(cfg.data.dataloader_num_workers)
     settings = dict(
         output_dir=str(run.path),
         run_name=run.path.name,
@@ -334,7 +335,10 @@ def sft_config(cfg: Config, run: RunDir, backend: Backend, precision: str, max_l
         completion_only_loss=True,
         remove_unused_columns=False,  # the lazy transform needs the raw columns
         dataset_kwargs={"skip_prepare_dataset": True},
-        dataloader_num_workers=dataloader_workers(cfg.data.dataloader_num_workers),
+        dataloader_num_workers=workers,
+        # Workers outlive an epoch: new ones at each epoch's start cost its first step ~1.1 s (2B model, 8 x 1 on the
+        # H200: 1.7-2.1 s against 0.72 s), 6% of a run on a 200-row data set.
+        dataloader_persistent_workers=workers > 0,
         dataset_num_proc=cfg.data.dataset_num_proc,
         report_to="none",
         disable_tqdm=False,
@@ -345,7 +349,7 @@ def sft_config(cfg: Config, run: RunDir, backend: Backend, precision: str, max_l
         settings.update(ddp_backend="nccl" if backend.device == "cuda" else "gloo", ddp_find_unused_parameters=False)
     if probe:
         settings.update(max_steps=1, eval_strategy="no", save_strategy="no", logging_strategy="no",
-                        dataloader_num_workers=0, disable_tqdm=True)
+                        dataloader_num_workers=0, dataloader_persistent_workers=False, disable_tqdm=True)
     return SFTConfig(**settings)
 
 
