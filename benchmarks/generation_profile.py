@@ -12,11 +12,9 @@ The evaluation's generation pass decodes 8 fixed eval rows in one batch with the
 
 On CPU with the tiny model it runs in seconds (the timings then say nothing about a GPU).
 
-`--compile-decode` (GPU) measures instead what replaying the decode step as a CUDA graph would give: the static
-cache with transformers' compiled decode step (torch.compile, mode "reduce-overhead"), which transformers and
-Unsloth both turn off for bitsandbytes 4-bit models; here it is forced on (and, for Unsloth, its opt-in
-UNSLOTH_COMPILE_DECODE extended to Qwen3-VL). Three generations of 129 tokens after an eager one: seconds each
-(the first compiled ones compile) and whether the tokens equal the eager generation's.
+`--compile-decode` (GPU) measures instead what `eval.compile_decode` gives (`wellocr.inference.compiled_decode`: the
+decode step replayed as a CUDA graph on a static cache): three generations of 129 tokens after an eager one,
+seconds each (the first compiled ones compile) and whether the tokens equal the eager generation's.
 """
 
 from __future__ import annotations
@@ -28,37 +26,21 @@ import time
 import torch
 
 
-def force_compiled_decode(model: object, backend_name: str) -> None:
-    """Let generate compile its decode step although the model is bitsandbytes 4-bit (an experiment)."""
-    import os
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    quantizer = getattr(base, "hf_quantizer", None)
-    if quantizer is not None:
-        type(quantizer).is_compileable = property(lambda self: True)
-    base.generation_config.cache_implementation = "static"
-    if backend_name == "unsloth":
-        import unsloth.models.vision as vision
-
-        os.environ["UNSLOTH_COMPILE_DECODE"] = "1"
-        vision.COMPILE_DECODE_MODELS = (*vision.COMPILE_DECODE_MODELS, "qwen3_vl")
-
-
 def compiled_decode(model, processor, backend, backend_name, images, instructions, sync) -> dict:
     from wellocr import inference
 
-    def timed(n: int) -> tuple[float, list[str]]:
+    def timed(n: int, compile_decode: bool) -> tuple[float, list[str]]:
         sync()
         started = time.perf_counter()
-        texts = inference.generate_with_counts(model, processor, images, instructions, n, backend=backend)[0]
+        texts = inference.generate_with_counts(model, processor, images, instructions, n, backend=backend,
+                                               compile_decode=compile_decode)[0]
         sync()
         return round(time.perf_counter() - started, 3), texts
 
-    eager_s, eager = timed(129)
-    force_compiled_decode(model, backend_name)
+    eager_s, eager = timed(129, False)
     out = {"backend": backend_name, "eager_129_s": eager_s, "compiled_129_s": [], "same_tokens": []}
     for _ in range(3):
-        seconds, texts = timed(129)
+        seconds, texts = timed(129, True)
         out["compiled_129_s"].append(seconds)
         out["same_tokens"].append(texts == eager)
         print(f"{backend_name}: compiled decode, 129 new tokens in {seconds} s (eager {eager_s} s); same text as "

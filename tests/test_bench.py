@@ -226,6 +226,12 @@ def test_generation_profile_runs_the_evaluation_generation_path(tiny_model_dir, 
     assert summary["rows"] >= 2 and summary["seconds"]["129"] > 0
     assert ", 1, 128), True, 'DynamicCache')" in result.stdout  # a one-token decode step on the cache
     assert "Self CPU time total" in result.stdout
+    compiled = subprocess.run([sys.executable, str(REPO / "benchmarks" / "generation_profile.py"), "hf",
+                               str(tiny_model_dir), str(synth_data_dir), "--compile-decode"], capture_output=True,
+                              text=True, timeout=300, cwd=REPO)
+    assert compiled.returncode == 0, compiled.stdout[-3000:] + compiled.stderr[-3000:]
+    summary = json.loads(next(line for line in compiled.stdout.splitlines() if line.startswith("{")))
+    assert summary["same_tokens"] == [True, True, True] and len(summary["compiled_129_s"]) == 3
 
 
 def test_a_whole_run_stopped_by_sigterm_keeps_its_run_record_beside_the_logs(tiny_model_dir, tmp_path):

@@ -288,3 +288,56 @@ def test_worst_samples_by_loss_takes_the_highest_losses():
 def test_worst_samples_rejects_an_unknown_key():
     with pytest.raises(ValueError, match="by must be one of loss, cer"):
         inference.worst_samples([record(0, 0.1, 0.1)], 1, by="wer")
+
+
+def test_compiled_decode_transcribes_as_eager_decoding_and_restores_the_model(loaded):
+    """eval.compile_decode: inside the block the 4-bit quantizer counts as compileable and generation uses a static
+    cache (on CUDA transformers then compiles the decode step; on CPU it decodes the static cache eagerly): the
+    transcriptions are the eager ones, and the model is as it was afterwards."""
+    from transformers import BitsAndBytesConfig
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    cfg, model, processor, split, backend = loaded
+    base = model.get_base_model()
+    images, _, _ = inference.row_inputs(inference.fixed_eval_rows(split, 4), cfg)
+    instructions = ["Transcribe.", "Read the header.", cfg.data.instruction, "WELL?"]  # outputs that differ
+    eager = inference.generate_with_counts(model, processor, images, instructions, 16, backend=backend)
+    base.hf_quantizer = Bnb4BitHfQuantizer(BitsAndBytesConfig(load_in_4bit=True))  # as a QLoRA model carries it
+    try:
+        assert not base.hf_quantizer.is_compileable  # what keeps transformers from compiling a 4-bit model's decode
+        with inference.compiled_decode(model, backend):
+            assert base.hf_quantizer.is_compileable and base.generation_config.cache_implementation == "static"
+        assert type(base.hf_quantizer) is Bnb4BitHfQuantizer and not base.hf_quantizer.is_compileable
+        assert base.generation_config.cache_implementation is None
+        compiled = inference.generate_with_counts(model, processor, images, instructions, 16, backend=backend,
+                                                  compile_decode=True)
+    finally:
+        del base.hf_quantizer
+    assert compiled == eager and len(set(eager[0])) > 1
+
+
+def test_a_failing_compiled_decode_falls_back_to_eager_decoding_once(loaded, capsys):
+    """A decode step that cannot compile (here: torch.compile told to use a backend that does not exist, on every
+    device) must not end an evaluation, and with it the training run: the rows are decoded eagerly, the log says
+    so once, and later evaluations do not try again."""
+    from transformers import CompileConfig
+
+    cfg, model, processor, split, backend = loaded
+    rows = inference.fixed_eval_rows(split, 2)
+    expected = inference.generation_metrics(model, processor, cfg, rows, batch_size=2, backend=backend)
+    base, compiling = model.get_base_model(), cfg.model_copy(deep=True)
+    compiling.eval.compile_decode = True
+    failing = CompileConfig(backend="no_such_backend")
+    failing._compile_all_devices = True  # transformers compiles on CUDA only, unless told so
+    base.generation_config.compile_config = failing
+    try:
+        first = inference.generation_metrics(model, processor, compiling, rows, batch_size=2, backend=backend)
+        again = inference.generation_metrics(model, processor, compiling, rows, batch_size=2, backend=backend)
+    finally:
+        base.generation_config.compile_config = None
+        model.__dict__.pop("_wellocr_eager_decode", None)
+    out = capsys.readouterr().out
+    assert out.count("wellocr: compiled decoding failed (InvalidBackend") == 1
+    assert "decoding eagerly" in out
+    for result in (first, again):
+        assert [r["prediction"] for r in result["records"]] == [r["prediction"] for r in expected["records"]]

@@ -156,6 +156,11 @@ class EvalConfig(_Section):
                                  ge=0)
     batch_size: Int = _f(8, "samples per generate() call", gt=0)
     max_new_tokens: Int = _f(512, "generation limit per sample", gt=0)
+    compile_decode: bool = _f(False, "GPU: replay each decode step as a CUDA graph (a static cache and torch.compile, "
+                                     "forced on for the 4-bit model); on the H200 3x faster decoding with transformers "
+                                     "and 7.5x with Unsloth, after a one-time compile of 26 s / 250 s per process "
+                                     "(Unsloth: at the second generation of a shape); falls back to eager decoding "
+                                     "if it fails")
     worst_k: Int = _f(10, "worst samples shown in W&B tables and report.html", ge=0)
 
 

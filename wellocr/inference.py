@@ -84,9 +84,64 @@ def _end_token_ids(model: Any, processor: Any) -> set[int]:
     return set(ids)
 
 
+@contextlib.contextmanager
+def compiled_decode(model: Any, backend: Backend) -> Iterator[None]:
+    """generate() in the block decodes on a static cache with its decode step compiled (torch.compile's
+    "reduce-overhead": a CUDA graph replayed per token), where it would run eagerly.
+
+    Decoding a 2B model's 8 rows is host-bound (~155 ms of Python and kernel launches per token against ~12 ms of
+    GPU work, docs/BENCHMARKS.md). transformers compiles the decode step only for quantizers it lists as
+    compileable, and bitsandbytes 4-bit is not listed; its matmuls are torch custom ops that compile, so this
+    model's quantizer is marked compileable for the block (its class swapped for a subclass, then restored).
+    Unsloth has the same switch as an opt-in (UNSLOTH_COMPILE_DECODE) for a few architectures: it is turned on with
+    this model's architecture added. Transformers compiles at the first generation; Unsloth at the second of the
+    same batch size and length (the first runs eagerly). Only on CUDA: elsewhere generation is unchanged."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quantizer = getattr(base, "hf_quantizer", None)
+    quantizer_class = type(quantizer)
+    config = base.generation_config
+    cache_implementation = config.cache_implementation
+    restore_unsloth = _unsloth_compile_decode(base) if is_unsloth(backend) else None
+    if quantizer is not None and not quantizer.is_compileable:
+        quantizer.__class__ = type(f"Compileable{quantizer_class.__name__}", (quantizer_class,),
+                                   {"is_compileable": property(lambda self: True)})
+    config.cache_implementation = "static"
+    try:
+        yield
+    finally:
+        config.cache_implementation = cache_implementation
+        if quantizer is not None:
+            quantizer.__class__ = quantizer_class
+        if restore_unsloth is not None:
+            restore_unsloth()
+
+
+def _unsloth_compile_decode(model: Any) -> Any:
+    """Unsloth's compiled decoding, on for this model's architecture; returns what undoes it."""
+    import os
+
+    import unsloth.models.vision as vision
+
+    models, setting = vision.COMPILE_DECODE_MODELS, os.environ.get("UNSLOTH_COMPILE_DECODE")
+    text_config = getattr(model.config, "text_config", None)
+    architecture = str(getattr(text_config, "model_type", None) or model.config.model_type).removesuffix("_text")
+    vision.COMPILE_DECODE_MODELS = (*models, architecture)
+    os.environ["UNSLOTH_COMPILE_DECODE"] = "1"
+
+    def restore() -> None:
+        vision.COMPILE_DECODE_MODELS = models
+        if setting is None:
+            os.environ.pop("UNSLOTH_COMPILE_DECODE", None)
+        else:
+            os.environ["UNSLOTH_COMPILE_DECODE"] = setting
+
+    return restore
+
+
 def generate_with_counts(model: Any, processor: Any, images: list, instructions: list[str], max_new_tokens: int,
-                         *, backend: Backend) -> tuple[list[str], list[int]]:
-    """`generate_batch` plus how many tokens each sample generated (up to and including its end token)."""
+                         *, backend: Backend, compile_decode: bool = False) -> tuple[list[str], list[int]]:
+    """`generate_batch` plus how many tokens each sample generated (up to and including its end token);
+    `compile_decode`: see compiled_decode."""
     from wellocr.data import prompt_messages
 
     tokenizer = processor.tokenizer
@@ -99,7 +154,8 @@ def generate_with_counts(model: Any, processor: Any, images: list, instructions:
     finally:
         tokenizer.padding_side = previous_side
     inputs = inputs.to(_device(model))
-    with inference_mode(model, backend):
+    decoding = compiled_decode(model, backend) if compile_decode else contextlib.nullcontext()
+    with inference_mode(model, backend), decoding:
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
     ends = _end_token_ids(model, processor)
@@ -195,6 +251,7 @@ def score_rows(model: Any, processor: Any, cfg: Config, rows: list[dict], batch_
     from wellocr.phases import release_cached_memory
 
     max_new_tokens = max_new_tokens or cfg.eval.max_new_tokens
+    compile_decode = cfg.eval.compile_decode and not getattr(model, "_wellocr_eager_decode", False)
     records: list[dict] = []
     seconds, new_tokens, hit_limit = 0.0, 0, 0
     progress = tqdm(total=len(rows), desc="evaluating", unit="sample", disable=len(rows) <= batch_size)
@@ -208,10 +265,15 @@ def score_rows(model: Any, processor: Any, cfg: Config, rows: list[dict], batch_
             try:
                 predictions, counts = generate_with_counts(model, processor, images + images[-1:] * fill,
                                                            instructions + instructions[-1:] * fill, max_new_tokens,
-                                                           backend=backend)
+                                                           backend=backend, compile_decode=compile_decode)
                 losses = per_sample_losses(model, processor, loss_examples(images, instructions, answers),
                                            batch_size, backend=backend)
-            except Exception as exc:  # noqa: BLE001 - only CUDA out-of-memory is handled, the rest re-raised
+            except Exception as exc:  # noqa: BLE001 - CUDA out-of-memory and a failed compile handled, the rest raised
+                if compile_decode and not is_oom(exc):  # an evaluation must not end the run: decode eagerly from now
+                    compile_decode, model._wellocr_eager_decode = False, True
+                    print(f"wellocr: compiled decoding failed ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}); "
+                          "eval.compile_decode off for this process, decoding eagerly", flush=True)
+                    continue
                 if not (shrink_on_oom and batch_size > 1 and is_oom(exc)):
                     raise
                 batch_size //= 2
