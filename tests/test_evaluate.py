@@ -302,6 +302,7 @@ def test_compiled_decode_transcribes_as_eager_decoding_and_restores_the_model(lo
     images, _, _ = inference.row_inputs(inference.fixed_eval_rows(split, 4), cfg)
     instructions = ["Transcribe.", "Read the header.", cfg.data.instruction, "WELL?"]  # outputs that differ
     eager = inference.generate_with_counts(model, processor, images, instructions, 16, backend=backend)
+    before = base.__dict__.get("hf_quantizer", "absent")
     base.hf_quantizer = Bnb4BitHfQuantizer(BitsAndBytesConfig(load_in_4bit=True))  # as a QLoRA model carries it
     try:
         assert not base.hf_quantizer.is_compileable  # what keeps transformers from compiling a 4-bit model's decode
@@ -312,7 +313,10 @@ def test_compiled_decode_transcribes_as_eager_decoding_and_restores_the_model(lo
         compiled = inference.generate_with_counts(model, processor, images, instructions, 16, backend=backend,
                                                   compile_decode=True)
     finally:
-        del base.hf_quantizer
+        if before == "absent":
+            del base.hf_quantizer
+        else:
+            base.hf_quantizer = before
     assert compiled == eager and len(set(eager[0])) > 1
 
 

@@ -14,6 +14,7 @@ with the model it holds; `python -m wellocr.evaluate` and `python -m wellocr.pre
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import sys
@@ -103,8 +104,7 @@ def compiled_decode(model: Any, backend: Backend) -> Iterator[None]:
     cache_implementation = config.cache_implementation
     restore_unsloth = _unsloth_compile_decode(base) if is_unsloth(backend) else None
     if quantizer is not None and not quantizer.is_compileable:
-        quantizer.__class__ = type(f"Compileable{quantizer_class.__name__}", (quantizer_class,),
-                                   {"is_compileable": property(lambda self: True)})
+        quantizer.__class__ = _compileable(quantizer_class)
     config.cache_implementation = "static"
     try:
         yield
@@ -114,6 +114,13 @@ def compiled_decode(model: Any, backend: Backend) -> Iterator[None]:
             quantizer.__class__ = quantizer_class
         if restore_unsloth is not None:
             restore_unsloth()
+
+
+@functools.cache
+def _compileable(quantizer_class: type) -> type:
+    """The quantizer's class, but compileable (one subclass per class, made once)."""
+    return type(f"Compileable{quantizer_class.__name__}", (quantizer_class,),
+                {"is_compileable": property(lambda _: True)})
 
 
 def _unsloth_compile_decode(model: Any) -> Any:
@@ -271,7 +278,8 @@ def score_rows(model: Any, processor: Any, cfg: Config, rows: list[dict], batch_
             except Exception as exc:  # noqa: BLE001 - CUDA out-of-memory and a failed compile handled, the rest raised
                 if compile_decode and not is_oom(exc):  # an evaluation must not end the run: decode eagerly from now
                     compile_decode, model._wellocr_eager_decode = False, True
-                    print(f"wellocr: compiled decoding failed ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}); "
+                    reason = (str(exc).splitlines() or [""])[0][:200]
+                    print(f"wellocr: compiled decoding failed ({type(exc).__name__}: {reason}); "
                           "eval.compile_decode off for this process, decoding eagerly", flush=True)
                     continue
                 if not (shrink_on_oom and batch_size > 1 and is_oom(exc)):

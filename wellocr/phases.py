@@ -6,8 +6,9 @@ of the in-training evaluations, the final evaluation), the peak reserved and all
 seconds and how often the phase ran, plus the intervals between consecutive training steps with nothing else in
 between (the throughput a run keeps; every one is kept, so a slow start or a slow stretch shows), how long each
 step waited for its batch from the DataLoader (is the data pipeline the bottleneck?), and how long the first step
-after each other phase took (compilation after the probe, a slow step after an evaluation). torch's peak counters are reset at every switch, so each phase's
-peak is its own. On CPU only the seconds and the process's peak resident memory are known.
+after each other phase took (compilation after the probe, a slow step after an evaluation). torch's peak counters
+are reset at every switch, so each phase's peak is its own. On CPU only the seconds and the process's peak resident
+memory are known.
 
 Imports no transformers (Unsloth must be imported before transformers in a training process).
 """
