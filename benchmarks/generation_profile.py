@@ -26,7 +26,7 @@ import time
 import torch
 
 
-def compiled_decode(model, processor, backend, backend_name, images, instructions, sync) -> dict:
+def compiled_timings(model, processor, backend, backend_name, images, instructions, sync) -> dict:
     from wellocr import inference
 
     def timed(n: int, compile_decode: bool) -> tuple[float, list[str]]:
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
     model.train()  # as the evaluation callback finds it
     if compile_decode:  # no hook: a compiled step would trace it (and recompile at every call)
         inference.generate_with_counts(model, processor, images, instructions, 1, backend=backend)  # compiles prefill
-        print(json.dumps(compiled_decode(model, processor, backend, backend_name, images, instructions, sync)),
+        print(json.dumps(compiled_timings(model, processor, backend, backend_name, images, instructions, sync)),
               flush=True)
         return 0
     language_model.register_forward_pre_hook(record, with_kwargs=True)

@@ -339,7 +339,7 @@ def test_a_failing_compiled_decode_falls_back_to_eager_decoding_once(loaded, cap
         again = inference.generation_metrics(model, processor, compiling, rows, batch_size=2, backend=backend)
     finally:
         base.generation_config.compile_config = None
-        model.__dict__.pop("_wellocr_eager_decode", None)
+        model.__dict__.pop(inference.EAGER_AFTER_FAILURE, None)
     out = capsys.readouterr().out
     assert out.count("wellocr: compiled decoding failed (InvalidBackend") == 1
     assert "decoding eagerly" in out

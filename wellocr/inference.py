@@ -161,14 +161,36 @@ def generate_with_counts(model: Any, processor: Any, images: list, instructions:
     finally:
         tokenizer.padding_side = previous_side
     inputs = inputs.to(_device(model))
-    decoding = compiled_decode(model, backend) if compile_decode else contextlib.nullcontext()
-    with inference_mode(model, backend), decoding:
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    output = _greedy(model, inputs, max_new_tokens, backend, compile_decode)
     new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
     ends = _end_token_ids(model, processor)
     counts = [next((i + 1 for i, t in enumerate(row) if t in ends), len(row)) for row in new_tokens]
     decoded = tokenizer.batch_decode([row[:n] for row, n in zip(new_tokens, counts)], skip_special_tokens=True)
     return [text.strip() for text in decoded], counts
+
+
+EAGER_AFTER_FAILURE = "_wellocr_eager_decode"  # set on a model whose compiled decoding failed once
+
+
+def _greedy(model: Any, inputs: Any, max_new_tokens: int, backend: Backend, compile_decode: bool) -> Any:
+    """model.generate, greedy. With `compile_decode` its decode step compiled; a compile that fails (anything but
+    CUDA out-of-memory, which the caller handles) leaves this model decoding eagerly for the rest of the process:
+    an evaluation must not end the run."""
+    if compile_decode and not getattr(model, EAGER_AFTER_FAILURE, False):
+        from wellocr.autobatch import is_oom
+
+        try:
+            with inference_mode(model, backend), compiled_decode(model, backend):
+                return model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        except Exception as exc:  # noqa: BLE001 - out-of-memory re-raised, any other failure falls back once
+            if is_oom(exc):
+                raise
+            setattr(model, EAGER_AFTER_FAILURE, True)
+            reason = (str(exc).splitlines() or [""])[0][:200]
+            print(f"wellocr: compiled decoding failed ({type(exc).__name__}: {reason}); eval.compile_decode off "
+                  "for this process, decoding eagerly", flush=True)
+    with inference_mode(model, backend):
+        return model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
 
 
 def generate_batch(model: Any, processor: Any, images: list, instructions: list[str], max_new_tokens: int,
@@ -258,7 +280,6 @@ def score_rows(model: Any, processor: Any, cfg: Config, rows: list[dict], batch_
     from wellocr.phases import release_cached_memory
 
     max_new_tokens = max_new_tokens or cfg.eval.max_new_tokens
-    compile_decode = cfg.eval.compile_decode and not getattr(model, "_wellocr_eager_decode", False)
     records: list[dict] = []
     seconds, new_tokens, hit_limit = 0.0, 0, 0
     progress = tqdm(total=len(rows), desc="evaluating", unit="sample", disable=len(rows) <= batch_size)
@@ -272,16 +293,10 @@ def score_rows(model: Any, processor: Any, cfg: Config, rows: list[dict], batch_
             try:
                 predictions, counts = generate_with_counts(model, processor, images + images[-1:] * fill,
                                                            instructions + instructions[-1:] * fill, max_new_tokens,
-                                                           backend=backend, compile_decode=compile_decode)
+                                                           backend=backend, compile_decode=cfg.eval.compile_decode)
                 losses = per_sample_losses(model, processor, loss_examples(images, instructions, answers),
                                            batch_size, backend=backend)
-            except Exception as exc:  # noqa: BLE001 - CUDA out-of-memory and a failed compile handled, the rest raised
-                if compile_decode and not is_oom(exc):  # an evaluation must not end the run: decode eagerly from now
-                    compile_decode, model._wellocr_eager_decode = False, True
-                    reason = (str(exc).splitlines() or [""])[0][:200]
-                    print(f"wellocr: compiled decoding failed ({type(exc).__name__}: {reason}); "
-                          "eval.compile_decode off for this process, decoding eagerly", flush=True)
-                    continue
+            except Exception as exc:  # noqa: BLE001 - only CUDA out-of-memory is handled, the rest re-raised
                 if not (shrink_on_oom and batch_size > 1 and is_oom(exc)):
                     raise
                 batch_size //= 2

@@ -451,11 +451,12 @@ def batch_sizes(cfg: Config, run: RunDir, backend: Backend, make_probe_trainer: 
     that choice, and the ranks agree on the smallest. The sizes returned are per rank."""
     t = cfg.train
     world, main = (a.world, a.main) if a is not None else (1, True)
+    ranks = ranks or world
     if t.per_device_train_batch_size != "auto":
         micro = t.per_device_train_batch_size
         return {"per_device_train_batch_size": micro,
                 "gradient_accumulation_steps": rank_accumulation(t.gradient_accumulation_steps, world, micro)}
-    effective = per_rank_batch(t.effective_batch_size, ranks or world)
+    effective = per_rank_batch(t.effective_batch_size, ranks)
     device = batch_device_key(backend.device)
     recorded = run.read().get("auto_batch")
     chosen = not (recorded and recorded.get("device", device) == device)
@@ -471,7 +472,7 @@ def batch_sizes(cfg: Config, run: RunDir, backend: Backend, make_probe_trainer: 
     if main and (chosen or world > 1):  # a restart on one GPU trains as recorded, silently
         if chosen:
             run.update(auto_batch={**sizes, "device": device})
-        on = f" x {ranks or world} processes" if (ranks or world) > 1 else ""
+        on = f" x {ranks} processes" if ranks > 1 else ""
         print(f"auto batch: micro-batch {micro} x {effective // micro} accumulation{on} = {t.effective_batch_size}",
               flush=True)
     return sizes
